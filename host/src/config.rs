@@ -1,0 +1,596 @@
+//! `plugins.toml`: what the host consumes, which plugins run, and with what limits.
+//!
+//! Every table rejects unknown keys (a typo must not silently fall back to a default), and
+//! every error names the file, the key and what was expected. Relative paths are resolved
+//! against the directory of `plugins.toml`, so the host can be started from anywhere.
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Why `plugins.toml` could not be used. Callers print it as is.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key or a value of the wrong type. toml's message already
+    /// carries the line, the column and the offending key.
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// Parsed, but a value is not acceptable.
+    #[error("{path}: `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub http: HttpConfig,
+    #[serde(default)]
+    pub generator: GeneratorConfig,
+    #[serde(default, rename = "plugin")]
+    pub plugins: Vec<PluginConfig>,
+    /// Where this config was read from; relative paths in it are resolved against its
+    /// directory. Not a key of the file.
+    #[serde(skip)]
+    pub source: PathBuf,
+}
+
+/// `[kafka]`: where events come from.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `"embedded"` starts an in-process broker (librdkafka's mock cluster) and prints its
+    /// address; anything else is a `bootstrap.servers` list such as `"kafka1:9092,kafka2:9092"`.
+    pub brokers: String,
+    /// The topic every plugin consumes.
+    #[serde(default = "default_topic")]
+    pub topic: String,
+    /// Partitions of the topic the embedded broker creates. Ignored for a real cluster,
+    /// whose topics are created by its operators.
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    /// Passed to librdkafka as is, for every consumer and producer: security settings
+    /// (`"security.protocol" = "SASL_SSL"`, `"sasl.mechanisms"`, …), timeouts, tuning.
+    #[serde(default)]
+    pub settings: BTreeMap<String, String>,
+}
+
+/// `[http]`: the Prometheus `/metrics` and `/healthz` endpoint.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Address to listen on; port 0 picks a free port (printed at start).
+    #[serde(default = "default_http_address")]
+    pub address: SocketAddr,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            address: default_http_address(),
+        }
+    }
+}
+
+/// `[generator]`: synthetic traffic produced by the host itself, so `run` shows live output
+/// with no producer of your own. Off unless `rate` is set above 0.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeneratorConfig {
+    /// Events per second; 0 turns the generator off.
+    #[serde(default)]
+    pub rate: u32,
+    /// Seed of the generator's random choices.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Inject a burst of fraud-like purchases every this many events; 0 for never.
+    #[serde(default = "default_fraud_every")]
+    pub fraud_every: u64,
+}
+
+impl Default for GeneratorConfig {
+    fn default() -> Self {
+        GeneratorConfig {
+            rate: 0,
+            seed: default_seed(),
+            fraud_every: default_fraud_every(),
+        }
+    }
+}
+
+/// One `[[plugin]]` entry.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// Unique name: labels its metrics and logs, and derives its defaults.
+    pub name: String,
+    /// The plugin's `.wasm` component.
+    pub path: PathBuf,
+    /// Kafka consumer group; `eddy-<name>` by default. Each plugin has its own group, so each
+    /// sees every event with its own offsets.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Where a group with no committed offset starts: `"earliest"` or `"latest"`.
+    #[serde(default)]
+    pub start_from: StartFrom,
+    /// Most events handed to the plugin in one call.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// How long to wait for more events before handing over a partial batch.
+    #[serde(default = "default_batch_linger_ms")]
+    pub batch_linger_ms: u64,
+    /// How often the plugin's `on-tick` is called; 0 for never.
+    #[serde(default = "default_tick_interval_ms")]
+    pub tick_interval_ms: u64,
+    /// Topic that dead-lettered events go to; `<name>-dlq` by default.
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
+    #[serde(default)]
+    pub limits: Limits,
+    /// Output name (as the plugin emits it) → destination.
+    #[serde(default)]
+    pub outputs: BTreeMap<String, OutputTarget>,
+    /// Handed to the plugin's `init` as JSON. Its keys are the plugin's business.
+    #[serde(default)]
+    pub config: toml::Table,
+}
+
+/// `[plugin.limits]`: the sandbox.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Linear memory cap of one instance, in MiB.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    /// CPU deadline of one call (a batch, a tick, init), in milliseconds. A plugin that runs
+    /// longer is interrupted and its events are isolated and dead-lettered.
+    #[serde(default = "default_cpu_ms")]
+    pub cpu_ms: u64,
+    /// How many times an event the plugin answered `retry` is handed again before it is
+    /// dead-lettered.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// First retry delay; doubled on each further attempt.
+    #[serde(default = "default_retry_backoff_ms")]
+    pub retry_backoff_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_mib: default_memory_mib(),
+            cpu_ms: default_cpu_ms(),
+            max_retries: default_max_retries(),
+            retry_backoff_ms: default_retry_backoff_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartFrom {
+    #[default]
+    Earliest,
+    Latest,
+}
+
+impl StartFrom {
+    pub fn as_kafka(self) -> &'static str {
+        match self {
+            StartFrom::Earliest => "earliest",
+            StartFrom::Latest => "latest",
+        }
+    }
+}
+
+/// Where an output's records go: `"stdout"`, `"discard"` or `{ topic = "name" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum OutputTarget {
+    /// One line per record on the host's standard output: `[plugin/output] payload`.
+    Stdout,
+    /// Dropped (counted in metrics).
+    Discard,
+    /// Produced to this Kafka topic with the record's key.
+    Topic(String),
+}
+
+impl<'de> Deserialize<'de> for OutputTarget {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        const EXPECTED: &str = r#""stdout", "discard" or { topic = "name" }"#;
+        impl<'de> Visitor<'de> for V {
+            type Value = OutputTarget;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(EXPECTED)
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<OutputTarget, E> {
+                match s {
+                    "stdout" => Ok(OutputTarget::Stdout),
+                    "discard" => Ok(OutputTarget::Discard),
+                    other => Err(E::custom(format!(
+                        "unknown output `{other}`, expected {EXPECTED}"
+                    ))),
+                }
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<OutputTarget, A::Error> {
+                let mut topic = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "topic" => topic = Some(map.next_value::<String>()?),
+                        other => return Err(de::Error::unknown_field(other, &["topic"])),
+                    }
+                }
+                match topic {
+                    Some(t) if !t.is_empty() => Ok(OutputTarget::Topic(t)),
+                    _ => Err(de::Error::custom(format!(
+                        "missing `topic`, expected {EXPECTED}"
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl fmt::Display for OutputTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OutputTarget::Stdout => f.write_str("stdout"),
+            OutputTarget::Discard => f.write_str("discard"),
+            OutputTarget::Topic(t) => write!(f, "topic {t}"),
+        }
+    }
+}
+
+fn default_topic() -> String {
+    "user-activities".into()
+}
+fn default_partitions() -> i32 {
+    6
+}
+fn default_http_address() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_fraud_every() -> u64 {
+    500
+}
+fn default_max_batch() -> usize {
+    500
+}
+fn default_batch_linger_ms() -> u64 {
+    20
+}
+fn default_tick_interval_ms() -> u64 {
+    10_000
+}
+fn default_memory_mib() -> u64 {
+    64
+}
+fn default_cpu_ms() -> u64 {
+    500
+}
+fn default_max_retries() -> u32 {
+    3
+}
+fn default_retry_backoff_ms() -> u64 {
+    100
+}
+
+/// Names must be usable in consumer groups, topics and metric labels.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+impl Config {
+    /// Reads, parses and validates `path`. Does not look at the `.wasm` files' contents
+    /// (the sandbox does, when it loads them) but does check that they exist.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates `text` as if read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.source = path.to_path_buf();
+        config.resolve_paths();
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self) {
+        let base = self
+            .source
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        for p in &mut self.plugins {
+            if p.path.is_relative() {
+                p.path = base.join(&p.path);
+            }
+        }
+    }
+
+    fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.source.clone(),
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let k = &self.kafka;
+        if k.brokers.trim().is_empty() {
+            return Err(self.invalid(
+                "kafka.brokers",
+                r#"must be "embedded" or a list like "host:9092""#,
+            ));
+        }
+        if k.topic.is_empty() {
+            return Err(self.invalid("kafka.topic", "must not be empty"));
+        }
+        if !(1..=1024).contains(&k.partitions) {
+            return Err(self.invalid(
+                "kafka.partitions",
+                format!("must be 1 to 1024, not {}", k.partitions),
+            ));
+        }
+        for reserved in ["group.id", "bootstrap.servers", "enable.auto.offset.store"] {
+            if k.settings.contains_key(reserved) {
+                return Err(self.invalid(
+                    format!("kafka.settings.\"{reserved}\""),
+                    "is set by the host (use kafka.brokers, or a plugin's `group`)",
+                ));
+            }
+        }
+        if self.plugins.is_empty() {
+            return Err(self.invalid("plugin", "no [[plugin]] entries: nothing to run"));
+        }
+        for (i, p) in self.plugins.iter().enumerate() {
+            let at = |key: &str| format!("plugin[{i}].{key} (plugin `{}`)", p.name);
+            if !valid_name(&p.name) {
+                return Err(self.invalid(
+                    format!("plugin[{i}].name"),
+                    format!(
+                        "`{}` must be 1-64 characters of letters, digits, '-' and '_'",
+                        p.name
+                    ),
+                ));
+            }
+            if self.plugins[..i].iter().any(|q| q.name == p.name) {
+                return Err(self.invalid(
+                    format!("plugin[{i}].name"),
+                    format!("`{}` is used twice", p.name),
+                ));
+            }
+            if !p.path.is_file() {
+                return Err(self.invalid(
+                    at("path"),
+                    format!(
+                        "no file at {} (build the plugins first: `make plugins`)",
+                        p.path.display()
+                    ),
+                ));
+            }
+            if p.group.as_deref() == Some("") {
+                return Err(self.invalid(
+                    at("group"),
+                    "must not be empty (leave it out for the default)",
+                ));
+            }
+            if let Some(q) = self.plugins[..i]
+                .iter()
+                .find(|q| q.group_id() == p.group_id())
+            {
+                return Err(self.invalid(
+                    at("group"),
+                    format!(
+                        "`{}` is also plugin `{}`'s group: each plugin needs its own",
+                        p.group_id(),
+                        q.name
+                    ),
+                ));
+            }
+            if !(1..=100_000).contains(&p.max_batch) {
+                return Err(self.invalid(
+                    at("max_batch"),
+                    format!("must be 1 to 100000, not {}", p.max_batch),
+                ));
+            }
+            if p.batch_linger_ms > 60_000 {
+                return Err(self.invalid(at("batch_linger_ms"), "must be at most 60000"));
+            }
+            let l = &p.limits;
+            if !(1..=4096).contains(&l.memory_mib) {
+                return Err(self.invalid(
+                    at("limits.memory_mib"),
+                    format!("must be 1 to 4096 MiB, not {}", l.memory_mib),
+                ));
+            }
+            if !(1..=600_000).contains(&l.cpu_ms) {
+                return Err(self.invalid(
+                    at("limits.cpu_ms"),
+                    format!("must be 1 to 600000 ms, not {}", l.cpu_ms),
+                ));
+            }
+            if l.max_retries > 100 {
+                return Err(self.invalid(at("limits.max_retries"), "must be at most 100"));
+            }
+            if let Some(t) = &p.dead_letter_topic
+                && (t.is_empty() || *t == k.topic)
+            {
+                return Err(self.invalid(
+                    at("dead_letter_topic"),
+                    "must be a topic other than kafka.topic",
+                ));
+            }
+            for (name, target) in &p.outputs {
+                if let OutputTarget::Topic(t) = target
+                    && *t == k.topic
+                {
+                    return Err(self.invalid(
+                        at(&format!("outputs.{name}")),
+                        format!("writes to `{t}`, the topic the plugins consume: that would loop"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the host must start its own broker.
+    pub fn embedded(&self) -> bool {
+        self.kafka.brokers.trim() == "embedded"
+    }
+}
+
+impl PluginConfig {
+    pub fn group_id(&self) -> String {
+        self.group
+            .clone()
+            .unwrap_or_else(|| format!("eddy-{}", self.name))
+    }
+
+    pub fn dead_letter_topic(&self) -> String {
+        self.dead_letter_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}-dlq", self.name))
+    }
+
+    /// The plugin's `config` table as the JSON text `init` receives.
+    pub fn config_json(&self) -> String {
+        serde_json::to_string(&self.config).expect("a TOML table is valid JSON")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_wasm(text: &str) -> (tempfile::TempDir, Result<Config, ConfigError>) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.wasm"), b"").unwrap();
+        let path = dir.path().join("plugins.toml");
+        let r = Config::parse(text, &path);
+        (dir, r)
+    }
+
+    const MINIMAL: &str = r#"
+[kafka]
+brokers = "embedded"
+
+[[plugin]]
+name = "a"
+path = "a.wasm"
+"#;
+
+    #[test]
+    fn defaults_fill_in() {
+        let (dir, c) = with_wasm(MINIMAL);
+        let c = c.unwrap();
+        assert!(c.embedded());
+        assert_eq!(c.kafka.topic, "user-activities");
+        assert_eq!(c.kafka.partitions, 6);
+        let p = &c.plugins[0];
+        assert_eq!(p.group_id(), "eddy-a");
+        assert_eq!(p.dead_letter_topic(), "a-dlq");
+        assert_eq!(p.path, dir.path().join("a.wasm"));
+        assert_eq!(p.limits.memory_mib, 64);
+        assert_eq!(p.config_json(), "{}");
+    }
+
+    #[test]
+    fn outputs_and_plugin_config() {
+        let (_d, c) = with_wasm(&format!(
+            "{MINIMAL}\n[plugin.outputs]\nalerts = {{ topic = \"alerts\" }}\nlog = \"stdout\"\n[plugin.config]\nrules = [{{ name = \"x\", min_amount = 5.5 }}]\n"
+        ));
+        let c = c.unwrap();
+        let p = &c.plugins[0];
+        assert_eq!(p.outputs["alerts"], OutputTarget::Topic("alerts".into()));
+        assert_eq!(p.outputs["log"], OutputTarget::Stdout);
+        assert_eq!(
+            p.config_json(),
+            r#"{"rules":[{"min_amount":5.5,"name":"x"}]}"#
+        );
+    }
+
+    fn error(text: &str) -> String {
+        let (_d, r) = with_wasm(text);
+        r.unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_line() {
+        let e = error(&MINIMAL.replace("name = \"a\"", "name = \"a\"\nmax_btach = 5"));
+        assert!(e.contains("plugins.toml"), "{e}");
+        assert!(e.contains("max_btach"), "{e}");
+        assert!(e.contains("line 8"), "{e}");
+        let e = error(&MINIMAL.replace("[kafka]", "[kafka]\nbroker = \"x\""));
+        assert!(e.contains("broker"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_what_is_expected() {
+        let e = error(&format!("{MINIMAL}[plugin.limits]\nmemory_mib = 0\n"));
+        assert!(e.contains("plugin[0].limits.memory_mib"), "{e}");
+        assert!(e.contains("1 to 4096"), "{e}");
+        let e = error(&format!("{MINIMAL}[plugin.outputs]\nalerts = \"kafka\"\n"));
+        assert!(
+            e.contains(r#"expected "stdout", "discard" or { topic = "name" }"#),
+            "{e}"
+        );
+        let e = error(&MINIMAL.replace("a.wasm", "missing.wasm"));
+        assert!(
+            e.contains("plugin[0].path") && e.contains("no file at") && e.contains("make plugins"),
+            "{e}"
+        );
+        let e = error(&format!(
+            "{MINIMAL}\n[[plugin]]\nname = \"a\"\npath = \"a.wasm\"\n"
+        ));
+        assert!(e.contains("`a` is used twice"), "{e}");
+        let e = error(&MINIMAL.replace("name = \"a\"", "name = \"a b\""));
+        assert!(e.contains("plugin[0].name"), "{e}");
+        let e = error(&MINIMAL.replace("[kafka]", "[kafka]\nsettings = { \"group.id\" = \"x\" }"));
+        assert!(e.contains("group.id"), "{e}");
+        let e = error("[kafka]\nbrokers = \"embedded\"\n");
+        assert!(e.contains("no [[plugin]] entries"), "{e}");
+        let e = error(&format!("{MINIMAL}start_from = \"middle\"\n"));
+        assert!(e.contains("start_from") || e.contains("middle"), "{e}");
+    }
+
+    #[test]
+    fn output_to_the_input_topic_is_refused() {
+        let e = error(&format!(
+            "{MINIMAL}[plugin.outputs]\nx = {{ topic = \"user-activities\" }}\n"
+        ));
+        assert!(e.contains("would loop"), "{e}");
+    }
+}

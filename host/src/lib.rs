@@ -1,0 +1,217 @@
+//! Eddy: a Kafka consumer host that runs every event through sandboxed WebAssembly plugins.
+//!
+//! Each plugin in `plugins.toml` gets its own consumer group (so it sees every event, at its
+//! own pace), its own sandbox (memory cap, CPU deadline, no ambient authority) and its own
+//! state, which only it can see and which outlives its instance.
+//!
+//! # Layout
+//! - [`config`]: `plugins.toml`, parsed and validated, with errors that name file and key.
+//! - [`broker`]: Kafka client settings, and the embedded broker for `brokers = "embedded"`.
+//! - [`sandbox`]: one plugin instance in wasmtime, and the host side of the WIT contract.
+//! - [`state`]: one plugin's key/value state, with per-call and per-batch overlays.
+//! - [`worker`]: one plugin's consume → run → deliver → commit → store-offsets loop.
+//! - [`outputs`]: delivery of emitted records and dead letters.
+//! - [`metrics`], [`http`]: counters, and `/metrics` + `/healthz`.
+//! - [`generator`]: realistic user-activity traffic (`eddy produce`, the in-process generator).
+//!
+//! [`Host::start`] wires these together; [`run`] is start, wait for shutdown, stop.
+
+pub mod broker;
+pub mod config;
+pub mod generator;
+pub mod http;
+pub mod metrics;
+pub mod outputs;
+pub mod sandbox;
+pub mod state;
+pub mod worker;
+
+use crate::broker::EmbeddedBroker;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::sandbox::Sandbox;
+use anyhow::Context as _;
+use rdkafka::producer::FutureProducer;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{error, info};
+
+/// A running host. Stop it with [`Host::stop`].
+pub struct Host {
+    metrics: Arc<Metrics>,
+    http_addr: SocketAddr,
+    bootstrap: String,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    generator_stop: Arc<AtomicBool>,
+    generator: Option<tokio::task::JoinHandle<()>>,
+    /// Declared last: dropped after every client of it has stopped.
+    _broker: Option<EmbeddedBroker>,
+}
+
+impl Host {
+    /// Starts everything `config` describes. Fails, naming the cause, if the broker cannot
+    /// be started, a plugin cannot be loaded, or the metrics address is taken; once it has
+    /// returned, per-event problems never stop the host.
+    pub async fn start(config: Config) -> anyhow::Result<Host> {
+        let broker = if config.embedded() {
+            let broker = EmbeddedBroker::start()?;
+            broker.create_topic(&config.kafka.topic, config.kafka.partitions)?;
+            info!(
+                bootstrap = broker.bootstrap_servers(),
+                topic = %config.kafka.topic,
+                partitions = config.kafka.partitions,
+                "embedded Kafka broker started (any Kafka client can connect to it)"
+            );
+            Some(broker)
+        } else {
+            None
+        };
+        let bootstrap = match &broker {
+            Some(b) => b.bootstrap_servers().to_string(),
+            None => config.kafka.brokers.clone(),
+        };
+        let client = broker::client_config(&config.kafka, &bootstrap);
+
+        let engine = sandbox::engine()?;
+        let sandboxes = load_all(&engine, &config).await?;
+
+        let metrics = Arc::new(Metrics::default());
+        let listener = http::bind(config.http.address).await?;
+        let http_addr = listener.local_addr()?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        tasks.spawn(http::serve(listener, metrics.clone(), shutdown_rx.clone()));
+        info!("metrics at http://{http_addr}/metrics, health at http://{http_addr}/healthz");
+
+        let producer: FutureProducer = client
+            .clone()
+            .set("linger.ms", "5")
+            .create()
+            .map_err(|e| anyhow::anyhow!("cannot create the output producer: {e}"))?;
+        for (plugin, sandbox) in config.plugins.iter().zip(sandboxes) {
+            let plugin_metrics = metrics.plugin(&plugin.name);
+            let worker = worker::Worker::new(
+                plugin.clone(),
+                config.kafka.topic.clone(),
+                client.clone(),
+                sandbox,
+                outputs::Outputs::new(plugin, producer.clone()),
+                plugin_metrics,
+                shutdown_rx.clone(),
+            );
+            let name = plugin.name.clone();
+            tasks.spawn(async move {
+                if let Err(e) = worker.run().await {
+                    error!(plugin = %name, "plugin stopped: {e:#}");
+                }
+            });
+        }
+
+        let generator_stop = Arc::new(AtomicBool::new(false));
+        let generator = (config.generator.rate > 0).then(|| {
+            let opts = generator::ProduceOptions {
+                topic: config.kafka.topic.clone(),
+                events: None,
+                rate: config.generator.rate,
+                generator: generator::GeneratorOptions {
+                    seed: config.generator.seed,
+                    fraud_every: config.generator.fraud_every,
+                    start_ms: generator::now_ms(),
+                    spacing_ms: (1000 / i64::from(config.generator.rate)).max(1),
+                },
+            };
+            info!(
+                rate = config.generator.rate,
+                "generating user-activity events"
+            );
+            let (stop, metrics, client) = (generator_stop.clone(), metrics.clone(), client.clone());
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) =
+                    generator::produce_blocking(&client, &opts, &stop, &metrics.generated)
+                {
+                    error!("generator stopped: {e:#}");
+                }
+            })
+        });
+
+        Ok(Host {
+            metrics,
+            http_addr,
+            bootstrap,
+            shutdown,
+            tasks,
+            generator_stop,
+            generator,
+            _broker: broker,
+        })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Where `/metrics` and `/healthz` are served.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The Kafka bootstrap address in use (the embedded broker's, if it runs one).
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap
+    }
+
+    /// Stops the generator, lets each plugin finish its batch in flight and commit, and
+    /// stops the embedded broker.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.generator_stop.store(true, Ordering::Relaxed);
+        if let Some(g) = self.generator.take() {
+            g.await.context("generator task")?;
+        }
+        let _ = self.shutdown.send(true);
+        while let Some(r) = self.tasks.join_next().await {
+            r.context("host task")?;
+        }
+        Ok(())
+    }
+}
+
+/// Loads every plugin, in parallel (compiling is the slow part). All failures are reported
+/// together, so a user fixes them in one go.
+async fn load_all(engine: &wasmtime::Engine, config: &Config) -> anyhow::Result<Vec<Sandbox>> {
+    let loads: Vec<_> = config
+        .plugins
+        .iter()
+        .map(|p| {
+            let (engine, p) = (engine.clone(), p.clone());
+            tokio::task::spawn_blocking(move || {
+                Sandbox::load(&engine, &p).map_err(|e| (p.name.clone(), e))
+            })
+        })
+        .collect();
+    let mut sandboxes = Vec::new();
+    let mut errors = Vec::new();
+    for load in loads {
+        match load.await.context("loading a plugin")? {
+            Ok(s) => sandboxes.push(s),
+            Err((name, e)) => errors.push(format!("plugin `{name}`: {e}")),
+        }
+    }
+    match errors.len() {
+        0 => Ok(sandboxes),
+        1 => anyhow::bail!("{}", errors[0]),
+        n => anyhow::bail!("{n} plugins failed to load:\n  {}", errors.join("\n  ")),
+    }
+}
+
+/// Runs the host until `shutdown` completes (e.g. Ctrl-C), then stops it cleanly.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let host = Host::start(config).await?;
+    shutdown.await;
+    info!("shutting down: finishing batches in flight");
+    host.stop().await
+}

@@ -1,0 +1,373 @@
+//! Counters and gauges per plugin, rendered in the Prometheus text format for `/metrics`.
+//!
+//! Plain atomics rather than a metrics crate: the hot path is a handful of relaxed adds per
+//! batch, and the text format is a few lines of code.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// What happened to one event, as counted in `eddy_events_total{verdict=…}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Skip,
+    /// Dead-lettered: by the plugin's verdict, after retries ran out, or after a trap.
+    DeadLetter,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 3] = [Outcome::Ok, Outcome::Skip, Outcome::DeadLetter];
+
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Skip => "skip",
+            Outcome::DeadLetter => "dead_letter",
+        }
+    }
+}
+
+/// Why a call into a plugin failed, as counted in `eddy_traps_total{kind=…}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrapKind {
+    /// A panic, `unreachable`, out-of-bounds access, …
+    Trap,
+    /// The CPU deadline (`limits.cpu_ms`) was hit.
+    Deadline,
+    /// The memory cap (`limits.memory_mib`) was hit.
+    Memory,
+}
+
+impl TrapKind {
+    const ALL: [TrapKind; 3] = [TrapKind::Trap, TrapKind::Deadline, TrapKind::Memory];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            TrapKind::Trap => "trap",
+            TrapKind::Deadline => "deadline",
+            TrapKind::Memory => "memory",
+        }
+    }
+}
+
+/// Upper bounds of the batch-latency histogram buckets, in seconds.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+/// Everything counted for one plugin.
+#[derive(Debug, Default)]
+pub struct PluginMetrics {
+    events: [AtomicU64; 3],
+    /// `retry` verdicts received (each retry attempt counts).
+    pub retries: AtomicU64,
+    traps: [AtomicU64; 3],
+    pub instance_restarts: AtomicU64,
+    pub output_records: AtomicU64,
+    pub output_failures: AtomicU64,
+    pub ticks: AtomicU64,
+    /// Events consumed but not yet handled, summed over the plugin's partitions (-1: unknown).
+    pub consumer_lag: AtomicI64,
+    /// 1 while the plugin is loaded and consuming.
+    pub up: AtomicI64,
+    batch_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    batch_count: AtomicU64,
+    batch_nanos: AtomicU64,
+}
+
+impl PluginMetrics {
+    pub fn count(&self, outcome: Outcome, n: u64) {
+        self.events[outcome as usize].fetch_add(n, Relaxed);
+    }
+
+    pub fn events(&self, outcome: Outcome) -> u64 {
+        self.events[outcome as usize].load(Relaxed)
+    }
+
+    /// All events that got a final outcome.
+    pub fn events_handled(&self) -> u64 {
+        Outcome::ALL.iter().map(|o| self.events(*o)).sum()
+    }
+
+    pub fn trap(&self, kind: TrapKind) {
+        self.traps[kind as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn traps(&self, kind: TrapKind) -> u64 {
+        self.traps[kind as usize].load(Relaxed)
+    }
+
+    pub fn observe_batch(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
+            self.batch_buckets[i].fetch_add(1, Relaxed);
+        }
+        self.batch_count.fetch_add(1, Relaxed);
+        self.batch_nanos.fetch_add(took.as_nanos() as u64, Relaxed);
+    }
+
+    pub fn batches(&self) -> u64 {
+        self.batch_count.load(Relaxed)
+    }
+}
+
+/// All plugins' metrics, plus host-wide ones.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    plugins: Mutex<BTreeMap<String, Arc<PluginMetrics>>>,
+    /// Events the in-process generator produced.
+    pub generated: AtomicU64,
+}
+
+impl Metrics {
+    /// The metrics of `plugin`, created on first use (and kept across reloads).
+    pub fn plugin(&self, plugin: &str) -> Arc<PluginMetrics> {
+        let mut plugins = self.plugins.lock().expect("metrics lock");
+        plugins.entry(plugin.to_string()).or_default().clone()
+    }
+
+    /// `/healthz`: `{"status":"ok"|"degraded","plugins":{"name":{"up":true,…}}}`. Degraded
+    /// when a plugin is not consuming.
+    pub fn health_json(&self) -> String {
+        let plugins = self.plugins.lock().expect("metrics lock");
+        let mut all_up = true;
+        let entries: serde_json::Map<String, serde_json::Value> = plugins
+            .iter()
+            .map(|(name, m)| {
+                let up = m.up.load(Relaxed) == 1;
+                all_up &= up;
+                let v = serde_json::json!({
+                    "up": up,
+                    "events": m.events_handled(),
+                    "consumer_lag": m.consumer_lag.load(Relaxed),
+                });
+                (name.clone(), v)
+            })
+            .collect();
+        let status = if all_up { "ok" } else { "degraded" };
+        serde_json::json!({ "status": status, "plugins": entries }).to_string() + "\n"
+    }
+
+    /// The Prometheus text exposition of everything.
+    pub fn render(&self) -> String {
+        let plugins: Vec<(String, Arc<PluginMetrics>)> = self
+            .plugins
+            .lock()
+            .expect("metrics lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut out = String::new();
+        let mut family = |name: &str, kind: &str, help: &str, rows: &mut dyn FnMut(&mut String)| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            rows(&mut out);
+        };
+        family(
+            "eddy_events_total",
+            "counter",
+            "Events handled, per plugin and final verdict.",
+            &mut |o| {
+                for (name, m) in &plugins {
+                    for outcome in Outcome::ALL {
+                        let _ = writeln!(
+                            o,
+                            "eddy_events_total{{plugin=\"{name}\",verdict=\"{}\"}} {}",
+                            outcome.label(),
+                            m.events(outcome)
+                        );
+                    }
+                }
+            },
+        );
+        family(
+            "eddy_retries_total",
+            "counter",
+            "Retry verdicts received (each attempt).",
+            &mut |o| {
+                for (name, m) in &plugins {
+                    let _ = writeln!(
+                        o,
+                        "eddy_retries_total{{plugin=\"{name}\"}} {}",
+                        m.retries.load(Relaxed)
+                    );
+                }
+            },
+        );
+        family(
+            "eddy_traps_total",
+            "counter",
+            "Calls into a plugin that failed, per cause.",
+            &mut |o| {
+                for (name, m) in &plugins {
+                    for kind in TrapKind::ALL {
+                        let _ = writeln!(
+                            o,
+                            "eddy_traps_total{{plugin=\"{name}\",kind=\"{}\"}} {}",
+                            kind.label(),
+                            m.traps(kind)
+                        );
+                    }
+                }
+            },
+        );
+        family(
+            "eddy_instance_restarts_total",
+            "counter",
+            "Plugin instances recreated after a failure.",
+            &mut |o| {
+                for (name, m) in &plugins {
+                    let _ = writeln!(
+                        o,
+                        "eddy_instance_restarts_total{{plugin=\"{name}\"}} {}",
+                        m.instance_restarts.load(Relaxed)
+                    );
+                }
+            },
+        );
+        family(
+            "eddy_output_records_total",
+            "counter",
+            "Records plugins emitted and the host delivered.",
+            &mut |o| {
+                for (name, m) in &plugins {
+                    let _ = writeln!(
+                        o,
+                        "eddy_output_records_total{{plugin=\"{name}\"}} {}",
+                        m.output_records.load(Relaxed)
+                    );
+                }
+            },
+        );
+        family(
+            "eddy_output_failures_total",
+            "counter",
+            "Failed deliveries of outputs or dead letters (retried).",
+            &mut |o| {
+                for (name, m) in &plugins {
+                    let _ = writeln!(
+                        o,
+                        "eddy_output_failures_total{{plugin=\"{name}\"}} {}",
+                        m.output_failures.load(Relaxed)
+                    );
+                }
+            },
+        );
+        family("eddy_ticks_total", "counter", "on-tick calls.", &mut |o| {
+            for (name, m) in &plugins {
+                let _ = writeln!(
+                    o,
+                    "eddy_ticks_total{{plugin=\"{name}\"}} {}",
+                    m.ticks.load(Relaxed)
+                );
+            }
+        });
+        family(
+            "eddy_consumer_lag",
+            "gauge",
+            "Events not yet handled, summed over partitions (-1: unknown).",
+            &mut |o| {
+                for (name, m) in &plugins {
+                    let _ = writeln!(
+                        o,
+                        "eddy_consumer_lag{{plugin=\"{name}\"}} {}",
+                        m.consumer_lag.load(Relaxed)
+                    );
+                }
+            },
+        );
+        family(
+            "eddy_plugin_up",
+            "gauge",
+            "1 while the plugin is loaded and consuming.",
+            &mut |o| {
+                for (name, m) in &plugins {
+                    let _ = writeln!(
+                        o,
+                        "eddy_plugin_up{{plugin=\"{name}\"}} {}",
+                        m.up.load(Relaxed)
+                    );
+                }
+            },
+        );
+        family(
+            "eddy_batch_duration_seconds",
+            "histogram",
+            "Time to run one batch through a plugin.",
+            &mut |o| {
+                for (name, m) in &plugins {
+                    let mut cumulative = 0;
+                    for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+                        cumulative += m.batch_buckets[i].load(Relaxed);
+                        let _ = writeln!(
+                            o,
+                            "eddy_batch_duration_seconds_bucket{{plugin=\"{name}\",le=\"{bound}\"}} {cumulative}"
+                        );
+                    }
+                    let count = m.batch_count.load(Relaxed);
+                    let _ = writeln!(
+                        o,
+                        "eddy_batch_duration_seconds_bucket{{plugin=\"{name}\",le=\"+Inf\"}} {count}"
+                    );
+                    let sum = m.batch_nanos.load(Relaxed) as f64 / 1e9;
+                    let _ = writeln!(
+                        o,
+                        "eddy_batch_duration_seconds_sum{{plugin=\"{name}\"}} {sum}"
+                    );
+                    let _ = writeln!(
+                        o,
+                        "eddy_batch_duration_seconds_count{{plugin=\"{name}\"}} {count}"
+                    );
+                }
+            },
+        );
+        family(
+            "eddy_generated_events_total",
+            "counter",
+            "Events the in-process generator produced.",
+            &mut |o| {
+                let _ = writeln!(
+                    o,
+                    "eddy_generated_events_total {}",
+                    self.generated.load(Relaxed)
+                );
+            },
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_a_cumulative_histogram() {
+        let m = Metrics::default();
+        let p = m.plugin("analytics");
+        p.count(Outcome::Ok, 7);
+        p.count(Outcome::DeadLetter, 1);
+        p.trap(TrapKind::Deadline);
+        p.observe_batch(Duration::from_micros(800));
+        p.observe_batch(Duration::from_millis(30));
+        let text = m.render();
+        assert!(
+            text.contains("eddy_events_total{plugin=\"analytics\",verdict=\"ok\"} 7"),
+            "{text}"
+        );
+        assert!(text.contains("eddy_events_total{plugin=\"analytics\",verdict=\"dead_letter\"} 1"));
+        assert!(text.contains("eddy_traps_total{plugin=\"analytics\",kind=\"deadline\"} 1"));
+        assert!(
+            text.contains(
+                "eddy_batch_duration_seconds_bucket{plugin=\"analytics\",le=\"0.001\"} 1"
+            )
+        );
+        assert!(
+            text.contains("eddy_batch_duration_seconds_bucket{plugin=\"analytics\",le=\"0.05\"} 2")
+        );
+        assert!(text.contains("eddy_batch_duration_seconds_count{plugin=\"analytics\"} 2"));
+        assert_eq!(p.events_handled(), 8);
+    }
+}

@@ -1,0 +1,564 @@
+//! The sandbox: one plugin's WebAssembly instance, its limits, and the host side of the
+//! `eddy:plugin` contract (state, outputs, logging).
+//!
+//! What a plugin can reach is exactly its imports: its own state, its own outputs, the log,
+//! and the WASI basics a Rust `std` guest links against (random numbers, and stdout/stderr
+//! that go nowhere and to an in-memory buffer). It has no preopened directories, no network, no
+//! environment variables, no arguments, and a clock frozen at the Unix epoch: time comes from
+//! event timestamps and `on-tick`. Each instance has a linear-memory cap and a deadline per call.
+//!
+//! After any trap a wasmtime `Store` is unusable, so the sandbox rebuilds store and instance
+//! and runs `init` again. State lives in [`HostState`], outside the guest, and survives that.
+
+use crate::config::{Limits, PluginConfig};
+use crate::state::{PluginState, StateError};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Engine, Store};
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "plugin",
+    });
+}
+
+pub use bindings::eddy::plugin::types::{Event, Header, OutputRecord, Verdict};
+use bindings::eddy::plugin::{logging, output, state, types};
+
+/// How often the engine's epoch advances; the granularity of the CPU deadline.
+const EPOCH_TICK: Duration = Duration::from_millis(5);
+/// How much of a guest's stderr (panic messages) one instance may write; kept to explain a
+/// trap. The buffer is new with every instance.
+const STDERR_CAPTURE: usize = 1 << 20;
+
+/// Creates the engine every plugin shares, and starts the thread that drives its epoch
+/// (the clock the CPU deadline is measured on). The thread ends when the engine is dropped.
+pub fn engine() -> anyhow::Result<Engine> {
+    let mut config = wasmtime::Config::new();
+    config.wasm_component_model(true);
+    config.epoch_interruption(true);
+    let engine = Engine::new(&config).map_err(wasm_error)?;
+    let weak = engine.weak();
+    std::thread::Builder::new()
+        .name("eddy-epoch".into())
+        .spawn(move || {
+            while let Some(engine) = weak.upgrade() {
+                engine.increment_epoch();
+                drop(engine);
+                std::thread::sleep(EPOCH_TICK);
+            }
+        })?;
+    Ok(engine)
+}
+
+/// Turns a wasmtime error (not an `std::error::Error` since wasmtime 42) into an anyhow one.
+pub fn wasm_error(e: wasmtime::Error) -> anyhow::Error {
+    anyhow::anyhow!(error_chain(&e))
+}
+
+fn error_chain(e: &wasmtime::Error) -> String {
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+/// Why a plugin could not be loaded. Each names the file and the cause, for the user.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid WebAssembly component: {message}")]
+    Compile { path: PathBuf, message: String },
+    #[error(
+        "{path}: does not implement the eddy:plugin world (build it with the eddy-sdk for wasm32-wasip2): {message}"
+    )]
+    Contract { path: PathBuf, message: String },
+    #[error("{path}: init failed: {message}")]
+    Init { path: PathBuf, message: String },
+}
+
+/// A failed call into the plugin: the trap's kind and a message for logs and dead letters.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{} ({message})", kind.label())]
+pub struct Trap {
+    pub kind: crate::metrics::TrapKind,
+    pub message: String,
+}
+
+/// The host side of one plugin: what its imports read and write.
+pub struct HostState {
+    plugin: Arc<str>,
+    pub state: PluginState,
+    /// Records emitted by the batch's calls, not yet delivered.
+    outputs: Vec<OutputRecord>,
+    /// Length of `outputs` before the current call, to drop just its records on a trap.
+    outputs_mark: usize,
+    /// Output names `plugins.toml` maps for this plugin.
+    output_names: Arc<BTreeSet<String>>,
+}
+
+impl HostState {
+    pub fn new(plugin: &PluginConfig) -> HostState {
+        HostState {
+            plugin: plugin.name.as_str().into(),
+            state: PluginState::default(),
+            outputs: Vec::new(),
+            outputs_mark: 0,
+            output_names: Arc::new(plugin.outputs.keys().cloned().collect()),
+        }
+    }
+}
+
+impl types::Host for HostState {}
+
+impl state::Host for HostState {
+    fn get(&mut self, key: String) -> Option<Vec<u8>> {
+        self.state.get(&key)
+    }
+
+    fn get_many(&mut self, keys: Vec<String>) -> Vec<Option<Vec<u8>>> {
+        keys.iter().map(|k| self.state.get(k)).collect()
+    }
+
+    fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), state::StateError> {
+        self.set_many(vec![(key, value)])
+    }
+
+    fn set_many(&mut self, entries: Vec<(String, Vec<u8>)>) -> Result<(), state::StateError> {
+        self.state.set_many(entries).map_err(|e| match e {
+            StateError::QuotaExceeded(m) => state::StateError::QuotaExceeded(m),
+            StateError::Invalid(m) => state::StateError::Invalid(m),
+        })
+    }
+
+    fn delete(&mut self, key: String) {
+        self.state.delete(key);
+    }
+
+    fn delete_many(&mut self, keys: Vec<String>) {
+        for k in keys {
+            self.state.delete(k);
+        }
+    }
+
+    fn scan_prefix(&mut self, prefix: String, limit: u32) -> Vec<(String, Vec<u8>)> {
+        self.state.scan_prefix(&prefix, limit as usize)
+    }
+}
+
+impl output::Host for HostState {
+    fn emit(&mut self, records: Vec<OutputRecord>) -> Result<(), String> {
+        if let Some(r) = records
+            .iter()
+            .find(|r| !self.output_names.contains(&r.output))
+        {
+            let mapped: Vec<&str> = self.output_names.iter().map(String::as_str).collect();
+            return Err(format!(
+                "output `{}` is not mapped for plugin `{}` in plugins.toml (mapped: {})",
+                r.output,
+                self.plugin,
+                if mapped.is_empty() {
+                    "none".to_string()
+                } else {
+                    mapped.join(", ")
+                }
+            ));
+        }
+        self.outputs.extend(records);
+        Ok(())
+    }
+}
+
+impl logging::Host for HostState {
+    fn log(&mut self, level: types::Level, message: String) {
+        let plugin = &*self.plugin;
+        match level {
+            types::Level::Trace => tracing::trace!(plugin, "{message}"),
+            types::Level::Debug => tracing::debug!(plugin, "{message}"),
+            types::Level::Info => tracing::info!(plugin, "{message}"),
+            types::Level::Warn => tracing::warn!(plugin, "{message}"),
+            types::Level::Error => tracing::error!(plugin, "{message}"),
+        }
+    }
+}
+
+/// Everything a `Store` holds for one instance.
+struct StoreData {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    memory: MemoryCap,
+    host: HostState,
+}
+
+impl WasiView for StoreData {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Caps linear memory and remembers that the cap was hit, so the trap that follows can be
+/// reported as "memory" rather than as a generic guest abort.
+struct MemoryCap {
+    max_bytes: usize,
+    hit: bool,
+}
+
+impl wasmtime::ResourceLimiter for MemoryCap {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max_bytes {
+            self.hit = true;
+            wasmtime::bail!(
+                "memory cap of {} MiB exceeded (wanted {} MiB)",
+                self.max_bytes >> 20,
+                desired >> 20
+            );
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _max: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+/// A wall clock stopped at the Unix epoch: plugins get time from events and `on-tick`.
+struct FrozenWallClock;
+
+impl wasmtime_wasi::HostWallClock for FrozenWallClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+struct FrozenMonotonicClock;
+
+impl wasmtime_wasi::HostMonotonicClock for FrozenMonotonicClock {
+    fn resolution(&self) -> u64 {
+        1_000_000_000
+    }
+    fn now(&self) -> u64 {
+        0
+    }
+}
+
+/// A loaded, initialised plugin instance.
+pub struct Sandbox {
+    path: PathBuf,
+    engine: Engine,
+    pre: bindings::PluginPre<StoreData>,
+    store: Store<StoreData>,
+    instance: bindings::Plugin,
+    config_json: String,
+    limits: Limits,
+    /// The guest's stderr (a panic message lands here).
+    stderr: MemoryOutputPipe,
+}
+
+impl Sandbox {
+    /// Compiles, links and initialises the plugin at `plugin.path`.
+    pub fn load(engine: &Engine, plugin: &PluginConfig) -> Result<Sandbox, LoadError> {
+        let path = plugin.path.clone();
+        let bytes = std::fs::read(&path).map_err(|source| LoadError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let component = Component::new(engine, &bytes).map_err(|e| LoadError::Compile {
+            path: path.clone(),
+            message: error_chain(&e),
+        })?;
+        let mut linker: Linker<StoreData> = Linker::new(engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| LoadError::Contract {
+            path: path.clone(),
+            message: error_chain(&e),
+        })?;
+        bindings::Plugin::add_to_linker::<StoreData, HasSelf<HostState>>(&mut linker, |d| {
+            &mut d.host
+        })
+        .map_err(|e| LoadError::Contract {
+            path: path.clone(),
+            message: error_chain(&e),
+        })?;
+        let pre = linker
+            .instantiate_pre(&component)
+            .and_then(bindings::PluginPre::new)
+            .map_err(|e| LoadError::Contract {
+                path: path.clone(),
+                message: error_chain(&e),
+            })?;
+        let (store, instance, stderr) =
+            instantiate(engine, &pre, &plugin.limits, HostState::new(plugin)).map_err(
+                |message| LoadError::Contract {
+                    path: path.clone(),
+                    message,
+                },
+            )?;
+        let mut sandbox = Sandbox {
+            path,
+            engine: engine.clone(),
+            pre,
+            store,
+            instance,
+            config_json: plugin.config_json(),
+            limits: plugin.limits.clone(),
+            stderr,
+        };
+        sandbox.init()?;
+        Ok(sandbox)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The plugin's state (for inspection).
+    pub fn state(&self) -> &PluginState {
+        &self.store.data().host.state
+    }
+
+    fn init(&mut self) -> Result<(), LoadError> {
+        self.arm_deadline();
+        self.store.data_mut().host.outputs_mark = self.store.data().host.outputs.len();
+        let result = self.instance.call_init(&mut self.store, &self.config_json);
+        let host = &mut self.store.data_mut().host;
+        match result {
+            Ok(Ok(())) => {
+                // What init wrote is kept with the next batch; what it emitted is dropped:
+                // there is no event to tie it to.
+                host.state.end_call(true);
+                host.outputs.truncate(host.outputs_mark);
+                Ok(())
+            }
+            Ok(Err(message)) => {
+                host.state.end_call(false);
+                Err(LoadError::Init {
+                    path: self.path.clone(),
+                    message,
+                })
+            }
+            Err(e) => {
+                self.store.data_mut().host.state.end_call(false);
+                let trap = self.classify(&e);
+                Err(LoadError::Init {
+                    path: self.path.clone(),
+                    message: trap.to_string(),
+                })
+            }
+        }
+    }
+
+    /// Runs `events` through the plugin. On success its state changes join the batch in
+    /// progress and its outputs are queued (see [`Sandbox::take_outputs`],
+    /// [`Sandbox::commit_batch`]). On a trap they are discarded and the instance is rebuilt
+    /// before this returns, so the sandbox is ready for the next call.
+    pub fn call_batch(&mut self, events: &[Event]) -> Result<Vec<Verdict>, Trap> {
+        self.arm_deadline();
+        self.store.data_mut().host.outputs_mark = self.store.data().host.outputs.len();
+        match self.instance.call_on_batch(&mut self.store, events) {
+            Ok(verdicts) if verdicts.len() == events.len() => {
+                self.store.data_mut().host.state.end_call(true);
+                Ok(verdicts)
+            }
+            Ok(verdicts) => {
+                self.discard_call();
+                Err(Trap {
+                    kind: crate::metrics::TrapKind::Trap,
+                    message: format!(
+                        "returned {} verdicts for {} events",
+                        verdicts.len(),
+                        events.len()
+                    ),
+                })
+            }
+            Err(e) => Err(self.fail(&e)),
+        }
+    }
+
+    /// Calls `on-tick`; like [`Sandbox::call_batch`], its effects join the batch in progress.
+    pub fn call_tick(&mut self, now_ms: i64) -> Result<(), Trap> {
+        self.arm_deadline();
+        self.store.data_mut().host.outputs_mark = self.store.data().host.outputs.len();
+        match self.instance.call_on_tick(&mut self.store, now_ms) {
+            Ok(()) => {
+                self.store.data_mut().host.state.end_call(true);
+                Ok(())
+            }
+            Err(e) => Err(self.fail(&e)),
+        }
+    }
+
+    /// The outputs queued by this batch's successful calls, for delivery.
+    pub fn take_outputs(&mut self) -> Vec<OutputRecord> {
+        let host = &mut self.store.data_mut().host;
+        host.outputs_mark = 0;
+        std::mem::take(&mut host.outputs)
+    }
+
+    /// Makes the batch's state changes permanent: call once its outputs are delivered.
+    pub fn commit_batch(&mut self) {
+        self.store.data_mut().host.state.commit_batch();
+    }
+
+    /// Drops the batch's state changes: its events will be consumed again.
+    pub fn abort_batch(&mut self) {
+        let host = &mut self.store.data_mut().host;
+        host.state.abort_batch();
+        host.outputs.clear();
+        host.outputs_mark = 0;
+    }
+
+    fn arm_deadline(&mut self) {
+        let ticks = self
+            .limits
+            .cpu_ms
+            .div_ceil(EPOCH_TICK.as_millis() as u64)
+            .max(1);
+        self.store.set_epoch_deadline(ticks);
+    }
+
+    /// Drops the effects of the call that just failed (earlier calls of the batch stay).
+    fn discard_call(&mut self) {
+        let host = &mut self.store.data_mut().host;
+        host.state.end_call(false);
+        host.outputs.truncate(host.outputs_mark);
+    }
+
+    /// Handles a trapped call: classify it, drop its effects, rebuild the instance.
+    fn fail(&mut self, e: &wasmtime::Error) -> Trap {
+        let trap = self.classify(e);
+        self.discard_call();
+        if let Err(e) = self.recreate() {
+            // The same bytes loaded and initialised before, so this is unexpected (e.g. init
+            // depends on state that the failed call could not have changed). Keep the trap as
+            // the answer; the next call will fail the same way and be accounted for.
+            tracing::error!(path = %self.path.display(), "cannot recreate the instance after a trap: {e}");
+        }
+        trap
+    }
+
+    fn classify(&mut self, e: &wasmtime::Error) -> Trap {
+        use crate::metrics::TrapKind;
+        let memory_hit = std::mem::take(&mut self.store.data_mut().memory.hit);
+        let kind = if memory_hit {
+            TrapKind::Memory
+        } else if matches!(
+            e.downcast_ref::<wasmtime::Trap>(),
+            Some(wasmtime::Trap::Interrupt)
+        ) {
+            TrapKind::Deadline
+        } else {
+            TrapKind::Trap
+        };
+        let detail = match kind {
+            TrapKind::Deadline => {
+                format!("ran longer than limits.cpu_ms = {} ms", self.limits.cpu_ms)
+            }
+            TrapKind::Memory => format!(
+                "grew past limits.memory_mib = {} MiB",
+                self.limits.memory_mib
+            ),
+            TrapKind::Trap => {
+                // A Rust guest's panic message goes to stderr just before the trap.
+                let stderr = self.stderr.contents();
+                let text = String::from_utf8_lossy(&stderr);
+                match text.lines().rev().find(|l| !l.trim().is_empty()) {
+                    Some(line) => format!("{}; {}", line.trim(), error_chain(e)),
+                    None => error_chain(e),
+                }
+            }
+        };
+        Trap {
+            kind,
+            message: detail,
+        }
+    }
+
+    /// Replaces store and instance with fresh ones (same component, same state) and runs init.
+    fn recreate(&mut self) -> Result<(), LoadError> {
+        let placeholder = Store::new(
+            &self.engine,
+            StoreData {
+                wasi: WasiCtx::builder().build(),
+                table: ResourceTable::new(),
+                memory: MemoryCap {
+                    max_bytes: 0,
+                    hit: false,
+                },
+                host: HostState {
+                    plugin: "".into(),
+                    state: PluginState::default(),
+                    outputs: Vec::new(),
+                    outputs_mark: 0,
+                    output_names: Arc::default(),
+                },
+            },
+        );
+        let old = std::mem::replace(&mut self.store, placeholder);
+        let host = old.into_data().host;
+        let (store, instance, stderr) = instantiate(&self.engine, &self.pre, &self.limits, host)
+            .map_err(|message| LoadError::Contract {
+                path: self.path.clone(),
+                message,
+            })?;
+        self.store = store;
+        self.instance = instance;
+        self.stderr = stderr;
+        self.init()
+    }
+}
+
+/// A fresh store (sandboxed WASI, memory cap) and instance around `host`.
+fn instantiate(
+    engine: &Engine,
+    pre: &bindings::PluginPre<StoreData>,
+    limits: &Limits,
+    host: HostState,
+) -> Result<(Store<StoreData>, bindings::Plugin, MemoryOutputPipe), String> {
+    let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
+    let wasi = WasiCtx::builder()
+        .stderr(stderr.clone())
+        // A plugin's output goes through `emit`; stray prints are dropped.
+        .stdout(wasmtime_wasi::p2::pipe::SinkOutputStream)
+        .wall_clock(FrozenWallClock)
+        .monotonic_clock(FrozenMonotonicClock)
+        .build();
+    let data = StoreData {
+        wasi,
+        table: ResourceTable::new(),
+        memory: MemoryCap {
+            max_bytes: (limits.memory_mib as usize) << 20,
+            hit: false,
+        },
+        host,
+    };
+    let mut store = Store::new(engine, data);
+    store.limiter(|d| &mut d.memory);
+    store.set_epoch_deadline(u64::MAX / 2);
+    let instance = pre.instantiate(&mut store).map_err(|e| error_chain(&e))?;
+    Ok((store, instance, stderr))
+}

@@ -1,0 +1,481 @@
+//! One plugin's consume loop: its own consumer group, batches, verdicts, offsets.
+//!
+//! For each batch: run it through the sandbox (on a blocking thread, the plugin's CPU time
+//! must not stall the async runtime), handle traps and retries, deliver the outputs and dead
+//! letters, commit the plugin's state, and only then store the events' offsets. So an offset
+//! never passes an event whose effects are not delivered: a crash or a failed delivery means
+//! the events are consumed again (at-least-once), never skipped.
+//!
+//! Order: events of a partition reach the plugin in order. An event the plugin answers
+//! `retry` is handed again after the rest of its batch, so within one batch it can be
+//! overtaken by later events.
+
+use crate::config::PluginConfig;
+use crate::metrics::{Outcome, PluginMetrics};
+use crate::outputs::{DeadLetter, Outputs};
+use crate::sandbox::{Event, Header, Sandbox, Trap, Verdict};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{ClientConfig, ClientContext, Statistics, TopicPartitionList};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tracing::{debug, error, info, instrument, warn};
+
+/// Consumer callbacks: lag from librdkafka's statistics, rebalances to the log.
+struct Callbacks {
+    plugin: String,
+    topic: String,
+    metrics: Arc<PluginMetrics>,
+}
+
+impl ClientContext for Callbacks {
+    fn stats(&self, stats: Statistics) {
+        let Some(topic) = stats.topics.get(&self.topic) else {
+            return;
+        };
+        let lags: Vec<i64> = topic
+            .partitions
+            .values()
+            .filter(|p| p.partition >= 0 && p.consumer_lag_stored >= 0)
+            .map(|p| p.consumer_lag_stored)
+            .collect();
+        let lag = if lags.is_empty() {
+            -1
+        } else {
+            lags.iter().sum()
+        };
+        self.metrics.consumer_lag.store(lag, Relaxed);
+    }
+}
+
+impl ConsumerContext for Callbacks {
+    fn post_rebalance(
+        &self,
+        _base: &rdkafka::consumer::BaseConsumer<Self>,
+        rebalance: &Rebalance<'_>,
+    ) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                info!(plugin = %self.plugin, partitions = %partitions(tpl), "partitions assigned")
+            }
+            Rebalance::Revoke(tpl) => {
+                info!(plugin = %self.plugin, partitions = %partitions(tpl), "partitions revoked")
+            }
+            Rebalance::Error(e) => warn!(plugin = %self.plugin, "rebalance error: {e}"),
+        }
+    }
+}
+
+fn partitions(tpl: &TopicPartitionList) -> String {
+    tpl.elements()
+        .iter()
+        .map(|e| e.partition().to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// What the worker decided for one event after verdicts, retries and traps.
+#[derive(Debug, Clone, PartialEq)]
+enum Disposition {
+    Ok,
+    Skip,
+    DeadLetter { reason: String, attempts: u32 },
+}
+
+/// Everything one plugin's loop needs.
+pub struct Worker {
+    pub plugin: PluginConfig,
+    pub topic: String,
+    pub client: ClientConfig,
+    /// `None` only while a call runs on a blocking thread.
+    sandbox: Option<Sandbox>,
+    pub outputs: Outputs,
+    pub metrics: Arc<PluginMetrics>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Worker {
+    pub fn new(
+        plugin: PluginConfig,
+        topic: String,
+        client: ClientConfig,
+        sandbox: Sandbox,
+        outputs: Outputs,
+        metrics: Arc<PluginMetrics>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Worker {
+        Worker {
+            plugin,
+            topic,
+            client,
+            sandbox: Some(sandbox),
+            outputs,
+            metrics,
+            shutdown,
+        }
+    }
+
+    fn sandbox(&mut self) -> &mut Sandbox {
+        self.sandbox
+            .as_mut()
+            .expect("the sandbox is back after every call")
+    }
+
+    fn consumer(&self) -> anyhow::Result<StreamConsumer<Callbacks>> {
+        let mut c = self.client.clone();
+        c.set("group.id", self.plugin.group_id())
+            .set("enable.auto.commit", "true")
+            // Offsets are stored by us, after the plugin's verdict and the delivery of its outputs.
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", self.plugin.start_from.as_kafka())
+            .set("statistics.interval.ms", "1000");
+        for (k, v) in [
+            ("session.timeout.ms", "10000"),
+            ("heartbeat.interval.ms", "1000"),
+        ] {
+            if c.get(k).is_none() {
+                c.set(k, v);
+            }
+        }
+        let callbacks = Callbacks {
+            plugin: self.plugin.name.clone(),
+            topic: self.topic.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let consumer: StreamConsumer<Callbacks> =
+            c.create_with_context(callbacks).map_err(|e| {
+                anyhow::anyhow!(
+                    "plugin `{}`: cannot create a Kafka consumer: {e}",
+                    self.plugin.name
+                )
+            })?;
+        consumer.subscribe(&[&self.topic]).map_err(|e| {
+            anyhow::anyhow!(
+                "plugin `{}`: cannot subscribe to `{}`: {e}",
+                self.plugin.name,
+                self.topic
+            )
+        })?;
+        Ok(consumer)
+    }
+
+    /// Consumes until shutdown, then finishes the batch in flight and commits.
+    #[instrument(name = "plugin", skip_all, fields(plugin = %self.plugin.name, messaging.destination.name = %self.topic, messaging.consumer.group.name = %self.plugin.group_id()))]
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        let consumer = self.consumer()?;
+        self.metrics.up.store(1, Relaxed);
+        info!(group = %self.plugin.group_id(), "consuming");
+        let mut tick = (self.plugin.tick_interval_ms > 0).then(|| {
+            let every = Duration::from_millis(self.plugin.tick_interval_ms);
+            tokio::time::interval_at(tokio::time::Instant::now() + every, every)
+        });
+        let linger = Duration::from_millis(self.plugin.batch_linger_ms);
+        loop {
+            let first = tokio::select! {
+                biased;
+                _ = self.shutdown.changed() => break,
+                _ = async { tick.as_mut().expect("guarded").tick().await }, if tick.is_some() => {
+                    self.tick().await;
+                    continue;
+                }
+                m = consumer.recv() => m,
+            };
+            let mut events = Vec::with_capacity(self.plugin.max_batch);
+            match first {
+                Ok(m) => events.push(to_event(&m)),
+                Err(e) => {
+                    warn!("consume error: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            }
+            let deadline = tokio::time::Instant::now() + linger;
+            while events.len() < self.plugin.max_batch {
+                match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                    Ok(Ok(m)) => events.push(to_event(&m)),
+                    Ok(Err(e)) => {
+                        warn!("consume error: {e}");
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            if !self.handle_batch(events, &consumer).await {
+                break;
+            }
+        }
+        self.metrics.up.store(0, Relaxed);
+        match consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => info!("stopped; offsets committed"),
+            // Nothing stored yet, or a rebalance in progress: nothing is lost, the events
+            // are consumed again.
+            Err(e) => info!("stopped; final commit: {e}"),
+        }
+        consumer.unsubscribe();
+        Ok(())
+    }
+
+    /// Runs, delivers, commits and stores offsets for one batch. Returns false if the host
+    /// is shutting down before the batch's effects could be delivered (its offsets are then
+    /// not stored, and the events are consumed again on restart).
+    async fn handle_batch(
+        &mut self,
+        events: Vec<Event>,
+        consumer: &StreamConsumer<Callbacks>,
+    ) -> bool {
+        let started = Instant::now();
+        let n = events.len();
+        let (events, dispositions) = self.in_sandbox(events, run_events).await;
+        let outputs = self.sandbox().take_outputs();
+        let letters: Vec<DeadLetter> = dispositions
+            .iter()
+            .enumerate()
+            .filter_map(|(index, d)| match d {
+                Disposition::DeadLetter { reason, attempts } => Some(DeadLetter {
+                    index,
+                    reason: reason.clone(),
+                    attempts: *attempts,
+                }),
+                _ => None,
+            })
+            .collect();
+        for l in &letters {
+            let e = &events[l.index];
+            warn!(
+                partition = e.partition,
+                offset = e.offset,
+                attempts = l.attempts,
+                "dead-lettered: {}",
+                l.reason
+            );
+        }
+        if !self.deliver(&outputs, &events, &letters).await {
+            self.sandbox().abort_batch();
+            return false;
+        }
+        self.sandbox().commit_batch();
+        store_offsets(consumer, &events);
+        for d in &dispositions {
+            self.metrics.count(
+                match d {
+                    Disposition::Ok => Outcome::Ok,
+                    Disposition::Skip => Outcome::Skip,
+                    Disposition::DeadLetter { .. } => Outcome::DeadLetter,
+                },
+                1,
+            );
+        }
+        self.metrics
+            .output_records
+            .fetch_add(outputs.len() as u64, Relaxed);
+        self.metrics.observe_batch(started.elapsed());
+        debug!(
+            events = n,
+            outputs = outputs.len(),
+            dead_letters = letters.len(),
+            "batch done"
+        );
+        true
+    }
+
+    /// Runs `f` on the sandbox on a blocking thread.
+    async fn in_sandbox<T, F>(&mut self, events: Vec<Event>, f: F) -> (Vec<Event>, T)
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Sandbox, &[Event], &PluginConfig, &PluginMetrics) -> T + Send + 'static,
+    {
+        let mut sandbox = self.sandbox.take().expect("one call at a time");
+        let plugin = self.plugin.clone();
+        let metrics = self.metrics.clone();
+        let (sandbox, events, result) = tokio::task::spawn_blocking(move || {
+            let result = f(&mut sandbox, &events, &plugin, &metrics);
+            (sandbox, events, result)
+        })
+        .await
+        .expect("the sandbox thread does not panic");
+        self.sandbox = Some(sandbox);
+        (events, result)
+    }
+
+    /// Delivers outputs and dead letters, retrying with backoff until they are through or
+    /// the host shuts down.
+    async fn deliver(
+        &mut self,
+        outputs: &[crate::sandbox::OutputRecord],
+        events: &[Event],
+        letters: &[DeadLetter],
+    ) -> bool {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let result = async {
+                self.outputs.deliver(outputs).await?;
+                self.outputs.dead_letter(events, letters).await
+            }
+            .await;
+            match result {
+                Ok(()) => return true,
+                Err(e) => {
+                    self.metrics.output_failures.fetch_add(1, Relaxed);
+                    error!(
+                        "delivery failed, retrying in {backoff:?} (offsets are held back meanwhile): {e:#}"
+                    );
+                }
+            }
+            tokio::select! {
+                _ = self.shutdown.changed() => return false,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    async fn tick(&mut self) {
+        let now = crate::generator::now_ms();
+        let (_, result) = self
+            .in_sandbox(Vec::new(), move |sandbox, _, _, metrics| {
+                let r = sandbox.call_tick(now);
+                if let Err(trap) = &r {
+                    metrics.trap(trap.kind);
+                    metrics.instance_restarts.fetch_add(1, Relaxed);
+                }
+                r
+            })
+            .await;
+        self.metrics.ticks.fetch_add(1, Relaxed);
+        if let Err(trap) = result {
+            warn!("on-tick failed: {trap}");
+        }
+        let outputs = self.sandbox().take_outputs();
+        if self.deliver(&outputs, &[], &[]).await {
+            self.sandbox().commit_batch();
+            self.metrics
+                .output_records
+                .fetch_add(outputs.len() as u64, Relaxed);
+        } else {
+            self.sandbox().abort_batch();
+        }
+    }
+}
+
+/// Runs a batch through the sandbox and turns verdicts, traps and retries into one
+/// disposition per event. Blocking: runs on a blocking thread.
+fn run_events(
+    sandbox: &mut Sandbox,
+    events: &[Event],
+    plugin: &PluginConfig,
+    metrics: &PluginMetrics,
+) -> Vec<Disposition> {
+    let mut verdicts: Vec<Result<Verdict, Trap>> = match call(sandbox, events, metrics) {
+        Ok(v) => v.into_iter().map(Ok).collect(),
+        // One event (or more) of the batch makes the plugin fail. Find which by running each
+        // event alone: the others get their verdict, the failing ones are dead-lettered with
+        // the trap as the reason. State and outputs of the failed call were discarded.
+        Err(trap) => {
+            warn!(
+                events = events.len(),
+                "batch failed ({trap}); running its events one by one"
+            );
+            events
+                .iter()
+                .map(|e| call(sandbox, std::slice::from_ref(e), metrics).map(|mut v| v.remove(0)))
+                .collect()
+        }
+    };
+    let mut attempts = vec![1u32; events.len()];
+    let limits = &plugin.limits;
+    let mut backoff = Duration::from_millis(limits.retry_backoff_ms);
+    for _ in 0..limits.max_retries {
+        let again: Vec<usize> = (0..events.len())
+            .filter(|i| matches!(verdicts[*i], Ok(Verdict::Retry(_))))
+            .collect();
+        if again.is_empty() {
+            break;
+        }
+        metrics.retries.fetch_add(again.len() as u64, Relaxed);
+        std::thread::sleep(backoff);
+        backoff *= 2;
+        for i in again {
+            attempts[i] += 1;
+            verdicts[i] =
+                call(sandbox, std::slice::from_ref(&events[i]), metrics).map(|mut v| v.remove(0));
+        }
+    }
+    verdicts
+        .into_iter()
+        .zip(attempts)
+        .map(|(v, attempts)| match v {
+            Ok(Verdict::Ok) => Disposition::Ok,
+            Ok(Verdict::Skip) => Disposition::Skip,
+            Ok(Verdict::DeadLetter(reason)) => Disposition::DeadLetter { reason, attempts },
+            Ok(Verdict::Retry(reason)) => {
+                metrics.retries.fetch_add(1, Relaxed);
+                Disposition::DeadLetter {
+                    reason: format!("still failing after {attempts} attempts: {reason}"),
+                    attempts,
+                }
+            }
+            Err(trap) => Disposition::DeadLetter {
+                reason: format!("plugin failed: {trap}"),
+                attempts,
+            },
+        })
+        .collect()
+}
+
+fn call(
+    sandbox: &mut Sandbox,
+    events: &[Event],
+    metrics: &PluginMetrics,
+) -> Result<Vec<Verdict>, Trap> {
+    let result = sandbox.call_batch(events);
+    if let Err(trap) = &result {
+        metrics.trap(trap.kind);
+        metrics.instance_restarts.fetch_add(1, Relaxed);
+    }
+    result
+}
+
+/// Stores, per partition, the offset after the batch's last event (committed by librdkafka's
+/// auto-commit and on shutdown).
+fn store_offsets(consumer: &StreamConsumer<Callbacks>, events: &[Event]) {
+    let mut last: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    for e in events {
+        let o = last
+            .entry((e.topic.as_str(), e.partition))
+            .or_insert(e.offset);
+        *o = (*o).max(e.offset);
+    }
+    for ((topic, partition), offset) in last {
+        // The legacy store call stores `offset + 1`: the next event to consume.
+        if let Err(e) = consumer.store_offset(topic, partition, offset) {
+            // The partition was revoked meanwhile: its new owner consumes from the last commit.
+            debug!(partition, offset, "offset not stored: {e}");
+        }
+    }
+}
+
+fn to_event(m: &BorrowedMessage<'_>) -> Event {
+    let headers = m
+        .headers()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| Header {
+                    key: h.key.to_string(),
+                    value: h.value.map(<[u8]>::to_vec),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Event {
+        topic: m.topic().to_string(),
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp_ms: m.timestamp().to_millis(),
+        key: m.key().map(<[u8]>::to_vec),
+        headers,
+        payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+    }
+}

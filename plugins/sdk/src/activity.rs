@@ -1,0 +1,341 @@
+//! The typed user-activity event (the schema of the seed systems) and its tolerant parser.
+//!
+//! Only `user_id` and `event_type` are required: everything else is optional, so events from
+//! older producers (the student-activity system's `login` / `quiz_submission` / `logout`) and
+//! partial events parse too. Unknown fields are ignored; unknown event types are kept as
+//! [`EventType::Other`] so a plugin can count or skip them.
+
+use serde::{Deserialize, Deserializer};
+use std::fmt;
+
+/// One user-activity event.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Activity {
+    #[serde(default)]
+    pub event_id: Option<String>,
+    /// RFC 3339 time, e.g. `2024-01-15T10:30:45.123Z`. See [`Activity::time_ms`].
+    #[serde(default)]
+    pub timestamp: Option<String>,
+    #[serde(deserialize_with = "id_string")]
+    pub user_id: String,
+    #[serde(default)]
+    pub session_id: Option<String>,
+    pub event_type: EventType,
+    #[serde(default)]
+    pub page_url: Option<String>,
+    #[serde(default)]
+    pub referrer: Option<String>,
+    #[serde(default)]
+    pub user_agent: Option<String>,
+    #[serde(default)]
+    pub ip_address: Option<String>,
+    #[serde(default)]
+    pub properties: Properties,
+    #[serde(default)]
+    pub device: Option<Device>,
+    #[serde(default)]
+    pub location: Option<Location>,
+}
+
+/// Event-specific details. Which ones are present depends on the event type.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct Properties {
+    #[serde(default)]
+    pub product_id: Option<String>,
+    #[serde(default)]
+    pub product_name: Option<String>,
+    #[serde(default)]
+    pub price: Option<f64>,
+    #[serde(default)]
+    pub quantity: Option<u32>,
+    #[serde(default)]
+    pub category: Option<String>,
+    #[serde(default)]
+    pub search_query: Option<String>,
+    #[serde(default)]
+    pub cart_value: Option<f64>,
+    /// Student-activity events: the quiz and its score.
+    #[serde(default)]
+    pub quiz_id: Option<String>,
+    #[serde(default)]
+    pub score: Option<f64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct Device {
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub os: Option<String>,
+    #[serde(default)]
+    pub browser: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct Location {
+    #[serde(default)]
+    pub country: Option<String>,
+    #[serde(default)]
+    pub city: Option<String>,
+    #[serde(default)]
+    pub timezone: Option<String>,
+}
+
+/// The kinds of activity. Seed 002's five e-commerce kinds, seed 000's student kinds, and
+/// anything else as `Other`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum EventType {
+    PageView,
+    Click,
+    Search,
+    AddToCart,
+    Purchase,
+    Login,
+    Logout,
+    QuizSubmission,
+    Other(String),
+}
+
+impl EventType {
+    pub fn as_str(&self) -> &str {
+        match self {
+            EventType::PageView => "page_view",
+            EventType::Click => "click",
+            EventType::Search => "search",
+            EventType::AddToCart => "add_to_cart",
+            EventType::Purchase => "purchase",
+            EventType::Login => "login",
+            EventType::Logout => "logout",
+            EventType::QuizSubmission => "quiz_submission",
+            EventType::Other(s) => s,
+        }
+    }
+
+    pub fn parse(s: &str) -> EventType {
+        match s {
+            "page_view" => EventType::PageView,
+            "click" => EventType::Click,
+            "search" => EventType::Search,
+            "add_to_cart" => EventType::AddToCart,
+            "purchase" => EventType::Purchase,
+            "login" => EventType::Login,
+            "logout" => EventType::Logout,
+            // Seed 000 calls it "quiz submission" in prose and `quiz_submission` on the wire.
+            "quiz_submission" | "quiz_submitted" | "quiz" => EventType::QuizSubmission,
+            other => EventType::Other(other.to_string()),
+        }
+    }
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for EventType {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        if s.is_empty() {
+            return Err(serde::de::Error::custom("event_type is empty"));
+        }
+        Ok(EventType::parse(&s))
+    }
+}
+
+/// Accepts `"user-1"` and, from producers that use numeric ids, `1`.
+fn id_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Id {
+        Text(String),
+        Number(i64),
+    }
+    match Id::deserialize(d)? {
+        Id::Text(s) if s.is_empty() => Err(serde::de::Error::custom("user_id is empty")),
+        Id::Text(s) => Ok(s),
+        Id::Number(n) => Ok(n.to_string()),
+    }
+}
+
+/// Why a payload is not an activity event. The message names the problem (and, for JSON
+/// errors, the line and column), ready to be a dead-letter reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError(pub String);
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+impl Activity {
+    /// Parses a JSON payload. Never panics, whatever the bytes.
+    pub fn from_json(payload: &[u8]) -> Result<Activity, ParseError> {
+        if payload.is_empty() {
+            return Err(ParseError("empty payload".into()));
+        }
+        serde_json::from_slice(payload)
+            .map_err(|e| ParseError(format!("not an activity event: {e}")))
+    }
+
+    /// The event's own time in milliseconds since the Unix epoch, if `timestamp` is a valid
+    /// RFC 3339 UTC time.
+    pub fn time_ms(&self) -> Option<i64> {
+        self.timestamp.as_deref().and_then(parse_rfc3339_ms)
+    }
+
+    /// `YYYY-MM-DDTHH` of the event's timestamp: the bucket for per-hour aggregates.
+    pub fn hour(&self) -> Option<&str> {
+        let ts = self.timestamp.as_deref()?;
+        (ts.len() >= 13 && ts.as_bytes()[10] == b'T').then(|| &ts[..13])
+    }
+
+    /// The money this event moves: a purchase's price (times quantity), else the cart value.
+    pub fn amount(&self) -> Option<f64> {
+        let p = &self.properties;
+        match (p.price, p.cart_value) {
+            (Some(price), _) => Some(price * f64::from(p.quantity.unwrap_or(1).max(1))),
+            (None, Some(cart)) => Some(cart),
+            _ => None,
+        }
+    }
+
+    pub fn country(&self) -> Option<&str> {
+        self.location.as_ref()?.country.as_deref()
+    }
+}
+
+/// Parses `YYYY-MM-DDTHH:MM:SS[.fff…](Z|±HH:MM)` into Unix milliseconds.
+pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    if b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let num =
+        |r: std::ops::Range<usize>| -> Option<i64> { s.get(r)?.parse::<u32>().ok().map(i64::from) };
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, min, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || min > 59 || sec > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut millis = 0i64;
+    if b.get(i) == Some(&b'.') {
+        i += 1;
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            if i - start < 3 {
+                millis = millis * 10 + i64::from(b[i] - b'0');
+            }
+            i += 1;
+        }
+        if i == start {
+            return None;
+        }
+        for _ in (i - start)..3 {
+            millis *= 10;
+        }
+    }
+    let offset_min = match b.get(i)? {
+        b'Z' | b'z' if i + 1 == b.len() => 0,
+        sign @ (b'+' | b'-') if i + 6 == b.len() && b[i + 3] == b':' => {
+            let off = num(i + 1..i + 3)? * 60 + num(i + 4..i + 6)?;
+            if *sign == b'+' { off } else { -off }
+        }
+        _ => return None,
+    };
+    let days = days_from_civil(year, month, day);
+    let secs = days * 86_400 + hour * 3600 + min * 60 + sec - offset_min * 60;
+    Some(secs * 1000 + millis)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"{"event_id":"e1","timestamp":"2024-01-15T10:30:45.123Z","user_id":"user-12345",
+        "session_id":"sess-abc123","event_type":"purchase","page_url":"/products/laptop",
+        "ip_address":"192.168.1.1","properties":{"product_id":"PROD-001","price":999.99,"quantity":2},
+        "device":{"type":"desktop","os":"Windows","browser":"Chrome"},
+        "location":{"country":"US","city":"New York","timezone":"America/New_York"}}"#;
+
+    #[test]
+    fn parses_the_seed_schema() {
+        let a = Activity::from_json(FULL.as_bytes()).unwrap();
+        assert_eq!(a.event_type, EventType::Purchase);
+        assert_eq!(a.user_id, "user-12345");
+        assert_eq!(a.amount(), Some(999.99 * 2.0));
+        assert_eq!(a.country(), Some("US"));
+        assert_eq!(a.hour(), Some("2024-01-15T10"));
+        assert_eq!(a.device.as_ref().unwrap().kind.as_deref(), Some("desktop"));
+        assert_eq!(a.time_ms(), Some(1_705_314_645_123));
+    }
+
+    #[test]
+    fn tolerates_minimal_and_student_events() {
+        let a = Activity::from_json(
+            br#"{"user_id":42,"event_type":"quiz_submission","properties":{"score":9}}"#,
+        )
+        .unwrap();
+        assert_eq!(a.user_id, "42");
+        assert_eq!(a.event_type, EventType::QuizSubmission);
+        assert_eq!(a.properties.score, Some(9.0));
+        assert_eq!(a.amount(), None);
+        let b = Activity::from_json(br#"{"user_id":"u","event_type":"logout","extra":{"x":1}}"#)
+            .unwrap();
+        assert_eq!(b.event_type, EventType::Logout);
+        let c = Activity::from_json(br#"{"user_id":"u","event_type":"wishlist"}"#).unwrap();
+        assert_eq!(c.event_type, EventType::Other("wishlist".into()));
+    }
+
+    #[test]
+    fn malformed_payloads_are_errors_not_panics() {
+        for bad in [
+            &b""[..],
+            b"not json",
+            b"\xff\xfe\x00",
+            b"[1,2,3]",
+            br#"{"event_type":"click"}"#,
+            br#"{"user_id":"u"}"#,
+            br#"{"user_id":"","event_type":"click"}"#,
+            br#"{"user_id":"u","event_type":""}"#,
+            br#"{"user_id":"u","event_type":"click","properties":{"price":"cheap"}}"#,
+            br#"{"user_id":"u","event_type":7}"#,
+        ] {
+            let err = Activity::from_json(bad).unwrap_err();
+            assert!(!err.0.is_empty());
+        }
+    }
+
+    #[test]
+    fn rfc3339_parsing() {
+        assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:01.5Z"), Some(1500));
+        assert_eq!(parse_rfc3339_ms("1970-01-01T01:00:00+01:00"), Some(0));
+        assert_eq!(
+            parse_rfc3339_ms("2000-03-01T00:00:00Z"),
+            Some(951_868_800_000)
+        );
+        assert_eq!(parse_rfc3339_ms("2024-13-01T00:00:00Z"), None);
+        assert_eq!(parse_rfc3339_ms("2024-01-01T00:00:00"), None);
+        assert_eq!(parse_rfc3339_ms("garbage"), None);
+        assert_eq!(parse_rfc3339_ms("2024-01-01T00:00:00.Z"), None);
+    }
+}

@@ -1,0 +1,480 @@
+//! The Eddy guest SDK: write a plugin as a plain Rust type, the SDK does the WebAssembly glue.
+//!
+//! ```ignore
+//! use eddy_sdk::{Context, Event, Plugin, Verdict};
+//!
+//! #[derive(Default)]
+//! struct Counter;
+//!
+//! impl Plugin for Counter {
+//!     type Config = eddy_sdk::NoConfig;
+//!     fn init(_: Self::Config, _: &mut Context) -> Result<Self, String> { Ok(Counter) }
+//!     fn on_event(&mut self, event: &Event, ctx: &mut Context) -> Verdict {
+//!         match event.activity() {
+//!             Ok(a) => { ctx.state.incr(&format!("type:{}", a.event_type), 1); Verdict::Ok }
+//!             Err(e) => Verdict::DeadLetter(e.to_string()),
+//!         }
+//!     }
+//! }
+//!
+//! eddy_sdk::plugin!(Counter);
+//! ```
+//!
+//! # Layout
+//! - [`activity`]: the typed user-activity event and its tolerant parser.
+//! - [`Event`], [`Verdict`]: what a plugin gets and what it answers.
+//! - [`State`]: the plugin's key/value state, cached per batch so a batch costs one
+//!   `get-many` and one `set-many` host call however many events touch it.
+//! - [`Context`]: state, outputs and logging, handed to every callback.
+//! - [`testing`]: run a plugin natively, with in-memory state, in plain `#[test]`s.
+//!
+//! Plugins must keep anything that should outlive a batch in [`State`], not in fields of the
+//! plugin type: the host may recreate the instance at any time (after a trap, on hot swap),
+//! and then only `init` runs again.
+
+pub mod activity;
+mod backend;
+pub mod testing;
+
+pub use activity::{Activity, EventType, ParseError};
+pub use backend::Backend;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::cell::OnceCell;
+use std::collections::HashMap;
+
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "plugin",
+        default_bindings_module: "eddy_sdk::bindings",
+        pub_export_macro: true,
+        export_macro_name: "export_plugin",
+    });
+}
+
+/// A plugin: a plain Rust type. Implement this and call [`plugin!`] once.
+pub trait Plugin: Sized + 'static {
+    /// The plugin's `config` table from `plugins.toml`. Use `#[serde(deny_unknown_fields)]`
+    /// so a typo in the config is an error the user sees at load time.
+    type Config: DeserializeOwned;
+
+    /// Builds the plugin from its config. The error is shown to the user as is.
+    fn init(config: Self::Config, ctx: &mut Context) -> Result<Self, String>;
+
+    /// Names the state keys `event` will touch, so the SDK can load them for the whole batch
+    /// with one host call before the first `on_event`. Optional: keys not named here are
+    /// loaded one host call each on first use.
+    fn state_keys(&self, _event: &Event, _keys: &mut Vec<String>) {}
+
+    /// Handles one event. Events of a partition arrive in order.
+    fn on_event(&mut self, event: &Event, ctx: &mut Context) -> Verdict;
+
+    /// Called after the last event of each batch, before state is written back.
+    fn on_batch_end(&mut self, _ctx: &mut Context) {}
+
+    /// Called periodically with the host's wall-clock time.
+    fn on_tick(&mut self, _now_ms: i64, _ctx: &mut Context) {}
+}
+
+/// For plugins that take no configuration (accepts an empty or missing table only).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoConfig {}
+
+/// What the plugin decided for one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Handled.
+    Ok,
+    /// Deliberately ignored; counted as skipped.
+    Skip,
+    /// Transient failure: the host hands the event again, then dead-letters it.
+    Retry(String),
+    /// Can never be handled: goes to the dead-letter output with this reason.
+    DeadLetter(String),
+}
+
+/// One Kafka record as consumed by the host, with its payload parsed on demand (once).
+#[derive(Debug)]
+pub struct Event {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    pub payload: Vec<u8>,
+    parsed: OnceCell<Result<Activity, ParseError>>,
+}
+
+impl Event {
+    /// An event with these coordinates and payload (mainly for tests).
+    pub fn new(
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        key: Option<&[u8]>,
+        payload: impl Into<Vec<u8>>,
+    ) -> Event {
+        Event {
+            topic: topic.to_string(),
+            partition,
+            offset,
+            timestamp_ms: None,
+            key: key.map(<[u8]>::to_vec),
+            headers: Vec::new(),
+            payload: payload.into(),
+            parsed: OnceCell::new(),
+        }
+    }
+
+    /// The payload as a typed activity event. Parsed the first time it is asked for.
+    pub fn activity(&self) -> Result<&Activity, &ParseError> {
+        self.parsed
+            .get_or_init(|| Activity::from_json(&self.payload))
+            .as_ref()
+    }
+
+    /// The payload as text, if it is UTF-8.
+    pub fn payload_str(&self) -> Option<&str> {
+        std::str::from_utf8(&self.payload).ok()
+    }
+
+    /// The event's time: the activity's own timestamp, else Kafka's record timestamp.
+    pub fn time_ms(&self) -> Option<i64> {
+        self.activity()
+            .ok()
+            .and_then(Activity::time_ms)
+            .or(self.timestamp_ms)
+    }
+}
+
+/// Log levels for [`Context::log`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+/// A record queued for an output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputRecord {
+    pub output: String,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+}
+
+/// The plugin's key/value state, visible to this plugin only.
+///
+/// Reads go through a per-batch cache and writes are buffered: the SDK writes everything
+/// back with one host call at the end of the batch. Values are bytes; the `*_json` and
+/// [`State::incr`] helpers store human-readable JSON, which `eddy state` can show.
+pub struct State {
+    backend: Box<dyn Backend>,
+    /// Values read or written during this batch (`None`: known to be absent).
+    cache: HashMap<String, Option<Vec<u8>>>,
+    /// Keys written or deleted during this batch and not yet written back.
+    dirty: Vec<String>,
+}
+
+impl State {
+    fn new(backend: Box<dyn Backend>) -> State {
+        State {
+            backend,
+            cache: HashMap::new(),
+            dirty: Vec::new(),
+        }
+    }
+
+    /// Loads these keys with one host call, so later `get`s of them are free.
+    pub fn prefetch<S: AsRef<str>>(&mut self, keys: &[S]) {
+        let missing: Vec<String> = keys
+            .iter()
+            .map(AsRef::as_ref)
+            .filter(|k| !self.cache.contains_key(*k))
+            .map(str::to_string)
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
+        let values = self.backend.get_many(&missing);
+        for (k, v) in missing.into_iter().zip(values) {
+            self.cache.insert(k, v);
+        }
+    }
+
+    pub fn get(&mut self, key: &str) -> Option<&[u8]> {
+        if !self.cache.contains_key(key) {
+            let v = self.backend.get_many(&[key.to_string()]).pop().flatten();
+            self.cache.insert(key.to_string(), v);
+        }
+        self.cache.get(key).and_then(|v| v.as_deref())
+    }
+
+    pub fn set(&mut self, key: &str, value: Vec<u8>) {
+        self.mark_dirty(key);
+        self.cache.insert(key.to_string(), Some(value));
+    }
+
+    pub fn delete(&mut self, key: &str) {
+        self.mark_dirty(key);
+        self.cache.insert(key.to_string(), None);
+    }
+
+    /// The value as JSON of type `T`; `None` if absent or not a `T`.
+    pub fn get_json<T: DeserializeOwned>(&mut self, key: &str) -> Option<T> {
+        self.get(key).and_then(|b| serde_json::from_slice(b).ok())
+    }
+
+    pub fn set_json<T: Serialize + ?Sized>(&mut self, key: &str, value: &T) {
+        let bytes = serde_json::to_vec(value).expect("state values serialize to JSON");
+        self.set(key, bytes);
+    }
+
+    /// Adds `by` to the integer counter at `key` (absent counts as 0) and returns the new value.
+    pub fn incr(&mut self, key: &str, by: i64) -> i64 {
+        let n = self.get_json::<i64>(key).unwrap_or(0) + by;
+        self.set_json(key, &n);
+        n
+    }
+
+    /// Adds `by` to the float sum at `key` and returns the new value.
+    pub fn add_f64(&mut self, key: &str, by: f64) -> f64 {
+        let n = self.get_json::<f64>(key).unwrap_or(0.0) + by;
+        self.set_json(key, &n);
+        n
+    }
+
+    /// Every key starting with `prefix`, in key order, with its value (at most `limit`).
+    /// Writes buffered in this batch are written back first, so the scan sees them.
+    pub fn scan_prefix(&mut self, prefix: &str, limit: u32) -> Vec<(String, Vec<u8>)> {
+        self.flush();
+        self.backend.scan_prefix(prefix, limit)
+    }
+
+    /// Writes buffered changes back to the host. The SDK calls it at the end of every
+    /// batch and tick; plugins rarely need to.
+    pub fn flush(&mut self) {
+        if self.dirty.is_empty() {
+            return;
+        }
+        let mut sets = Vec::new();
+        let mut deletes = Vec::new();
+        for key in self.dirty.drain(..) {
+            match self.cache.get(&key) {
+                Some(Some(v)) => sets.push((key, v.clone())),
+                _ => deletes.push(key),
+            }
+        }
+        if !deletes.is_empty() {
+            self.backend.delete_many(&deletes);
+        }
+        if !sets.is_empty()
+            && let Err(e) = self.backend.set_many(&sets)
+        {
+            // A refused write (quota) must not be silently lost: fail the batch, which the
+            // host then retries or dead-letters with this message.
+            panic!("state write refused: {e}");
+        }
+    }
+
+    /// Forgets cached reads, so the next batch sees what the host holds.
+    fn end_batch(&mut self) {
+        self.flush();
+        self.cache.clear();
+    }
+
+    fn mark_dirty(&mut self, key: &str) {
+        // `dirty` stays small (keys touched in one batch); a linear check beats hashing twice.
+        if !self.dirty.iter().any(|k| k == key) {
+            self.dirty.push(key.to_string());
+        }
+    }
+}
+
+/// What every callback gets: the plugin's state, its outputs and the host's log.
+pub struct Context {
+    pub state: State,
+    outputs: Vec<OutputRecord>,
+}
+
+impl Context {
+    fn new(backend: Box<dyn Backend>) -> Context {
+        Context {
+            state: State::new(backend),
+            outputs: Vec::new(),
+        }
+    }
+
+    /// Queues a record for the named output (mapped to a topic or stdout in `plugins.toml`).
+    pub fn emit(&mut self, output: &str, key: Option<&[u8]>, payload: impl Into<Vec<u8>>) {
+        self.outputs.push(OutputRecord {
+            output: output.to_string(),
+            key: key.map(<[u8]>::to_vec),
+            payload: payload.into(),
+        });
+    }
+
+    /// Queues `value` as JSON for the named output.
+    pub fn emit_json<T: Serialize + ?Sized>(
+        &mut self,
+        output: &str,
+        key: Option<&[u8]>,
+        value: &T,
+    ) {
+        let payload = serde_json::to_vec(value).expect("outputs serialize to JSON");
+        self.emit(output, key, payload);
+    }
+
+    /// Logs through the host, tagged with this plugin's name.
+    pub fn log(&mut self, level: Level, message: &str) {
+        self.state.backend.log(level, message);
+    }
+
+    /// Hands queued outputs and state changes to the host.
+    fn finish(&mut self) -> Result<(), String> {
+        self.state.end_batch();
+        if self.outputs.is_empty() {
+            return Ok(());
+        }
+        let records = std::mem::take(&mut self.outputs);
+        self.state.backend.emit(records)
+    }
+}
+
+/// Runs one batch through a plugin: the logic shared by the wasm export and [`testing`].
+fn run_batch<P: Plugin>(
+    plugin: &mut P,
+    events: &[Event],
+    ctx: &mut Context,
+) -> Result<Vec<Verdict>, String> {
+    let mut keys = Vec::new();
+    for event in events {
+        plugin.state_keys(event, &mut keys);
+    }
+    if !keys.is_empty() {
+        keys.sort_unstable();
+        keys.dedup();
+        ctx.state.prefetch(&keys);
+    }
+    let verdicts = events.iter().map(|e| plugin.on_event(e, ctx)).collect();
+    plugin.on_batch_end(ctx);
+    ctx.finish()?;
+    Ok(verdicts)
+}
+
+fn init_plugin<P: Plugin>(config_json: &str, ctx: &mut Context) -> Result<P, String> {
+    let json = if config_json.trim().is_empty() {
+        "{}"
+    } else {
+        config_json
+    };
+    let config: P::Config =
+        serde_json::from_str(json).map_err(|e| format!("invalid config: {e}"))?;
+    let plugin = P::init(config, ctx)?;
+    ctx.finish()?;
+    Ok(plugin)
+}
+
+/// Exports a [`Plugin`] type as the component's implementation of the `eddy:plugin` world.
+#[macro_export]
+macro_rules! plugin {
+    ($plugin:ty) => {
+        #[cfg(target_arch = "wasm32")]
+        const _: () = {
+            type EddyPluginExport = $crate::wasm::Adapter<$plugin>;
+    $crate::bindings::export_plugin!(EddyPluginExport with_types_in $crate::bindings);
+        };
+    };
+}
+
+#[doc(hidden)]
+pub mod wasm {
+    //! The glue between the generated bindings and a [`Plugin`](crate::Plugin).
+    use super::*;
+    use crate::bindings::eddy::plugin::types as wit;
+    use std::any::Any;
+    use std::cell::RefCell;
+    use std::marker::PhantomData;
+
+    thread_local! {
+        /// The plugin instance and its context. A component instance is single-threaded and
+        /// holds exactly one plugin, so one slot is enough.
+        static SLOT: RefCell<Option<(Box<dyn Any>, Context)>> = const { RefCell::new(None) };
+    }
+
+    pub struct Adapter<P>(PhantomData<P>);
+
+    fn with_plugin<P: Plugin, R>(f: impl FnOnce(&mut P, &mut Context) -> R) -> R {
+        SLOT.with(|slot| {
+            let mut slot = slot.borrow_mut();
+            let (plugin, ctx) = slot
+                .as_mut()
+                .expect("the host calls init before anything else");
+            f(
+                plugin
+                    .downcast_mut::<P>()
+                    .expect("one plugin type per component"),
+                ctx,
+            )
+        })
+    }
+
+    impl<P: Plugin> crate::bindings::Guest for Adapter<P> {
+        fn init(config: String) -> Result<(), String> {
+            let mut ctx = Context::new(Box::new(backend::Host));
+            let plugin: P = init_plugin(&config, &mut ctx)?;
+            SLOT.with(|slot| *slot.borrow_mut() = Some((Box::new(plugin), ctx)));
+            Ok(())
+        }
+
+        fn on_batch(events: Vec<wit::Event>) -> Vec<wit::Verdict> {
+            let events: Vec<Event> = events.into_iter().map(from_wit).collect();
+            let verdicts = with_plugin(|plugin: &mut P, ctx| run_batch(plugin, &events, ctx));
+            match verdicts {
+                Ok(v) => v.into_iter().map(to_wit).collect(),
+                // Outputs could not be handed over (e.g. an unmapped output name): the whole
+                // batch failed, and the host must not advance past it.
+                Err(e) => panic!("{e}"),
+            }
+        }
+
+        fn on_tick(now_ms: i64) {
+            let result = with_plugin(|plugin: &mut P, ctx| {
+                plugin.on_tick(now_ms, ctx);
+                ctx.finish()
+            });
+            if let Err(e) = result {
+                panic!("{e}");
+            }
+        }
+    }
+
+    fn from_wit(e: wit::Event) -> Event {
+        Event {
+            topic: e.topic,
+            partition: e.partition,
+            offset: e.offset,
+            timestamp_ms: e.timestamp_ms,
+            key: e.key,
+            headers: e.headers.into_iter().map(|h| (h.key, h.value)).collect(),
+            payload: e.payload,
+            parsed: OnceCell::new(),
+        }
+    }
+
+    fn to_wit(v: Verdict) -> wit::Verdict {
+        match v {
+            Verdict::Ok => wit::Verdict::Ok,
+            Verdict::Skip => wit::Verdict::Skip,
+            Verdict::Retry(r) => wit::Verdict::Retry(r),
+            Verdict::DeadLetter(r) => wit::Verdict::DeadLetter(r),
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Run a plugin natively in plain `#[test]`s: same batch logic as inside the host, with
+//! state and outputs in memory where the test can look at them.
+//!
+//! ```ignore
+//! let mut h = eddy_sdk::testing::Harness::<MyPlugin>::new(r#"{"threshold": 5}"#).unwrap();
+//! let verdicts = h.run(&[h.event(br#"{"user_id":"u","event_type":"click"}"#)]);
+//! assert_eq!(h.state_json::<i64>("count"), Some(1));
+//! ```
+
+use crate::{Backend, Context, Event, Level, OutputRecord, Plugin, Verdict};
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+/// What a plugin left behind: its state, its outputs, its log lines.
+#[derive(Debug, Default)]
+pub struct Recorded {
+    pub state: BTreeMap<String, Vec<u8>>,
+    pub outputs: Vec<OutputRecord>,
+    pub logs: Vec<(Level, String)>,
+    /// Host calls made, to check that plugins stay coarse.
+    pub host_calls: usize,
+}
+
+#[derive(Clone, Default)]
+struct Memory(Rc<RefCell<Recorded>>);
+
+impl Backend for Memory {
+    fn get_many(&mut self, keys: &[String]) -> Vec<Option<Vec<u8>>> {
+        let mut r = self.0.borrow_mut();
+        r.host_calls += 1;
+        keys.iter().map(|k| r.state.get(k).cloned()).collect()
+    }
+    fn set_many(&mut self, entries: &[(String, Vec<u8>)]) -> Result<(), String> {
+        let mut r = self.0.borrow_mut();
+        r.host_calls += 1;
+        for (k, v) in entries {
+            r.state.insert(k.clone(), v.clone());
+        }
+        Ok(())
+    }
+    fn delete_many(&mut self, keys: &[String]) {
+        let mut r = self.0.borrow_mut();
+        r.host_calls += 1;
+        for k in keys {
+            r.state.remove(k);
+        }
+    }
+    fn scan_prefix(&mut self, prefix: &str, limit: u32) -> Vec<(String, Vec<u8>)> {
+        let mut r = self.0.borrow_mut();
+        r.host_calls += 1;
+        r.state
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .take(limit as usize)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+    fn emit(&mut self, records: Vec<OutputRecord>) -> Result<(), String> {
+        let mut r = self.0.borrow_mut();
+        r.host_calls += 1;
+        r.outputs.extend(records);
+        Ok(())
+    }
+    fn log(&mut self, level: Level, message: &str) {
+        let mut r = self.0.borrow_mut();
+        r.host_calls += 1;
+        r.logs.push((level, message.to_string()));
+    }
+}
+
+/// A plugin instance running natively on in-memory state.
+pub struct Harness<P: Plugin> {
+    plugin: P,
+    ctx: Context,
+    memory: Memory,
+    next_offset: i64,
+}
+
+impl<P: Plugin> Harness<P> {
+    /// Initialises the plugin with `config` given as JSON (what the host passes from
+    /// `plugins.toml`).
+    pub fn new(config_json: &str) -> Result<Self, String> {
+        let memory = Memory::default();
+        let mut ctx = Context::new(Box::new(memory.clone()));
+        let plugin = crate::init_plugin::<P>(config_json, &mut ctx)?;
+        Ok(Harness {
+            plugin,
+            ctx,
+            memory,
+            next_offset: 0,
+        })
+    }
+
+    /// Makes an event on partition 0 with the next offset.
+    pub fn event(&mut self, payload: &[u8]) -> Event {
+        self.next_offset += 1;
+        Event::new("user-activities", 0, self.next_offset - 1, None, payload)
+    }
+
+    /// Runs one batch, as the host would.
+    pub fn run(&mut self, events: &[Event]) -> Vec<Verdict> {
+        crate::run_batch(&mut self.plugin, events, &mut self.ctx)
+            .expect("in-memory outputs accept everything")
+    }
+
+    /// Runs each payload as an event of one batch.
+    pub fn run_payloads<B: AsRef<[u8]>>(&mut self, payloads: &[B]) -> Vec<Verdict> {
+        let events: Vec<Event> = payloads.iter().map(|p| self.event(p.as_ref())).collect();
+        self.run(&events)
+    }
+
+    pub fn tick(&mut self, now_ms: i64) {
+        self.plugin.on_tick(now_ms, &mut self.ctx);
+        self.ctx
+            .finish()
+            .expect("in-memory outputs accept everything");
+    }
+
+    /// Simulates the host recreating the instance (after a trap or a hot swap): the plugin
+    /// value is rebuilt by `init`, the state stays.
+    pub fn restart(&mut self, config_json: &str) -> Result<(), String> {
+        let mut ctx = Context::new(Box::new(self.memory.clone()));
+        self.plugin = crate::init_plugin::<P>(config_json, &mut ctx)?;
+        self.ctx = ctx;
+        Ok(())
+    }
+
+    pub fn recorded(&self) -> std::cell::Ref<'_, Recorded> {
+        self.memory.0.borrow()
+    }
+
+    /// The state value at `key` parsed as JSON.
+    pub fn state_json<T: serde::de::DeserializeOwned>(&self, key: &str) -> Option<T> {
+        self.recorded()
+            .state
+            .get(key)
+            .and_then(|v| serde_json::from_slice(v).ok())
+    }
+
+    /// Payloads emitted to `output`, parsed as JSON.
+    pub fn outputs_json(&self, output: &str) -> Vec<serde_json::Value> {
+        self.recorded()
+            .outputs
+            .iter()
+            .filter(|r| r.output == output)
+            .map(|r| serde_json::from_slice(&r.payload).expect("JSON output"))
+            .collect()
+    }
+
+    /// Forgets recorded outputs and logs (state stays).
+    pub fn clear_outputs(&mut self) {
+        let mut r = self.memory.0.borrow_mut();
+        r.outputs.clear();
+        r.logs.clear();
+    }
+}
