@@ -483,12 +483,11 @@ impl Sandbox {
                 self.limits.memory_mib
             ),
             TrapKind::Trap => {
-                // A Rust guest's panic message goes to stderr just before the trap.
-                let stderr = self.stderr.contents();
-                let text = String::from_utf8_lossy(&stderr);
-                match text.lines().rev().find(|l| !l.trim().is_empty()) {
-                    Some(line) => format!("{}; {}", line.trim(), error_chain(e)),
-                    None => error_chain(e),
+                let cause = e.root_cause().to_string();
+                tracing::debug!(path = %self.path.display(), "trap: {}", error_chain(e));
+                match panic_message(&self.stderr.contents()) {
+                    Some(panic) => format!("{panic} ({cause})"),
+                    None => cause,
                 }
             }
         };
@@ -530,6 +529,17 @@ impl Sandbox {
         self.stderr = stderr;
         self.init()
     }
+}
+
+/// The last panic a Rust guest wrote to stderr, as `panicked at FILE:LINE:COL: MESSAGE`.
+fn panic_message(stderr: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(stderr);
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.iter().rposition(|l| l.contains("panicked at"))?;
+    let head = lines[start].split_once("panicked at").map_or(lines[start], |(_, rest)| rest).trim();
+    let message: Vec<&str> =
+        lines[start + 1..].iter().take_while(|l| !l.starts_with("note: ")).map(|l| l.trim()).collect();
+    Some(format!("panicked at {head} {}", message.join(" ")).trim().to_string())
 }
 
 /// A fresh store (sandboxed WASI, memory cap) and instance around `host`.

@@ -1,0 +1,94 @@
+//! The `eddy` binary as a user meets it: the errors for a bad `plugins.toml` or a bad plugin
+//! name the file, the key or plugin, and the cause, and exit non-zero.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn eddy(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_eddy")).args(args).current_dir(dir).output().expect("run eddy")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A directory with a `plugins.toml` of `text` and the real logger plugin next to it.
+fn setup(text: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(common::wasm("eddy_logger"), dir.path().join("logger.wasm")).unwrap();
+    std::fs::copy(common::wasm("eddy_alert"), dir.path().join("alert.wasm")).unwrap();
+    std::fs::write(dir.path().join("plugins.toml"), text).unwrap();
+    dir
+}
+
+const GOOD: &str = r#"
+[kafka]
+brokers = "embedded"
+
+[http]
+address = "127.0.0.1:0"
+
+[[plugin]]
+name = "logger"
+path = "logger.wasm"
+"#;
+
+#[test]
+fn check_accepts_a_good_file() {
+    let dir = setup(GOOD);
+    let out = eddy(&["check"], dir.path());
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (1 plugins)"));
+}
+
+#[test]
+fn config_mistakes_name_the_file_the_key_and_the_fix() {
+    let cases: &[(&str, &[&str])] = &[
+        // A typo in a key: toml names it, with line and column.
+        (&GOOD.replace("path =", "pth ="), &["plugins.toml", "pth", "line 10"]),
+        // A value out of range.
+        (&format!("{GOOD}[plugin.limits]\nmemory_mib = 0\n"), &["plugin[0].limits.memory_mib", "1 to 4096"]),
+        // A missing plugin file.
+        (&GOOD.replace("logger.wasm", "nope.wasm"), &["plugin[0].path", "nope.wasm", "make plugins"]),
+        // A bad output mapping.
+        (&format!("{GOOD}[plugin.outputs]\nlog = \"kafka\"\n"), &["log", r#"{ topic = "name" }"#]),
+        // Not TOML at all.
+        ("[kafka\nbrokers=", &["plugins.toml", "line 1"]),
+    ];
+    for (text, needles) in cases {
+        let dir = setup(text);
+        let out = eddy(&["check"], dir.path());
+        assert!(!out.status.success(), "accepted:\n{text}");
+        let err = stderr(&out);
+        for needle in *needles {
+            assert!(err.contains(needle), "error for\n{text}\nshould mention `{needle}`:\n{err}");
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = eddy(&["check"], dir.path());
+    assert!(stderr(&out).contains("cannot read plugins.toml"), "{}", stderr(&out));
+}
+
+#[test]
+fn bad_plugins_are_refused_at_start_with_the_cause() {
+    // Not a component at all; a core module instead of a component; a plugin whose init
+    // rejects its config. All are reported together, then the host exits.
+    let text = format!(
+        "{GOOD}\n[[plugin]]\nname = \"garbage\"\npath = \"garbage.wasm\"\n\
+         \n[[plugin]]\nname = \"core\"\npath = \"core.wasm\"\n\
+         \n[[plugin]]\nname = \"alert\"\npath = \"alert.wasm\"\n[plugin.config]\nrules = []\n"
+    );
+    let dir = setup(&text);
+    std::fs::write(dir.path().join("garbage.wasm"), b"this is not wasm").unwrap();
+    std::fs::write(dir.path().join("core.wasm"), b"\0asm\x01\0\0\0").unwrap();
+    let out = eddy(&["run"], dir.path());
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("3 plugins failed to load"), "{err}");
+    assert!(err.contains("plugin `garbage`") && err.contains("not a valid WebAssembly component"), "{err}");
+    assert!(err.contains("plugin `core`"), "{err}");
+    assert!(err.contains("plugin `alert`") && err.contains("init failed") && err.contains("at least one"), "{err}");
+    assert!(!err.contains("plugin `logger`"), "the good plugin is not blamed: {err}");
+}

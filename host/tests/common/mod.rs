@@ -1,0 +1,194 @@
+//! Helpers for the host's integration tests: build the real plugins, run a real broker,
+//! produce, read topics back, and look at committed offsets.
+#![allow(dead_code)]
+
+use eddy::broker::EmbeddedBroker;
+use eddy::generator::{Generated, Generator, GeneratorOptions};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub const TOPIC: &str = "user-activities";
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Builds every plugin (and fixture) for wasm32-wasip2 once per test binary, and returns the
+/// directory of the `.wasm` files. Uses its own target directory so it never waits on the
+/// lock of the `cargo test` that runs us.
+pub fn plugins_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let target = std::env::var_os("EDDY_TEST_PLUGIN_TARGET")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root().join("target").join("test-plugins"));
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(root())
+            .args(["build", "--profile", "plugin", "--target", "wasm32-wasip2"])
+            .args(["-p", "eddy-logger", "-p", "eddy-analytics", "-p", "eddy-alert", "-p", "eddy-fraud"])
+            .args(["-p", "eddy-fixture-misbehave"])
+            .arg("--target-dir")
+            .arg(&target)
+            .status()
+            .expect("run cargo to build the plugins");
+        assert!(status.success(), "building the plugins failed (is the wasm32-wasip2 target installed? `make target`)");
+        target.join("wasm32-wasip2").join("plugin")
+    })
+}
+
+pub fn wasm(name: &str) -> String {
+    plugins_dir().join(format!("{name}.wasm")).display().to_string()
+}
+
+/// An embedded broker with the input topic created.
+pub fn broker(partitions: i32) -> EmbeddedBroker {
+    let broker = EmbeddedBroker::start().expect("start the embedded broker");
+    broker.create_topic(TOPIC, partitions).expect("create the topic");
+    broker
+}
+
+pub fn generator_options(seed: u64, fraud_every: u64) -> GeneratorOptions {
+    GeneratorOptions { seed, fraud_every, start_ms: 1_705_314_600_000, spacing_ms: 250 }
+}
+
+/// The first `n` events the generator makes with these options.
+pub fn generate(n: usize, opts: &GeneratorOptions) -> Vec<Generated> {
+    Generator::new(opts.clone()).take(n).collect()
+}
+
+/// Produces records (key, payload) and waits until all are delivered.
+pub fn produce(bootstrap: &str, topic: &str, records: &[(Option<Vec<u8>>, Vec<u8>)]) {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer");
+    for (key, payload) in records {
+        let mut r = BaseRecord::<Vec<u8>, Vec<u8>>::to(topic).payload(payload);
+        if let Some(k) = key {
+            r = r.key(k);
+        }
+        let mut r = r;
+        loop {
+            match producer.send(r) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    r = back;
+                    producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
+}
+
+pub fn produce_generated(bootstrap: &str, events: &[Generated]) {
+    let records: Vec<_> = events.iter().map(|g| (Some(g.key.clone().into_bytes()), g.payload.clone())).collect();
+    produce(bootstrap, TOPIC, &records);
+}
+
+/// Reads every record of `topic` (all partitions, from the start) until `expected` records
+/// were read or nothing new arrived for two seconds.
+pub fn read_topic(bootstrap: &str, topic: &str, expected: usize) -> Vec<OwnedMessage> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "eddy-test-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let metadata = loop {
+        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)).expect("metadata");
+        if md.topics().first().is_some_and(|t| !t.partitions().is_empty()) || Instant::now() > deadline {
+            break md;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut tpl = TopicPartitionList::new();
+    for p in metadata.topics()[0].partitions() {
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning).unwrap();
+    }
+    drop(metadata);
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let mut idle_since = Instant::now();
+    while out.len() < expected && idle_since.elapsed() < Duration::from_secs(2) {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                out.push(m.detach());
+                idle_since = Instant::now();
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    out
+}
+
+/// The offsets `group` has committed on the input topic, summed over partitions.
+pub fn committed_total(bootstrap: &str, group: &str, partitions: i32) -> i64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(TOPIC, p);
+    }
+    let total = {
+        let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
+        let sum = committed.elements().iter().map(|e| e.offset().to_raw().unwrap_or(0).max(0)).sum();
+        // The list must be gone before the consumer (librdkafka 2.12 hangs on drop otherwise).
+        drop(committed);
+        sum
+    };
+    drop(consumer);
+    total
+}
+
+/// Waits until `f` is true, or panics with `what` after `timeout`.
+pub fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn header(m: &OwnedMessage, key: &str) -> Option<String> {
+    let h = m.headers()?;
+    h.iter().find(|h| h.key == key).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// A plain-HTTP GET against the host's metrics server.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+/// `plugins.toml` text for a test: the given broker, an ephemeral metrics port, no
+/// generator, and the given `[[plugin]]` entries.
+pub fn config_text(bootstrap: &str, partitions: i32, plugins: &str) -> String {
+    format!(
+        "[kafka]\nbrokers = \"{bootstrap}\"\ntopic = \"{TOPIC}\"\npartitions = {partitions}\n\
+         [kafka.settings]\n\"session.timeout.ms\" = \"6000\"\n\n[http]\naddress = \"127.0.0.1:0\"\n\n{plugins}"
+    )
+}
+
+pub fn config(text: &str) -> eddy::config::Config {
+    eddy::config::Config::parse(text, &root().join("plugins.toml")).expect("valid test config")
+}
