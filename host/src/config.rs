@@ -303,17 +303,32 @@ fn valid_name(name: &str) -> bool {
 }
 
 impl Config {
-    /// Reads, parses and validates `path`. Does not look at the `.wasm` files' contents
-    /// (the sandbox does, when it loads them) but does check that they exist.
+    /// Reads, parses and validates `path`, and checks that the plugin files exist.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::parse(&text, path)
+        let config = Config::parse(&text, path)?;
+        config.check_plugin_files()?;
+        Ok(config)
     }
 
-    /// Parses and validates `text` as if read from `path`.
+    /// Checks that every plugin's `path` is a file (the sandbox looks inside when it loads it).
+    pub fn check_plugin_files(&self) -> Result<(), ConfigError> {
+        for (i, p) in self.plugins.iter().enumerate() {
+            if !p.path.is_file() {
+                return Err(self.invalid(
+                    format!("plugin[{i}].path (plugin `{}`)", p.name),
+                    format!("no file at {} (build the plugins first: `make plugins`)", p.path.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Parses and validates `text` as if read from `path`, without looking at the plugin
+    /// files (see [`Config::check_plugin_files`]).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
@@ -389,15 +404,6 @@ impl Config {
                 return Err(self.invalid(
                     format!("plugin[{i}].name"),
                     format!("`{}` is used twice", p.name),
-                ));
-            }
-            if !p.path.is_file() {
-                return Err(self.invalid(
-                    at("path"),
-                    format!(
-                        "no file at {} (build the plugins first: `make plugins`)",
-                        p.path.display()
-                    ),
                 ));
             }
             if p.group.as_deref() == Some("") {
@@ -499,7 +505,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.wasm"), b"").unwrap();
         let path = dir.path().join("plugins.toml");
-        let r = Config::parse(text, &path);
+        let r = Config::parse(text, &path).and_then(|c| c.check_plugin_files().map(|()| c));
         (dir, r)
     }
 

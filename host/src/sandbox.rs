@@ -290,7 +290,8 @@ impl Sandbox {
         })?;
         let component = Component::new(engine, &bytes).map_err(|e| LoadError::Compile {
             path: path.clone(),
-            message: error_chain(&e),
+            // wasmparser's messages span lines (byte dumps): keep them on one.
+            message: error_chain(&e).split_whitespace().collect::<Vec<_>>().join(" "),
         })?;
         let mut linker: Linker<StoreData> = Linker::new(engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| LoadError::Contract {

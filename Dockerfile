@@ -1,0 +1,16 @@
+# The Eddy host with the shipped plugins. Built by docker-compose.yml.
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+RUN rustup target add wasm32-wasip2
+COPY . .
+RUN cargo build --profile plugin --target wasm32-wasip2 \
+        -p eddy-logger -p eddy-analytics -p eddy-alert -p eddy-fraud \
+ && cargo build --release -p eddy
+
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/release/eddy /usr/local/bin/eddy
+COPY --from=build /src/target/wasm32-wasip2/plugin/*.wasm /opt/eddy/plugins/
+EXPOSE 9464
+ENTRYPOINT ["eddy"]
+CMD ["run", "--config", "/etc/eddy/plugins.toml"]
