@@ -320,7 +320,10 @@ impl Config {
             if !p.path.is_file() {
                 return Err(self.invalid(
                     format!("plugin[{i}].path (plugin `{}`)", p.name),
-                    format!("no file at {} (build the plugins first: `make plugins`)", p.path.display()),
+                    format!(
+                        "no file at {} (build the plugins first: `make plugins`)",
+                        p.path.display()
+                    ),
                 ));
             }
         }
@@ -558,7 +561,7 @@ path = "a.wasm"
         let e = error(&MINIMAL.replace("name = \"a\"", "name = \"a\"\nmax_btach = 5"));
         assert!(e.contains("plugins.toml"), "{e}");
         assert!(e.contains("max_btach"), "{e}");
-        assert!(e.contains("line 8"), "{e}");
+        assert!(e.contains("line 7"), "{e}");
         let e = error(&MINIMAL.replace("[kafka]", "[kafka]\nbroker = \"x\""));
         assert!(e.contains("broker"), "{e}");
     }

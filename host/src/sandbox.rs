@@ -291,7 +291,10 @@ impl Sandbox {
         let component = Component::new(engine, &bytes).map_err(|e| LoadError::Compile {
             path: path.clone(),
             // wasmparser's messages span lines (byte dumps): keep them on one.
-            message: error_chain(&e).split_whitespace().collect::<Vec<_>>().join(" "),
+            message: error_chain(&e)
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
         })?;
         let mut linker: Linker<StoreData> = Linker::new(engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| LoadError::Contract {
@@ -537,10 +540,20 @@ fn panic_message(stderr: &[u8]) -> Option<String> {
     let text = String::from_utf8_lossy(stderr);
     let lines: Vec<&str> = text.lines().collect();
     let start = lines.iter().rposition(|l| l.contains("panicked at"))?;
-    let head = lines[start].split_once("panicked at").map_or(lines[start], |(_, rest)| rest).trim();
-    let message: Vec<&str> =
-        lines[start + 1..].iter().take_while(|l| !l.starts_with("note: ")).map(|l| l.trim()).collect();
-    Some(format!("panicked at {head} {}", message.join(" ")).trim().to_string())
+    let head = lines[start]
+        .split_once("panicked at")
+        .map_or(lines[start], |(_, rest)| rest)
+        .trim();
+    let message: Vec<&str> = lines[start + 1..]
+        .iter()
+        .take_while(|l| !l.starts_with("note: "))
+        .map(|l| l.trim())
+        .collect();
+    Some(
+        format!("panicked at {head} {}", message.join(" "))
+            .trim()
+            .to_string(),
+    )
 }
 
 /// A fresh store (sandboxed WASI, memory cap) and instance around `host`.

@@ -7,7 +7,11 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 fn eddy(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_eddy")).args(args).current_dir(dir).output().expect("run eddy")
+    Command::new(env!("CARGO_BIN_EXE_eddy"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run eddy")
 }
 
 fn stderr(o: &Output) -> String {
@@ -47,13 +51,25 @@ fn check_accepts_a_good_file() {
 fn config_mistakes_name_the_file_the_key_and_the_fix() {
     let cases: &[(&str, &[&str])] = &[
         // A typo in a key: toml names it, with line and column.
-        (&GOOD.replace("path =", "pth ="), &["plugins.toml", "pth", "line 10"]),
+        (
+            &GOOD.replace("path =", "pth ="),
+            &["plugins.toml", "pth", "line 10"],
+        ),
         // A value out of range.
-        (&format!("{GOOD}[plugin.limits]\nmemory_mib = 0\n"), &["plugin[0].limits.memory_mib", "1 to 4096"]),
+        (
+            &format!("{GOOD}[plugin.limits]\nmemory_mib = 0\n"),
+            &["plugin[0].limits.memory_mib", "1 to 4096"],
+        ),
         // A missing plugin file.
-        (&GOOD.replace("logger.wasm", "nope.wasm"), &["plugin[0].path", "nope.wasm", "make plugins"]),
+        (
+            &GOOD.replace("logger.wasm", "nope.wasm"),
+            &["plugin[0].path", "nope.wasm", "make plugins"],
+        ),
         // A bad output mapping.
-        (&format!("{GOOD}[plugin.outputs]\nlog = \"kafka\"\n"), &["log", r#"{ topic = "name" }"#]),
+        (
+            &format!("{GOOD}[plugin.outputs]\nlog = \"kafka\"\n"),
+            &["log", r#"{ topic = "name" }"#],
+        ),
         // Not TOML at all.
         ("[kafka\nbrokers=", &["plugins.toml", "line 1"]),
     ];
@@ -63,12 +79,19 @@ fn config_mistakes_name_the_file_the_key_and_the_fix() {
         assert!(!out.status.success(), "accepted:\n{text}");
         let err = stderr(&out);
         for needle in *needles {
-            assert!(err.contains(needle), "error for\n{text}\nshould mention `{needle}`:\n{err}");
+            assert!(
+                err.contains(needle),
+                "error for\n{text}\nshould mention `{needle}`:\n{err}"
+            );
         }
     }
     let dir = tempfile::tempdir().unwrap();
     let out = eddy(&["check"], dir.path());
-    assert!(stderr(&out).contains("cannot read plugins.toml"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("cannot read plugins.toml"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -87,8 +110,19 @@ fn bad_plugins_are_refused_at_start_with_the_cause() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(err.contains("3 plugins failed to load"), "{err}");
-    assert!(err.contains("plugin `garbage`") && err.contains("not a valid WebAssembly component"), "{err}");
+    assert!(
+        err.contains("plugin `garbage`") && err.contains("not a valid WebAssembly component"),
+        "{err}"
+    );
     assert!(err.contains("plugin `core`"), "{err}");
-    assert!(err.contains("plugin `alert`") && err.contains("init failed") && err.contains("at least one"), "{err}");
-    assert!(!err.contains("plugin `logger`"), "the good plugin is not blamed: {err}");
+    assert!(
+        err.contains("plugin `alert`")
+            && err.contains("init failed")
+            && err.contains("at least one"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("plugin `logger`"),
+        "the good plugin is not blamed: {err}"
+    );
 }

@@ -8,7 +8,8 @@ fn the_compose_host_config_is_valid_and_matches_the_compose_file() {
     let root = common::root();
     let compose = std::fs::read_to_string(root.join("docker-compose.yml")).unwrap();
     let text = std::fs::read_to_string(root.join("deploy/plugins.toml")).unwrap();
-    let config = eddy::config::Config::parse(&text, &root.join("deploy/plugins.toml")).expect("deploy/plugins.toml");
+    let config = eddy::config::Config::parse(&text, &root.join("deploy/plugins.toml"))
+        .expect("deploy/plugins.toml");
 
     // Mounted where the image's CMD reads it.
     assert!(compose.contains("./deploy/plugins.toml:/etc/eddy/plugins.toml"));
@@ -23,17 +24,34 @@ fn the_compose_host_config_is_valid_and_matches_the_compose_file() {
     // Every plugin is one the image ships, and every topic it writes is created.
     for p in &config.plugins {
         let file = p.path.file_name().unwrap().to_str().unwrap();
-        assert!(p.path.starts_with("/opt/eddy/plugins"), "{}", p.path.display());
+        assert!(
+            p.path.starts_with("/opt/eddy/plugins"),
+            "{}",
+            p.path.display()
+        );
         let crate_name = file.trim_end_matches(".wasm").replace('_', "-");
-        assert!(dockerfile.contains(&format!("-p {crate_name}")), "the image does not build {crate_name}");
-        assert!(compose.contains(&format!("{}:", p.dead_letter_topic())), "dead-letter topic of {}", p.name);
+        assert!(
+            dockerfile.contains(&format!("-p {crate_name}")),
+            "the image does not build {crate_name}"
+        );
+        assert!(
+            compose.contains(&format!("{}:", p.dead_letter_topic())),
+            "dead-letter topic of {}",
+            p.name
+        );
         for target in p.outputs.values() {
             if let eddy::config::OutputTarget::Topic(t) = target {
-                assert!(compose.contains(&format!("{t}:")), "topic {t} is not created");
+                assert!(
+                    compose.contains(&format!("{t}:")),
+                    "topic {t} is not created"
+                );
             }
         }
     }
-    assert!(compose.contains(&format!("{}:6", config.kafka.topic)), "input topic with 6 partitions");
+    assert!(
+        compose.contains(&format!("{}:6", config.kafka.topic)),
+        "input topic with 6 partitions"
+    );
     // KRaft, not ZooKeeper.
     assert!(compose.contains("KAFKA_PROCESS_ROLES: broker,controller"));
     assert!(!compose.to_lowercase().contains("zookeeper:"));

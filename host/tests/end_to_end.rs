@@ -58,13 +58,21 @@ alerts = {{ topic = "fraud-alerts" }}
         alert = wasm("eddy_alert"),
         fraud = wasm("eddy_fraud"),
     );
-    let host = Host::start(config(&config_text(&bootstrap, PARTITIONS, &plugins))).await.expect("host starts");
+    let host = Host::start(config(&config_text(&bootstrap, PARTITIONS, &plugins)))
+        .await
+        .expect("host starts");
     let metrics = host.metrics().clone();
     let names = ["logger", "analytics", "alert", "fraud"];
     tokio::task::spawn_blocking(move || {
-        wait_for(Duration::from_secs(90), "every plugin to handle every event", || {
-            names.iter().all(|n| metrics.plugin(n).events_handled() >= EVENTS as u64)
-        })
+        wait_for(
+            Duration::from_secs(90),
+            "every plugin to handle every event",
+            || {
+                names
+                    .iter()
+                    .all(|n| metrics.plugin(n).events_handled() >= EVENTS as u64)
+            },
+        )
     })
     .await
     .unwrap();
@@ -76,12 +84,20 @@ alerts = {{ topic = "fraud-alerts" }}
         assert_eq!(m.events_handled(), EVENTS as u64, "plugin {name}");
         assert_eq!(m.events(Outcome::DeadLetter), 0, "plugin {name}");
     }
-    assert_eq!(host.metrics().plugin("analytics").events(Outcome::Ok), EVENTS as u64);
+    assert_eq!(
+        host.metrics().plugin("analytics").events(Outcome::Ok),
+        EVENTS as u64
+    );
 
     // The same numbers on /metrics, as a user or Prometheus sees them.
     let page = http_get(host.http_addr(), "/metrics").await;
     assert!(page.starts_with("HTTP/1.1 200"), "{page}");
-    assert!(page.contains(&format!("eddy_events_total{{plugin=\"analytics\",verdict=\"ok\"}} {EVENTS}")), "{page}");
+    assert!(
+        page.contains(&format!(
+            "eddy_events_total{{plugin=\"analytics\",verdict=\"ok\"}} {EVENTS}"
+        )),
+        "{page}"
+    );
     let health = http_get(host.http_addr(), "/healthz").await;
     assert!(health.contains(r#""status":"ok""#), "{health}");
 
@@ -89,34 +105,67 @@ alerts = {{ topic = "fraud-alerts" }}
 
     // Each group committed past every event, on every partition.
     for name in names {
-        assert_eq!(committed_total(&bootstrap, &format!("eddy-{name}"), PARTITIONS), EVENTS as i64, "group of {name}");
+        assert_eq!(
+            committed_total(&bootstrap, &format!("eddy-{name}"), PARTITIONS),
+            EVENTS as i64,
+            "group of {name}"
+        );
     }
 
     // What the events contain, computed here from the produced payloads.
-    let parsed: Vec<serde_json::Value> = events.iter().map(|g| serde_json::from_slice(&g.payload).unwrap()).collect();
+    let parsed: Vec<serde_json::Value> = events
+        .iter()
+        .map(|g| serde_json::from_slice(&g.payload).unwrap())
+        .collect();
     let mut by_type = BTreeMap::<String, i64>::new();
     for v in &parsed {
-        *by_type.entry(v["event_type"].as_str().unwrap().to_string()).or_default() += 1;
+        *by_type
+            .entry(v["event_type"].as_str().unwrap().to_string())
+            .or_default() += 1;
     }
-    let users: BTreeSet<&str> = parsed.iter().map(|v| v["user_id"].as_str().unwrap()).collect();
-    let purchases: Vec<&serde_json::Value> = parsed.iter().filter(|v| v["event_type"] == "purchase").collect();
-    let revenue: f64 = purchases.iter().map(|v| v["properties"]["price"].as_f64().unwrap()).sum();
-    let big = purchases.iter().filter(|v| v["properties"]["price"].as_f64().unwrap() >= 500.0).count();
+    let users: BTreeSet<&str> = parsed
+        .iter()
+        .map(|v| v["user_id"].as_str().unwrap())
+        .collect();
+    let purchases: Vec<&serde_json::Value> = parsed
+        .iter()
+        .filter(|v| v["event_type"] == "purchase")
+        .collect();
+    let revenue: f64 = purchases
+        .iter()
+        .map(|v| v["properties"]["price"].as_f64().unwrap())
+        .sum();
+    let big = purchases
+        .iter()
+        .filter(|v| v["properties"]["price"].as_f64().unwrap() >= 500.0)
+        .count();
 
     // analytics: its last snapshot agrees with the input.
     let snapshots = read_topic(&bootstrap, "snapshots", 3);
     let last: serde_json::Value = snapshots
         .iter()
-        .map(|m| serde_json::from_slice::<serde_json::Value>(rdkafka::Message::payload(m).unwrap()).unwrap())
+        .map(|m| {
+            serde_json::from_slice::<serde_json::Value>(rdkafka::Message::payload(m).unwrap())
+                .unwrap()
+        })
         .max_by_key(|s| s["total_events"].as_i64().unwrap())
         .expect("analytics emitted snapshots");
-    assert_eq!(snapshots.len(), EVENTS / 1000, "one snapshot per 1000 events");
+    assert_eq!(
+        snapshots.len(),
+        EVENTS / 1000,
+        "one snapshot per 1000 events"
+    );
     assert_eq!(last["total_events"], EVENTS as i64);
     assert_eq!(last["malformed_events"], 0);
     assert_eq!(last["distinct_users"], users.len() as i64);
-    let snap_types: BTreeMap<String, i64> = serde_json::from_value(last["by_type"].clone()).unwrap();
+    let snap_types: BTreeMap<String, i64> =
+        serde_json::from_value(last["by_type"].clone()).unwrap();
     assert_eq!(snap_types, by_type);
-    assert!((last["revenue_total"].as_f64().unwrap() - revenue).abs() < 0.01, "{} vs {revenue}", last["revenue_total"]);
+    assert!(
+        (last["revenue_total"].as_f64().unwrap() - revenue).abs() < 0.01,
+        "{} vs {revenue}",
+        last["revenue_total"]
+    );
 
     // logger: one line per event.
     assert_eq!(read_topic(&bootstrap, "log", EVENTS).len(), EVENTS);
@@ -129,12 +178,25 @@ alerts = {{ topic = "fraud-alerts" }}
     let fraud = read_topic(&bootstrap, "fraud-alerts", 1000);
     let flagged: BTreeSet<String> = fraud
         .iter()
-        .map(|m| serde_json::from_slice::<serde_json::Value>(rdkafka::Message::payload(m).unwrap()).unwrap())
+        .map(|m| {
+            serde_json::from_slice::<serde_json::Value>(rdkafka::Message::payload(m).unwrap())
+                .unwrap()
+        })
         .inspect(|a| assert!(!a["reasons"].as_array().unwrap().is_empty()))
         .map(|a| a["user_id"].as_str().unwrap().to_string())
         .collect();
-    let burst_users: BTreeSet<String> =
-        users.iter().filter(|u| u.starts_with("user-fraud-")).map(|u| u.to_string()).collect();
-    assert_eq!(burst_users.len(), EVENTS / 500 - 1, "bursts injected every 500 events");
-    assert!(burst_users.is_subset(&flagged), "flagged {flagged:?}, bursts {burst_users:?}");
+    let burst_users: BTreeSet<String> = users
+        .iter()
+        .filter(|u| u.starts_with("user-fraud-"))
+        .map(|u| u.to_string())
+        .collect();
+    assert_eq!(
+        burst_users.len(),
+        EVENTS / 500 - 1,
+        "bursts injected every 500 events"
+    );
+    assert!(
+        burst_users.is_subset(&flagged),
+        "flagged {flagged:?}, bursts {burst_users:?}"
+    );
 }

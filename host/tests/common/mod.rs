@@ -17,7 +17,10 @@ pub const TOPIC: &str = "user-activities";
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Builds every plugin (and fixture) for wasm32-wasip2 once per test binary, and returns the
@@ -26,37 +29,62 @@ pub fn root() -> PathBuf {
 pub fn plugins_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let target = std::env::var_os("EDDY_TEST_PLUGIN_TARGET")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root().join("target").join("test-plugins"));
+        // Under CARGO_TARGET_DIR when it is set (CI keeps it outside the clone).
+        let target = match std::env::var_os("CARGO_TARGET_DIR") {
+            Some(dir) => root().join(dir),
+            None => root().join("target"),
+        }
+        .join("test-plugins");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .current_dir(root())
             .args(["build", "--profile", "plugin", "--target", "wasm32-wasip2"])
-            .args(["-p", "eddy-logger", "-p", "eddy-analytics", "-p", "eddy-alert", "-p", "eddy-fraud"])
+            .args([
+                "-p",
+                "eddy-logger",
+                "-p",
+                "eddy-analytics",
+                "-p",
+                "eddy-alert",
+                "-p",
+                "eddy-fraud",
+            ])
             .args(["-p", "eddy-fixture-misbehave"])
             .arg("--target-dir")
             .arg(&target)
             .status()
             .expect("run cargo to build the plugins");
-        assert!(status.success(), "building the plugins failed (is the wasm32-wasip2 target installed? `make target`)");
+        assert!(
+            status.success(),
+            "building the plugins failed (is the wasm32-wasip2 target installed? `make target`)"
+        );
         target.join("wasm32-wasip2").join("plugin")
     })
 }
 
 pub fn wasm(name: &str) -> String {
-    plugins_dir().join(format!("{name}.wasm")).display().to_string()
+    plugins_dir()
+        .join(format!("{name}.wasm"))
+        .display()
+        .to_string()
 }
 
 /// An embedded broker with the input topic created.
 pub fn broker(partitions: i32) -> EmbeddedBroker {
     let broker = EmbeddedBroker::start().expect("start the embedded broker");
-    broker.create_topic(TOPIC, partitions).expect("create the topic");
+    broker
+        .create_topic(TOPIC, partitions)
+        .expect("create the topic");
     broker
 }
 
 pub fn generator_options(seed: u64, fraud_every: u64) -> GeneratorOptions {
-    GeneratorOptions { seed, fraud_every, start_ms: 1_705_314_600_000, spacing_ms: 250 }
+    GeneratorOptions {
+        seed,
+        fraud_every,
+        start_ms: 1_705_314_600_000,
+        spacing_ms: 250,
+    }
 }
 
 /// The first `n` events the generator makes with these options.
@@ -92,7 +120,10 @@ pub fn produce(bootstrap: &str, topic: &str, records: &[(Option<Vec<u8>>, Vec<u8
 }
 
 pub fn produce_generated(bootstrap: &str, events: &[Generated]) {
-    let records: Vec<_> = events.iter().map(|g| (Some(g.key.clone().into_bytes()), g.payload.clone())).collect();
+    let records: Vec<_> = events
+        .iter()
+        .map(|g| (Some(g.key.clone().into_bytes()), g.payload.clone()))
+        .collect();
     produce(bootstrap, TOPIC, &records);
 }
 
@@ -107,15 +138,23 @@ pub fn read_topic(bootstrap: &str, topic: &str, expected: usize) -> Vec<OwnedMes
         .expect("consumer");
     let deadline = Instant::now() + Duration::from_secs(20);
     let metadata = loop {
-        let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)).expect("metadata");
-        if md.topics().first().is_some_and(|t| !t.partitions().is_empty()) || Instant::now() > deadline {
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .expect("metadata");
+        if md
+            .topics()
+            .first()
+            .is_some_and(|t| !t.partitions().is_empty())
+            || Instant::now() > deadline
+        {
             break md;
         }
         std::thread::sleep(Duration::from_millis(200));
     };
     let mut tpl = TopicPartitionList::new();
     for p in metadata.topics()[0].partitions() {
-        tpl.add_partition_offset(topic, p.id(), Offset::Beginning).unwrap();
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+            .unwrap();
     }
     drop(metadata);
     consumer.assign(&tpl).expect("assign");
@@ -146,8 +185,14 @@ pub fn committed_total(bootstrap: &str, group: &str, partitions: i32) -> i64 {
         tpl.add_partition(TOPIC, p);
     }
     let total = {
-        let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
-        let sum = committed.elements().iter().map(|e| e.offset().to_raw().unwrap_or(0).max(0)).sum();
+        let committed = consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .expect("committed offsets");
+        let sum = committed
+            .elements()
+            .iter()
+            .map(|e| e.offset().to_raw().unwrap_or(0).max(0))
+            .sum();
         // The list must be gone before the consumer (librdkafka 2.12 hangs on drop otherwise).
         drop(committed);
         sum
@@ -160,21 +205,29 @@ pub fn committed_total(bootstrap: &str, group: &str, partitions: i32) -> i64 {
 pub fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
 pub fn header(m: &OwnedMessage, key: &str) -> Option<String> {
     let h = m.headers()?;
-    h.iter().find(|h| h.key == key).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
+    h.iter()
+        .find(|h| h.key == key)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 /// A plain-HTTP GET against the host's metrics server.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).await.unwrap();
     body
