@@ -33,7 +33,7 @@ pub enum ConfigError {
 }
 
 /// The whole file.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub kafka: KafkaConfig,
@@ -41,6 +41,8 @@ pub struct Config {
     pub http: HttpConfig,
     #[serde(default)]
     pub generator: GeneratorConfig,
+    #[serde(default)]
+    pub reload: ReloadConfig,
     #[serde(default, rename = "plugin")]
     pub plugins: Vec<PluginConfig>,
     /// Where this config was read from; relative paths in it are resolved against its
@@ -50,7 +52,7 @@ pub struct Config {
 }
 
 /// `[kafka]`: where events come from.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// `"embedded"` starts an in-process broker (librdkafka's mock cluster) and prints its
@@ -70,7 +72,7 @@ pub struct KafkaConfig {
 }
 
 /// `[http]`: the Prometheus `/metrics` and `/healthz` endpoint.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     /// Address to listen on; port 0 picks a free port (printed at start).
@@ -88,7 +90,7 @@ impl Default for HttpConfig {
 
 /// `[generator]`: synthetic traffic produced by the host itself, so `run` shows live output
 /// with no producer of your own. Off unless `rate` is set above 0.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GeneratorConfig {
     /// Events per second; 0 turns the generator off.
@@ -112,8 +114,38 @@ impl Default for GeneratorConfig {
     }
 }
 
+/// `[reload]`: hot reload while the host runs.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadConfig {
+    /// Watch `plugins.toml` and every plugin's `.wasm`, and apply changes while running.
+    /// `SIGHUP` reloads whether or not this is on.
+    #[serde(default = "default_watch")]
+    pub watch: bool,
+    /// Wait this long after the last change to a watched file before reloading: a build
+    /// writes a file in several steps.
+    #[serde(default = "default_debounce_ms")]
+    pub debounce_ms: u64,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig {
+            watch: default_watch(),
+            debounce_ms: default_debounce_ms(),
+        }
+    }
+}
+
+fn default_watch() -> bool {
+    true
+}
+fn default_debounce_ms() -> u64 {
+    200
+}
+
 /// One `[[plugin]]` entry.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginConfig {
     /// Unique name: labels its metrics and logs, and derives its defaults.
@@ -150,7 +182,7 @@ pub struct PluginConfig {
 }
 
 /// `[plugin.limits]`: the sandbox.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Linear memory cap of one instance, in MiB.

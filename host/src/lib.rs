@@ -10,6 +10,8 @@
 //! - [`sandbox`]: one plugin instance in wasmtime, and the host side of the WIT contract.
 //! - [`state`]: one plugin's key/value state, with per-call and per-batch overlays.
 //! - [`worker`]: one plugin's consume → run → deliver → commit → store-offsets loop.
+//! - [`reload`]: the supervisor: the set of running plugins, changed while running (hot
+//!   reload from file watching, `SIGHUP` or [`Host::reload`]).
 //! - [`outputs`]: delivery of emitted records and dead letters.
 //! - [`metrics`], [`http`]: counters, and `/metrics` + `/healthz`.
 //! - [`generator`]: realistic user-activity traffic (`eddy produce`, the in-process generator).
@@ -22,6 +24,7 @@ pub mod generator;
 pub mod http;
 pub mod metrics;
 pub mod outputs;
+pub mod reload;
 pub mod sandbox;
 pub mod state;
 pub mod worker;
@@ -47,6 +50,7 @@ pub struct Host {
     bootstrap: String,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    reloads: tokio::sync::mpsc::Sender<reload::Request>,
     generator_stop: Arc<AtomicBool>,
     generator: Option<tokio::task::JoinHandle<()>>,
     /// Declared last: dropped after every client of it has stopped.
@@ -93,24 +97,21 @@ impl Host {
             .set("linger.ms", "5")
             .create()
             .map_err(|e| anyhow::anyhow!("cannot create the output producer: {e}"))?;
-        for (plugin, sandbox) in config.plugins.iter().zip(sandboxes) {
-            let plugin_metrics = metrics.plugin(&plugin.name);
-            let worker = worker::Worker::new(
-                plugin.clone(),
-                config.kafka.topic.clone(),
-                client.clone(),
-                sandbox,
-                outputs::Outputs::new(plugin, producer.clone()),
-                plugin_metrics,
-                shutdown_rx.clone(),
-            );
-            let name = plugin.name.clone();
-            tasks.spawn(async move {
-                if let Err(e) = worker.run().await {
-                    error!(plugin = %name, "plugin stopped: {e:#}");
-                }
-            });
-        }
+        let (reloads, reload_requests) = tokio::sync::mpsc::channel(4);
+        let supervisor = reload::Supervisor::start(
+            engine,
+            config.clone(),
+            sandboxes,
+            client.clone(),
+            producer,
+            metrics.clone(),
+            shutdown_rx.clone(),
+        );
+        tasks.spawn(reload::supervise(
+            supervisor,
+            reload_requests,
+            shutdown_rx.clone(),
+        ));
 
         let generator_stop = Arc::new(AtomicBool::new(false));
         let generator = (config.generator.rate > 0).then(|| {
@@ -145,6 +146,7 @@ impl Host {
             bootstrap,
             shutdown,
             tasks,
+            reloads,
             generator_stop,
             generator,
             _broker: broker,
@@ -163,6 +165,19 @@ impl Host {
     /// The Kafka bootstrap address in use (the embedded broker's, if it runs one).
     pub fn bootstrap_servers(&self) -> &str {
         &self.bootstrap
+    }
+
+    /// Re-reads `plugins.toml` and applies what changed, as a watched file change or
+    /// `SIGHUP` would; returns what it did.
+    pub async fn reload(&self) -> anyhow::Result<reload::ReloadReport> {
+        let (reply, report) = tokio::sync::oneshot::channel();
+        self.reloads
+            .send(reload::Request::Reload(reply))
+            .await
+            .map_err(|_| anyhow::anyhow!("the host is stopping"))?;
+        report
+            .await
+            .map_err(|_| anyhow::anyhow!("the host is stopping"))
     }
 
     /// Stops the generator, lets each plugin finish its batch in flight and commit, and

@@ -53,6 +53,45 @@ impl TrapKind {
     }
 }
 
+/// How a plugin reload ended, as counted in `eddy_plugin_reloads_total{outcome=…}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// The new version (or config) runs.
+    Ok,
+    /// It did not compile, link, `init` or `migrate`: the old version kept running.
+    Failed,
+    /// It trapped on probation: the old version was restored.
+    RolledBack,
+}
+
+impl ReloadOutcome {
+    const ALL: [ReloadOutcome; 3] = [
+        ReloadOutcome::Ok,
+        ReloadOutcome::Failed,
+        ReloadOutcome::RolledBack,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            ReloadOutcome::Ok => "ok",
+            ReloadOutcome::Failed => "failed",
+            ReloadOutcome::RolledBack => "rolled_back",
+        }
+    }
+}
+
+/// The version of a plugin that is running.
+#[derive(Debug, Clone, Default)]
+pub struct Version {
+    /// `sha256:…` of the `.wasm` file.
+    pub digest: String,
+    pub path: String,
+    /// When it started running, Unix seconds.
+    pub loaded_at: f64,
+    /// How long compiling and linking it took, seconds.
+    pub compile_seconds: f64,
+}
+
 /// Upper bounds of the batch-latency histogram buckets, in seconds.
 const LATENCY_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
@@ -73,6 +112,8 @@ pub struct PluginMetrics {
     pub consumer_lag: AtomicI64,
     /// 1 while the plugin is loaded and consuming.
     pub up: AtomicI64,
+    reloads: [AtomicU64; 3],
+    version: Mutex<Version>,
     batch_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     batch_count: AtomicU64,
     batch_nanos: AtomicU64,
@@ -100,6 +141,22 @@ impl PluginMetrics {
         self.traps[kind as usize].load(Relaxed)
     }
 
+    pub fn reload(&self, outcome: ReloadOutcome) {
+        self.reloads[outcome as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn reloads(&self, outcome: ReloadOutcome) -> u64 {
+        self.reloads[outcome as usize].load(Relaxed)
+    }
+
+    pub fn set_version(&self, version: Version) {
+        *self.version.lock().expect("metrics lock") = version;
+    }
+
+    pub fn version(&self) -> Version {
+        self.version.lock().expect("metrics lock").clone()
+    }
+
     pub fn observe_batch(&self, took: Duration) {
         let secs = took.as_secs_f64();
         if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
@@ -120,6 +177,9 @@ pub struct Metrics {
     plugins: Mutex<BTreeMap<String, Arc<PluginMetrics>>>,
     /// Events the in-process generator produced.
     pub generated: AtomicU64,
+    /// Re-reads of `plugins.toml` that were applied / refused as invalid.
+    pub config_reloads_ok: AtomicU64,
+    pub config_reloads_failed: AtomicU64,
 }
 
 impl Metrics {
@@ -321,6 +381,84 @@ impl Metrics {
                         "eddy_batch_duration_seconds_count{{plugin=\"{name}\"}} {count}"
                     );
                 }
+            },
+        );
+        family(
+            "eddy_plugin_info",
+            "gauge",
+            "The running version of each plugin (content digest of its .wasm).",
+            &mut |o| {
+                for (name, m) in &plugins {
+                    let v = m.version();
+                    let _ = writeln!(
+                        o,
+                        "eddy_plugin_info{{plugin=\"{name}\",digest=\"{}\",path=\"{}\"}} 1",
+                        v.digest,
+                        v.path.replace('"', "'")
+                    );
+                }
+            },
+        );
+        family(
+            "eddy_plugin_loaded_timestamp_seconds",
+            "gauge",
+            "When the running version started running.",
+            &mut |o| {
+                for (name, m) in &plugins {
+                    let _ = writeln!(
+                        o,
+                        "eddy_plugin_loaded_timestamp_seconds{{plugin=\"{name}\"}} {}",
+                        m.version().loaded_at
+                    );
+                }
+            },
+        );
+        family(
+            "eddy_plugin_compile_seconds",
+            "gauge",
+            "How long compiling the running version took.",
+            &mut |o| {
+                for (name, m) in &plugins {
+                    let _ = writeln!(
+                        o,
+                        "eddy_plugin_compile_seconds{{plugin=\"{name}\"}} {}",
+                        m.version().compile_seconds
+                    );
+                }
+            },
+        );
+        family(
+            "eddy_plugin_reloads_total",
+            "counter",
+            "Hot reloads of a plugin, per outcome.",
+            &mut |o| {
+                for (name, m) in &plugins {
+                    for outcome in ReloadOutcome::ALL {
+                        let _ = writeln!(
+                            o,
+                            "eddy_plugin_reloads_total{{plugin=\"{name}\",outcome=\"{}\"}} {}",
+                            outcome.label(),
+                            m.reloads(outcome)
+                        );
+                    }
+                }
+            },
+        );
+        family(
+            "eddy_config_reloads_total",
+            "counter",
+            "Re-reads of plugins.toml: applied, or refused as invalid.",
+            &mut |o| {
+                let _ = writeln!(
+                    o,
+                    "eddy_config_reloads_total{{outcome=\"ok\"}} {}",
+                    self.config_reloads_ok.load(Relaxed)
+                );
+                let _ = writeln!(
+                    o,
+                    "eddy_config_reloads_total{{outcome=\"error\"}} {}",
+                    self.config_reloads_failed.load(Relaxed)
+                );
             },
         );
         family(

@@ -51,6 +51,10 @@ impl Outputs {
         }
     }
 
+    pub fn producer(&self) -> &FutureProducer {
+        &self.producer
+    }
+
     pub fn dead_letter_topic(&self) -> &str {
         &self.dead_letter_topic
     }

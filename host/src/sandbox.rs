@@ -85,6 +85,8 @@ pub enum LoadError {
     Contract { path: PathBuf, message: String },
     #[error("{path}: init failed: {message}")]
     Init { path: PathBuf, message: String },
+    #[error("{path}: migrate failed: {message}")]
+    Migrate { path: PathBuf, message: String },
 }
 
 /// A failed call into the plugin: the trap's kind and a message for logs and dead letters.
@@ -267,27 +269,33 @@ impl wasmtime_wasi::HostMonotonicClock for FrozenMonotonicClock {
     }
 }
 
-/// A loaded, initialised plugin instance.
-pub struct Sandbox {
+/// How many batches a newly swapped-in version runs on probation: if it traps during them,
+/// the host goes back to the version it replaced.
+pub const PROBATION_BATCHES: u32 = 3;
+
+/// One compiled version of a plugin, linked against the host and ready to instantiate. A hot
+/// swap prepares one of these off the event path; the switch itself only instantiates it.
+pub struct Program {
     path: PathBuf,
-    engine: Engine,
+    digest: String,
     pre: bindings::PluginPre<StoreData>,
-    store: Store<StoreData>,
-    instance: bindings::Plugin,
-    config_json: String,
-    limits: Limits,
-    /// The guest's stderr (a panic message lands here).
-    stderr: MemoryOutputPipe,
+    /// Whether the component exports the optional `migrate` function.
+    has_migrate: bool,
+    /// How long reading, compiling and linking took.
+    pub compile_time: Duration,
 }
 
-impl Sandbox {
-    /// Compiles, links and initialises the plugin at `plugin.path`.
-    pub fn load(engine: &Engine, plugin: &PluginConfig) -> Result<Sandbox, LoadError> {
-        let path = plugin.path.clone();
+impl Program {
+    /// Reads, compiles and links the component at `path`, checking that it implements the
+    /// contract (its imports are ours, its exports have the right types).
+    pub fn compile(engine: &Engine, path: &Path) -> Result<Program, LoadError> {
+        let started = std::time::Instant::now();
+        let path = path.to_path_buf();
         let bytes = std::fs::read(&path).map_err(|source| LoadError::Read {
             path: path.clone(),
             source,
         })?;
+        let digest = digest(&bytes);
         let component = Component::new(engine, &bytes).map_err(|e| LoadError::Compile {
             path: path.clone(),
             // wasmparser's messages span lines (byte dumps): keep them on one.
@@ -296,48 +304,128 @@ impl Sandbox {
                 .collect::<Vec<_>>()
                 .join(" "),
         })?;
-        let mut linker: Linker<StoreData> = Linker::new(engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| LoadError::Contract {
+        let contract = |e: wasmtime::Error| LoadError::Contract {
             path: path.clone(),
             message: error_chain(&e),
-        })?;
+        };
+        let mut linker: Linker<StoreData> = Linker::new(engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(contract)?;
         bindings::Plugin::add_to_linker::<StoreData, HasSelf<HostState>>(&mut linker, |d| {
             &mut d.host
         })
-        .map_err(|e| LoadError::Contract {
-            path: path.clone(),
-            message: error_chain(&e),
-        })?;
+        .map_err(contract)?;
         let pre = linker
             .instantiate_pre(&component)
             .and_then(bindings::PluginPre::new)
-            .map_err(|e| LoadError::Contract {
-                path: path.clone(),
-                message: error_chain(&e),
-            })?;
-        let (store, instance, stderr) =
-            instantiate(engine, &pre, &plugin.limits, HostState::new(plugin)).map_err(
-                |message| LoadError::Contract {
-                    path: path.clone(),
-                    message,
-                },
-            )?;
-        let mut sandbox = Sandbox {
+            .map_err(contract)?;
+        let has_migrate = component.get_export_index(None, "migrate").is_some();
+        Ok(Program {
             path,
-            engine: engine.clone(),
+            digest,
             pre,
+            has_migrate,
+            compile_time: started.elapsed(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `sha256:<hex>` of the `.wasm` file's bytes.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// Instantiates this version in a scratch sandbox with empty state and runs `init` with
+    /// `plugin`'s config: catches a bad config before the real switch.
+    pub fn validate(
+        self: &Arc<Self>,
+        engine: &Engine,
+        plugin: &PluginConfig,
+    ) -> Result<(), LoadError> {
+        Sandbox::start(engine, self.clone(), plugin).map(drop)
+    }
+}
+
+/// `sha256:<hex>` of `bytes`.
+pub fn digest(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    let hash = sha2::Sha256::digest(bytes);
+    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{hex}")
+}
+
+/// The version a swap replaced, kept while the new one is on probation.
+struct Previous {
+    program: Arc<Program>,
+    config_json: String,
+    limits: Limits,
+    output_names: Arc<BTreeSet<String>>,
+}
+
+/// A loaded, initialised plugin instance.
+pub struct Sandbox {
+    program: Arc<Program>,
+    engine: Engine,
+    store: Store<StoreData>,
+    /// `None` only if re-creating the instance failed (calls then fail and are accounted for).
+    linked: Option<Linked>,
+    config_json: String,
+    limits: Limits,
+    /// The guest's stderr (a panic message lands here).
+    stderr: MemoryOutputPipe,
+    previous: Option<Previous>,
+    probation_left: u32,
+    /// Set when a version on probation trapped and the previous one was restored.
+    rolled_back: Option<RolledBack>,
+}
+
+/// A version that was taken back because it trapped on probation.
+#[derive(Debug, Clone)]
+pub struct RolledBack {
+    pub path: PathBuf,
+    pub digest: String,
+    pub restored_digest: String,
+    pub trap: String,
+}
+
+impl Sandbox {
+    /// Compiles, links and initialises the plugin at `plugin.path`, with empty state.
+    pub fn load(engine: &Engine, plugin: &PluginConfig) -> Result<Sandbox, LoadError> {
+        let program = Arc::new(Program::compile(engine, &plugin.path)?);
+        Sandbox::start(engine, program, plugin)
+    }
+
+    /// Instantiates and initialises `program` with empty state.
+    pub fn start(
+        engine: &Engine,
+        program: Arc<Program>,
+        plugin: &PluginConfig,
+    ) -> Result<Sandbox, LoadError> {
+        let (mut store, stderr) = new_store(engine, &plugin.limits, HostState::new(plugin));
+        let linked = link(&mut store, &program).map_err(|message| LoadError::Contract {
+            path: program.path.clone(),
+            message,
+        })?;
+        let mut sandbox = Sandbox {
+            program,
+            engine: engine.clone(),
             store,
-            instance,
+            linked: Some(linked),
             config_json: plugin.config_json(),
             limits: plugin.limits.clone(),
             stderr,
+            previous: None,
+            probation_left: 0,
+            rolled_back: None,
         };
         sandbox.init()?;
         Ok(sandbox)
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    pub fn program(&self) -> &Arc<Program> {
+        &self.program
     }
 
     /// The plugin's state (for inspection).
@@ -345,10 +433,91 @@ impl Sandbox {
         &self.store.data().host.state
     }
 
+    /// Switches to `program` with `plugin`'s config and limits, keeping the state: `init`,
+    /// then `migrate` (if exported and the version changed). Call it between batches. On an
+    /// error the running version stays as it was, state included. On success the old version
+    /// is kept for [`PROBATION_BATCHES`] batches, to go back to if the new one traps.
+    pub fn swap(&mut self, program: Arc<Program>, plugin: &PluginConfig) -> Result<(), LoadError> {
+        let previous = Previous {
+            program: self.program.clone(),
+            config_json: std::mem::replace(&mut self.config_json, plugin.config_json()),
+            limits: std::mem::replace(&mut self.limits, plugin.limits.clone()),
+            output_names: std::mem::replace(
+                &mut self.store.data_mut().host.output_names,
+                Arc::new(plugin.outputs.keys().cloned().collect()),
+            ),
+        };
+        let from_digest = self.program.digest.clone();
+        let version_changed = program.digest != from_digest;
+        let result = self.replace_instance(program.clone()).and_then(|()| {
+            let migrate = self.linked.as_ref().and_then(|l| l.migrate);
+            if version_changed && let Some(migrate) = migrate {
+                self.store.set_epoch_deadline(deadline_ticks(&self.limits));
+                let result = migrate.call(&mut self.store, (from_digest,));
+                let outcome = match result {
+                    Ok((Ok(()),)) => Ok(()),
+                    Ok((Err(message),)) => Err(message),
+                    Err(e) => Err(self.classify(&e).to_string()),
+                };
+                outcome.map_err(|message| LoadError::Migrate {
+                    path: program.path.clone(),
+                    message,
+                })
+            } else {
+                Ok(())
+            }
+        });
+        match result {
+            Ok(()) => {
+                // What init and migrate wrote joins the next batch's commit.
+                self.store.data_mut().host.state.end_call(true);
+                self.previous = Some(previous);
+                self.probation_left = PROBATION_BATCHES;
+                Ok(())
+            }
+            Err(e) => {
+                self.store.data_mut().host.state.end_call(false);
+                self.restore(previous);
+                Err(e)
+            }
+        }
+    }
+
+    /// Goes back to `previous` (same state), after a failed swap or a trap on probation.
+    fn restore(&mut self, previous: Previous) {
+        self.config_json = previous.config_json;
+        self.limits = previous.limits;
+        self.store.data_mut().host.output_names = previous.output_names;
+        if let Err(e) = self.replace_instance(previous.program) {
+            tracing::error!(path = %self.program.path.display(), "cannot restore the previous version: {e}");
+        }
+    }
+
+    /// Counts a batch that went through without a trap; ends probation after enough.
+    pub fn batch_succeeded(&mut self) {
+        if self.probation_left > 0 {
+            self.probation_left -= 1;
+            if self.probation_left == 0 {
+                self.previous = None;
+            }
+        }
+    }
+
+    /// The version taken back since the last call, if any.
+    pub fn take_rolled_back(&mut self) -> Option<RolledBack> {
+        self.rolled_back.take()
+    }
     fn init(&mut self) -> Result<(), LoadError> {
-        self.arm_deadline();
+        let path = self.program.path.clone();
+        let Some(linked) = &self.linked else {
+            return Err(LoadError::Contract {
+                path,
+                message: "no instance".into(),
+            });
+        };
+        self.store.set_epoch_deadline(deadline_ticks(&self.limits));
         self.store.data_mut().host.outputs_mark = self.store.data().host.outputs.len();
-        let result = self.instance.call_init(&mut self.store, &self.config_json);
+        let result = linked.plugin.call_init(&mut self.store, &self.config_json);
         let host = &mut self.store.data_mut().host;
         match result {
             Ok(Ok(())) => {
@@ -360,16 +529,13 @@ impl Sandbox {
             }
             Ok(Err(message)) => {
                 host.state.end_call(false);
-                Err(LoadError::Init {
-                    path: self.path.clone(),
-                    message,
-                })
+                Err(LoadError::Init { path, message })
             }
             Err(e) => {
                 self.store.data_mut().host.state.end_call(false);
                 let trap = self.classify(&e);
                 Err(LoadError::Init {
-                    path: self.path.clone(),
+                    path,
                     message: trap.to_string(),
                 })
             }
@@ -379,11 +545,13 @@ impl Sandbox {
     /// Runs `events` through the plugin. On success its state changes join the batch in
     /// progress and its outputs are queued (see [`Sandbox::take_outputs`],
     /// [`Sandbox::commit_batch`]). On a trap they are discarded and the instance is rebuilt
-    /// before this returns, so the sandbox is ready for the next call.
+    /// (or, on probation, the previous version restored) before this returns, so the sandbox
+    /// is ready for the next call.
     pub fn call_batch(&mut self, events: &[Event]) -> Result<Vec<Verdict>, Trap> {
-        self.arm_deadline();
+        let linked = self.linked.as_ref().ok_or_else(not_linked)?;
+        self.store.set_epoch_deadline(deadline_ticks(&self.limits));
         self.store.data_mut().host.outputs_mark = self.store.data().host.outputs.len();
-        match self.instance.call_on_batch(&mut self.store, events) {
+        match linked.plugin.call_on_batch(&mut self.store, events) {
             Ok(verdicts) if verdicts.len() == events.len() => {
                 self.store.data_mut().host.state.end_call(true);
                 Ok(verdicts)
@@ -405,9 +573,10 @@ impl Sandbox {
 
     /// Calls `on-tick`; like [`Sandbox::call_batch`], its effects join the batch in progress.
     pub fn call_tick(&mut self, now_ms: i64) -> Result<(), Trap> {
-        self.arm_deadline();
+        let linked = self.linked.as_ref().ok_or_else(not_linked)?;
+        self.store.set_epoch_deadline(deadline_ticks(&self.limits));
         self.store.data_mut().host.outputs_mark = self.store.data().host.outputs.len();
-        match self.instance.call_on_tick(&mut self.store, now_ms) {
+        match linked.plugin.call_on_tick(&mut self.store, now_ms) {
             Ok(()) => {
                 self.store.data_mut().host.state.end_call(true);
                 Ok(())
@@ -436,15 +605,6 @@ impl Sandbox {
         host.outputs_mark = 0;
     }
 
-    fn arm_deadline(&mut self) {
-        let ticks = self
-            .limits
-            .cpu_ms
-            .div_ceil(EPOCH_TICK.as_millis() as u64)
-            .max(1);
-        self.store.set_epoch_deadline(ticks);
-    }
-
     /// Drops the effects of the call that just failed (earlier calls of the batch stay).
     fn discard_call(&mut self) {
         let host = &mut self.store.data_mut().host;
@@ -452,15 +612,24 @@ impl Sandbox {
         host.outputs.truncate(host.outputs_mark);
     }
 
-    /// Handles a trapped call: classify it, drop its effects, rebuild the instance.
+    /// Handles a trapped call: classify it, drop its effects, and rebuild the instance; a
+    /// version on probation is replaced by the one it replaced.
     fn fail(&mut self, e: &wasmtime::Error) -> Trap {
         let trap = self.classify(e);
         self.discard_call();
-        if let Err(e) = self.recreate() {
-            // The same bytes loaded and initialised before, so this is unexpected (e.g. init
-            // depends on state that the failed call could not have changed). Keep the trap as
-            // the answer; the next call will fail the same way and be accounted for.
-            tracing::error!(path = %self.path.display(), "cannot recreate the instance after a trap: {e}");
+        if let Some(previous) = self.previous.take() {
+            self.probation_left = 0;
+            self.rolled_back = Some(RolledBack {
+                path: self.program.path.clone(),
+                digest: self.program.digest.clone(),
+                restored_digest: previous.program.digest.clone(),
+                trap: trap.to_string(),
+            });
+            self.restore(previous);
+        } else if let Err(e) = self.replace_instance(self.program.clone()) {
+            // The same bytes loaded and initialised before, so this is unexpected. Keep the
+            // trap as the answer; the next call fails the same way and is accounted for.
+            tracing::error!(path = %self.program.path.display(), "cannot recreate the instance after a trap: {e}");
         }
         trap
     }
@@ -488,7 +657,7 @@ impl Sandbox {
             ),
             TrapKind::Trap => {
                 let cause = e.root_cause().to_string();
-                tracing::debug!(path = %self.path.display(), "trap: {}", error_chain(e));
+                tracing::debug!(path = %self.program.path.display(), "trap: {}", error_chain(e));
                 match panic_message(&self.stderr.contents()) {
                     Some(panic) => format!("{panic} ({cause})"),
                     None => cause,
@@ -501,38 +670,41 @@ impl Sandbox {
         }
     }
 
-    /// Replaces store and instance with fresh ones (same component, same state) and runs init.
-    fn recreate(&mut self) -> Result<(), LoadError> {
-        let placeholder = Store::new(
-            &self.engine,
-            StoreData {
-                wasi: WasiCtx::builder().build(),
-                table: ResourceTable::new(),
-                memory: MemoryCap {
-                    max_bytes: 0,
-                    hit: false,
-                },
-                host: HostState {
-                    plugin: "".into(),
-                    state: PluginState::default(),
-                    outputs: Vec::new(),
-                    outputs_mark: 0,
-                    output_names: Arc::default(),
-                },
-            },
-        );
-        let old = std::mem::replace(&mut self.store, placeholder);
-        let host = old.into_data().host;
-        let (store, instance, stderr) = instantiate(&self.engine, &self.pre, &self.limits, host)
-            .map_err(|message| LoadError::Contract {
-                path: self.path.clone(),
-                message,
-            })?;
+    /// Replaces store and instance with fresh ones of `program` around the same state, and
+    /// runs `init`. Whatever happens, the state stays in `self.store`.
+    fn replace_instance(&mut self, program: Arc<Program>) -> Result<(), LoadError> {
+        let empty = Store::new(&self.engine, StoreData::empty());
+        let host = std::mem::replace(&mut self.store, empty).into_data().host;
+        let (mut store, stderr) = new_store(&self.engine, &self.limits, host);
+        let linked = link(&mut store, &program);
         self.store = store;
-        self.instance = instance;
         self.stderr = stderr;
-        self.init()
+        self.program = program;
+        match linked {
+            Ok(l) => {
+                self.linked = Some(l);
+                self.init()
+            }
+            Err(message) => {
+                self.linked = None;
+                Err(LoadError::Contract {
+                    path: self.program.path.clone(),
+                    message,
+                })
+            }
+        }
     }
+}
+
+fn not_linked() -> Trap {
+    Trap {
+        kind: crate::metrics::TrapKind::Trap,
+        message: "the plugin has no instance (it could not be re-created; see the log)".into(),
+    }
+}
+
+fn deadline_ticks(limits: &Limits) -> u64 {
+    limits.cpu_ms.div_ceil(EPOCH_TICK.as_millis() as u64).max(1)
 }
 
 /// The last panic a Rust guest wrote to stderr, as `panicked at FILE:LINE:COL: MESSAGE`.
@@ -556,13 +728,43 @@ fn panic_message(stderr: &[u8]) -> Option<String> {
     )
 }
 
-/// A fresh store (sandboxed WASI, memory cap) and instance around `host`.
-fn instantiate(
+/// The typed exports of one instance.
+struct Linked {
+    plugin: bindings::Plugin,
+    /// The optional `migrate` export.
+    migrate: Option<MigrateFunc>,
+}
+
+/// `migrate: func(from-digest: string) -> result<_, string>`.
+type MigrateFunc = wasmtime::component::TypedFunc<(String,), (Result<(), String>,)>;
+
+impl StoreData {
+    /// A store's data with nothing in it, to stand in while the real one moves.
+    fn empty() -> StoreData {
+        StoreData {
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+            memory: MemoryCap {
+                max_bytes: 0,
+                hit: false,
+            },
+            host: HostState {
+                plugin: "".into(),
+                state: PluginState::default(),
+                outputs: Vec::new(),
+                outputs_mark: 0,
+                output_names: Arc::default(),
+            },
+        }
+    }
+}
+
+/// A fresh store around `host`: sandboxed WASI, the memory cap.
+fn new_store(
     engine: &Engine,
-    pre: &bindings::PluginPre<StoreData>,
     limits: &Limits,
     host: HostState,
-) -> Result<(Store<StoreData>, bindings::Plugin, MemoryOutputPipe), String> {
+) -> (Store<StoreData>, MemoryOutputPipe) {
     let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
     let wasi = WasiCtx::builder()
         .stderr(stderr.clone())
@@ -582,7 +784,30 @@ fn instantiate(
     };
     let mut store = Store::new(engine, data);
     store.limiter(|d| &mut d.memory);
+    (store, stderr)
+}
+
+/// Instantiates `program` in `store`.
+fn link(store: &mut Store<StoreData>, program: &Program) -> Result<Linked, String> {
     store.set_epoch_deadline(u64::MAX / 2);
-    let instance = pre.instantiate(&mut store).map_err(|e| error_chain(&e))?;
-    Ok((store, instance, stderr))
+    let instance = program
+        .pre
+        .instance_pre()
+        .instantiate(&mut *store)
+        .map_err(|e| error_chain(&e))?;
+    let plugin = bindings::Plugin::new(&mut *store, &instance).map_err(|e| error_chain(&e))?;
+    let migrate = if program.has_migrate {
+        let f = instance
+            .get_typed_func::<(String,), (Result<(), String>,)>(&mut *store, "migrate")
+            .map_err(|e| {
+                format!(
+                    "its `migrate` export has the wrong type: {}",
+                    error_chain(&e)
+                )
+            })?;
+        Some(f)
+    } else {
+        None
+    };
+    Ok(Linked { plugin, migrate })
 }

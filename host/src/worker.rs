@@ -6,14 +6,19 @@
 //! never passes an event whose effects are not delivered: a crash or a failed delivery means
 //! the events are consumed again (at-least-once), never skipped.
 //!
+//! Hot reload: the supervisor sends a [`Control::Swap`] with a new version (compiled off the
+//! event path) or config; the worker applies it between two batches, so every event is
+//! handled by exactly one version and the state carries over. Closing the control channel
+//! stops the worker: it finishes its batch, commits and leaves its group.
+//!
 //! Order: events of a partition reach the plugin in order. An event the plugin answers
 //! `retry` is handed again after the rest of its batch, so within one batch it can be
 //! overtaken by later events.
 
 use crate::config::PluginConfig;
-use crate::metrics::{Outcome, PluginMetrics};
+use crate::metrics::{Outcome, PluginMetrics, ReloadOutcome, Version};
 use crate::outputs::{DeadLetter, Outputs};
-use crate::sandbox::{Event, Header, Sandbox, Trap, Verdict};
+use crate::sandbox::{Event, Header, Program, Sandbox, Trap, Verdict};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{ClientConfig, ClientContext, Statistics, TopicPartitionList};
@@ -21,7 +26,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, instrument, warn};
 
 /// Consumer callbacks: lag from librdkafka's statistics, rebalances to the log.
@@ -77,6 +82,17 @@ fn partitions(tpl: &TopicPartitionList) -> String {
         .join(",")
 }
 
+/// Instructions from the supervisor, applied between batches.
+pub enum Control {
+    /// Run `program` with `plugin`'s config from now on, keeping the state. The answer says
+    /// whether the switch happened (if not, the old version still runs).
+    Swap {
+        program: Arc<Program>,
+        plugin: Box<PluginConfig>,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+}
+
 /// What the worker decided for one event after verdicts, retries and traps.
 #[derive(Debug, Clone, PartialEq)]
 enum Disposition {
@@ -85,19 +101,31 @@ enum Disposition {
     DeadLetter { reason: String, attempts: u32 },
 }
 
+/// The metrics' view of a running version.
+pub fn version_of(program: &Program) -> Version {
+    Version {
+        digest: program.digest().to_string(),
+        path: program.path().display().to_string(),
+        loaded_at: crate::generator::now_ms() as f64 / 1000.0,
+        compile_seconds: program.compile_time.as_secs_f64(),
+    }
+}
+
 /// Everything one plugin's loop needs.
 pub struct Worker {
-    pub plugin: PluginConfig,
-    pub topic: String,
-    pub client: ClientConfig,
+    plugin: PluginConfig,
+    topic: String,
+    client: ClientConfig,
     /// `None` only while a call runs on a blocking thread.
     sandbox: Option<Sandbox>,
-    pub outputs: Outputs,
-    pub metrics: Arc<PluginMetrics>,
-    pub shutdown: watch::Receiver<bool>,
+    outputs: Outputs,
+    metrics: Arc<PluginMetrics>,
+    shutdown: watch::Receiver<bool>,
+    control: mpsc::Receiver<Control>,
 }
 
 impl Worker {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         plugin: PluginConfig,
         topic: String,
@@ -106,7 +134,9 @@ impl Worker {
         outputs: Outputs,
         metrics: Arc<PluginMetrics>,
         shutdown: watch::Receiver<bool>,
+        control: mpsc::Receiver<Control>,
     ) -> Worker {
+        metrics.set_version(version_of(sandbox.program()));
         Worker {
             plugin,
             topic,
@@ -115,6 +145,7 @@ impl Worker {
             outputs,
             metrics,
             shutdown,
+            control,
         }
     }
 
@@ -162,21 +193,36 @@ impl Worker {
         Ok(consumer)
     }
 
-    /// Consumes until shutdown, then finishes the batch in flight and commits.
+    fn tick_interval(&self) -> Option<tokio::time::Interval> {
+        (self.plugin.tick_interval_ms > 0).then(|| {
+            let every = Duration::from_millis(self.plugin.tick_interval_ms);
+            tokio::time::interval_at(tokio::time::Instant::now() + every, every)
+        })
+    }
+
+    /// Consumes until shutdown (or until the supervisor closes the control channel), then
+    /// finishes the batch in flight and commits.
     #[instrument(name = "plugin", skip_all, fields(plugin = %self.plugin.name, messaging.destination.name = %self.topic, messaging.consumer.group.name = %self.plugin.group_id()))]
     pub async fn run(mut self) -> anyhow::Result<()> {
         let consumer = self.consumer()?;
         self.metrics.up.store(1, Relaxed);
-        info!(group = %self.plugin.group_id(), "consuming");
-        let mut tick = (self.plugin.tick_interval_ms > 0).then(|| {
-            let every = Duration::from_millis(self.plugin.tick_interval_ms);
-            tokio::time::interval_at(tokio::time::Instant::now() + every, every)
-        });
-        let linger = Duration::from_millis(self.plugin.batch_linger_ms);
+        info!(group = %self.plugin.group_id(), digest = %self.sandbox().program().digest(), "consuming");
+        let mut tick = self.tick_interval();
         loop {
             let first = tokio::select! {
                 biased;
                 _ = self.shutdown.changed() => break,
+                control = self.control.recv() => match control {
+                    Some(Control::Swap { program, plugin, done }) => {
+                        let ticks_before = self.plugin.tick_interval_ms;
+                        let _ = done.send(self.swap(program, *plugin).await);
+                        if self.plugin.tick_interval_ms != ticks_before {
+                            tick = self.tick_interval();
+                        }
+                        continue;
+                    }
+                    None => break,
+                },
                 _ = async { tick.as_mut().expect("guarded").tick().await }, if tick.is_some() => {
                     self.tick().await;
                     continue;
@@ -192,7 +238,8 @@ impl Worker {
                     continue;
                 }
             }
-            let deadline = tokio::time::Instant::now() + linger;
+            let deadline =
+                tokio::time::Instant::now() + Duration::from_millis(self.plugin.batch_linger_ms);
             while events.len() < self.plugin.max_batch {
                 match tokio::time::timeout_at(deadline, consumer.recv()).await {
                     Ok(Ok(m)) => events.push(to_event(&m)),
@@ -212,10 +259,45 @@ impl Worker {
             Ok(()) => info!("stopped; offsets committed"),
             // Nothing stored yet, or a rebalance in progress: nothing is lost, the events
             // are consumed again.
+            Err(rdkafka::error::KafkaError::ConsumerCommit(
+                rdkafka::types::RDKafkaErrorCode::NoOffset,
+            )) => {
+                info!("stopped; offsets were already committed")
+            }
             Err(e) => info!("stopped; final commit: {e}"),
         }
         consumer.unsubscribe();
         Ok(())
+    }
+
+    /// Switches version and/or config between two batches.
+    async fn swap(&mut self, program: Arc<Program>, plugin: PluginConfig) -> Result<(), String> {
+        let from = self.sandbox().program().digest().to_string();
+        let to = program.digest().to_string();
+        let path = program.path().display().to_string();
+        let started = Instant::now();
+        let target = plugin.clone();
+        let (_, result) = self
+            .in_sandbox(Vec::new(), move |sandbox, _, _, _| {
+                sandbox.swap(program, &target)
+            })
+            .await;
+        match result {
+            Ok(()) => {
+                self.outputs = Outputs::new(&plugin, self.outputs.producer().clone());
+                self.plugin = plugin;
+                let version = version_of(self.sandbox().program());
+                self.metrics.set_version(version);
+                self.metrics.reload(ReloadOutcome::Ok);
+                info!(from = %from, to = %to, took = ?started.elapsed(), "switched version (on probation for the next batches)");
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.reload(ReloadOutcome::Failed);
+                error!(path = %path, digest = %to, "new version refused, {from} keeps running: {e}");
+                Err(e.to_string())
+            }
+        }
     }
 
     /// Runs, delivers, commits and stores offsets for one batch. Returns false if the host
@@ -228,7 +310,16 @@ impl Worker {
     ) -> bool {
         let started = Instant::now();
         let n = events.len();
-        let (events, dispositions) = self.in_sandbox(events, run_events).await;
+        let (events, (dispositions, trapped)) = self.in_sandbox(events, run_events).await;
+        if let Some(rb) = self.sandbox().take_rolled_back() {
+            self.metrics.reload(ReloadOutcome::RolledBack);
+            let version = version_of(self.sandbox().program());
+            self.metrics.set_version(version);
+            error!(path = %rb.path.display(), digest = %rb.digest, restored = %rb.restored_digest,
+                "new version trapped on probation ({}); the previous version is back", rb.trap);
+        } else if !trapped {
+            self.sandbox().batch_succeeded();
+        }
         let outputs = self.sandbox().take_outputs();
         let letters: Vec<DeadLetter> = dispositions
             .iter()
@@ -361,19 +452,23 @@ impl Worker {
 }
 
 /// Runs a batch through the sandbox and turns verdicts, traps and retries into one
-/// disposition per event. Blocking: runs on a blocking thread.
+/// disposition per event; also says whether any call trapped. Blocking: runs on a blocking
+/// thread.
 fn run_events(
     sandbox: &mut Sandbox,
     events: &[Event],
     plugin: &PluginConfig,
     metrics: &PluginMetrics,
-) -> Vec<Disposition> {
+) -> (Vec<Disposition>, bool) {
+    let mut trapped = false;
     let mut verdicts: Vec<Result<Verdict, Trap>> = match call(sandbox, events, metrics) {
         Ok(v) => v.into_iter().map(Ok).collect(),
         // One event (or more) of the batch makes the plugin fail. Find which by running each
         // event alone: the others get their verdict, the failing ones are dead-lettered with
-        // the trap as the reason. State and outputs of the failed call were discarded.
+        // the trap as the reason. State and outputs of the failed call were discarded (and a
+        // version on probation was replaced by the previous one, which now runs them).
         Err(trap) => {
+            trapped = true;
             warn!(
                 events = events.len(),
                 "batch failed ({trap}); running its events one by one"
@@ -403,7 +498,8 @@ fn run_events(
                 call(sandbox, std::slice::from_ref(&events[i]), metrics).map(|mut v| v.remove(0));
         }
     }
-    verdicts
+    trapped |= verdicts.iter().any(Result::is_err);
+    let dispositions = verdicts
         .into_iter()
         .zip(attempts)
         .map(|(v, attempts)| match v {
@@ -422,7 +518,8 @@ fn run_events(
                 attempts,
             },
         })
-        .collect()
+        .collect();
+    (dispositions, trapped)
 }
 
 fn call(

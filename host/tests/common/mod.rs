@@ -245,3 +245,74 @@ pub fn config_text(bootstrap: &str, partitions: i32, plugins: &str) -> String {
 pub fn config(text: &str) -> eddy::config::Config {
     eddy::config::Config::parse(text, &root().join("plugins.toml")).expect("valid test config")
 }
+
+/// `wasm` with a custom section appended: a new version (new digest) that behaves the same.
+pub fn with_custom_section(wasm: &[u8], name: &str, payload: &[u8]) -> Vec<u8> {
+    fn leb(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            if n == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+    let mut body = Vec::new();
+    leb(name.len(), &mut body);
+    body.extend_from_slice(name.as_bytes());
+    body.extend_from_slice(payload);
+    let mut out = wasm.to_vec();
+    out.push(0); // custom section id
+    leb(body.len(), &mut out);
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Replaces `path` the way a build does: write a new file, rename it over the old one.
+pub fn replace_file(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Produces generated events in the background at about `per_second` until `stop` is set;
+/// the thread returns the events it produced (all delivered).
+pub fn produce_until(
+    bootstrap: String,
+    opts: GeneratorOptions,
+    per_second: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<Generated>> {
+    std::thread::spawn(move || {
+        let started = Instant::now();
+        let mut produced = Vec::new();
+        let mut generator = Generator::new(opts);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let due = started + Duration::from_secs_f64(produced.len() as f64 / per_second as f64);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let chunk: Vec<Generated> = generator.by_ref().take(20).collect();
+            produce_generated(&bootstrap, &chunk);
+            produced.extend(chunk);
+        }
+        produced
+    })
+}
+
+/// Sends the host's log to the test output (shown for failing tests), filtered by `EDDY_LOG`
+/// (default: info).
+pub fn init_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("EDDY_LOG").unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("info,librdkafka=warn,rdkafka=warn")
+        });
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}

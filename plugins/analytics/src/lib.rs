@@ -347,8 +347,9 @@ mod tests {
         let batch: Vec<Vec<u8>> = (0..200)
             .map(|i| ev(&format!("u{}", i % 7), "page_view", r#","page_url":"/""#))
             .collect();
+        let before = h.recorded().host_calls;
         h.run_payloads(&batch);
-        let calls = h.recorded().host_calls;
+        let calls = h.recorded().host_calls - before;
         assert!(calls <= 3, "{calls} host calls for 200 events");
     }
 }

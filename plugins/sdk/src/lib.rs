@@ -48,7 +48,7 @@ use std::collections::HashMap;
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../../wit",
-        world: "plugin",
+        world: "migratable-plugin",
         default_bindings_module: "eddy_sdk::bindings",
         pub_export_macro: true,
         export_macro_name: "export_plugin",
@@ -77,6 +77,44 @@ pub trait Plugin: Sized + 'static {
 
     /// Called periodically with the host's wall-clock time.
     fn on_tick(&mut self, _now_ms: i64, _ctx: &mut Context) {}
+
+    /// The version of the layout of this plugin's state. Bump it when a new version of the
+    /// plugin stores state differently, and upgrade old state in [`Plugin::migrate`].
+    const STATE_VERSION: u32 = 1;
+
+    /// Upgrades state written with layout `from_version` (older than
+    /// [`Plugin::STATE_VERSION`]). Runs once, after `init`, when this version first meets
+    /// older state: on a hot swap or on a start. An error refuses the new version.
+    fn migrate(&mut self, _from_version: u32, _ctx: &mut Context) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// The state key where the SDK records [`Plugin::STATE_VERSION`]. Keys starting with
+/// `__eddy.` are the SDK's.
+pub const STATE_VERSION_KEY: &str = "__eddy.state_version";
+
+/// Runs [`Plugin::migrate`] if the state was written with an older layout, then records the
+/// current one. State with no recorded version is version 1 (or new, if empty).
+fn migrate_state<P: Plugin>(plugin: &mut P, ctx: &mut Context) -> Result<(), String> {
+    let stored: Option<u32> = ctx.state.get_json(STATE_VERSION_KEY);
+    match stored {
+        Some(v) if v == P::STATE_VERSION => return Ok(()),
+        Some(v) if v > P::STATE_VERSION => {
+            return Err(format!(
+                "the state was written with layout version {v}, newer than this plugin's {}: \
+                 refusing to run an older version on it",
+                P::STATE_VERSION
+            ));
+        }
+        Some(v) => plugin.migrate(v, ctx)?,
+        None if P::STATE_VERSION > 1 && !ctx.state.scan_prefix("", 1).is_empty() => {
+            plugin.migrate(1, ctx)?
+        }
+        None => {}
+    }
+    ctx.state.set_json(STATE_VERSION_KEY, &P::STATE_VERSION);
+    Ok(())
 }
 
 /// For plugins that take no configuration (accepts an empty or missing table only).
@@ -377,7 +415,8 @@ fn init_plugin<P: Plugin>(config_json: &str, ctx: &mut Context) -> Result<P, Str
     };
     let config: P::Config =
         serde_json::from_str(json).map_err(|e| format!("invalid config: {e}"))?;
-    let plugin = P::init(config, ctx)?;
+    let mut plugin = P::init(config, ctx)?;
+    migrate_state(&mut plugin, ctx)?;
     ctx.finish()?;
     Ok(plugin)
 }
@@ -445,6 +484,14 @@ pub mod wasm {
             }
         }
 
+        fn migrate(_from_digest: String) -> Result<(), String> {
+            // The layout check does not depend on which build wrote the state.
+            with_plugin(|plugin: &mut P, ctx| {
+                migrate_state(plugin, ctx)?;
+                ctx.finish()
+            })
+        }
+
         fn on_tick(now_ms: i64) {
             let result = with_plugin(|plugin: &mut P, ctx| {
                 plugin.on_tick(now_ms, ctx);
@@ -476,5 +523,63 @@ pub mod wasm {
             Verdict::Retry(r) => wit::Verdict::Retry(r),
             Verdict::DeadLetter(r) => wit::Verdict::DeadLetter(r),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::Harness;
+
+    /// Version 1 counts events under `n`.
+    struct V1;
+    impl Plugin for V1 {
+        type Config = NoConfig;
+        fn init(_: NoConfig, _: &mut Context) -> Result<Self, String> {
+            Ok(V1)
+        }
+        fn on_event(&mut self, _: &Event, ctx: &mut Context) -> Verdict {
+            ctx.state.incr("n", 1);
+            Verdict::Ok
+        }
+    }
+
+    /// Version 2 keeps the count under `count` and migrates `n` to it.
+    struct V2;
+    impl Plugin for V2 {
+        type Config = NoConfig;
+        const STATE_VERSION: u32 = 2;
+        fn init(_: NoConfig, _: &mut Context) -> Result<Self, String> {
+            Ok(V2)
+        }
+        fn on_event(&mut self, _: &Event, ctx: &mut Context) -> Verdict {
+            ctx.state.incr("count", 1);
+            Verdict::Ok
+        }
+        fn migrate(&mut self, from: u32, ctx: &mut Context) -> Result<(), String> {
+            assert_eq!(from, 1);
+            let n: i64 = ctx.state.get_json("n").unwrap_or(0);
+            ctx.state.delete("n");
+            ctx.state.set_json("count", &n);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_new_state_version_migrates_old_state_once() {
+        let mut h = Harness::<V1>::new("{}").unwrap();
+        h.run_payloads(&[b"x", b"y"]);
+        assert_eq!(h.state_json::<u32>(STATE_VERSION_KEY), Some(1));
+        let mut h = h.swap::<V2>("{}").unwrap();
+        assert_eq!(h.state_json::<i64>("count"), Some(2));
+        assert_eq!(h.state_json::<i64>("n"), None);
+        assert_eq!(h.state_json::<u32>(STATE_VERSION_KEY), Some(2));
+        h.run_payloads(&[b"z"]);
+        // A restart of the same version does not migrate again.
+        h.restart("{}").unwrap();
+        assert_eq!(h.state_json::<i64>("count"), Some(3));
+        // Going back to an older layout is refused rather than corrupting state.
+        let err = h.swap::<V1>("{}").err().unwrap();
+        assert!(err.contains("newer than this plugin's 1"), "{err}");
     }
 }

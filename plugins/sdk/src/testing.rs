@@ -148,6 +148,19 @@ impl<P: Plugin> Harness<P> {
             .collect()
     }
 
+    /// Simulates a hot swap to a new build of `Q` (e.g. a version with a newer
+    /// `STATE_VERSION`): `init` then the state migration, on the state this harness holds.
+    pub fn swap<Q: Plugin>(self, config_json: &str) -> Result<Harness<Q>, String> {
+        let mut ctx = Context::new(Box::new(self.memory.clone()));
+        let plugin = crate::init_plugin::<Q>(config_json, &mut ctx)?;
+        Ok(Harness {
+            plugin,
+            ctx,
+            memory: self.memory,
+            next_offset: self.next_offset,
+        })
+    }
+
     /// Forgets recorded outputs and logs (state stays).
     pub fn clear_outputs(&mut self) {
         let mut r = self.memory.0.borrow_mut();

@@ -1,0 +1,494 @@
+//! Hot reload: the supervisor owns the set of running plugins and changes it while the host
+//! runs, without a restart.
+//!
+//! A reload (a watched file changed, `SIGHUP`, or [`crate::Host::reload`]) re-reads
+//! `plugins.toml`. If it does not parse or validate, nothing changes and the error says what
+//! and where. Otherwise, per plugin:
+//! - new in the file: compile it, start a worker with a new consumer group;
+//! - gone from the file: close its worker's control channel; it finishes its batch, commits
+//!   and leaves its group;
+//! - `.wasm` content or settings changed: compile the new version here, off the event path,
+//!   try its `init` in a scratch sandbox, then hand it to the worker, which switches between
+//!   two batches, keeping the state (see [`crate::sandbox::Sandbox::swap`]). If any step
+//!   fails, the old version keeps running. A changed `group` or `start_from` means a new
+//!   consumer group: the plugin is removed and added back, with fresh state;
+//! - unchanged: nothing, not even a recompile.
+//!
+//! A version that failed, or trapped on probation and was rolled back, is not tried again
+//! until its file changes again.
+
+use crate::config::{Config, PluginConfig};
+use crate::metrics::{Metrics, ReloadOutcome};
+use crate::outputs::Outputs;
+use crate::sandbox::{self, Program, Sandbox};
+use crate::worker::{Control, Worker};
+use rdkafka::ClientConfig;
+use rdkafka::producer::FutureProducer;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+use wasmtime::Engine;
+
+/// What one reload did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// `plugins.toml` could not be used: nothing changed.
+    pub config_error: Option<String>,
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// Switched to a new version or new settings.
+    pub swapped: Vec<String>,
+    /// Could not be added or switched: name and why.
+    pub failed: Vec<(String, String)>,
+}
+
+/// A running plugin, as the supervisor sees it.
+struct Running {
+    /// The settings last applied (or last tried, if they were refused).
+    plugin: PluginConfig,
+    /// The version the worker runs.
+    program: Arc<Program>,
+    /// The version it ran before the last switch, in case the new one is rolled back.
+    previous: Option<Arc<Program>>,
+    /// Digest of a version that was refused or rolled back: not retried until the file
+    /// changes again.
+    refused: Option<String>,
+    control: mpsc::Sender<Control>,
+    task: JoinHandle<()>,
+}
+
+/// Owns the workers and applies reloads.
+pub struct Supervisor {
+    engine: Engine,
+    config: Config,
+    client: ClientConfig,
+    producer: FutureProducer,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+    running: BTreeMap<String, Running>,
+}
+
+impl Supervisor {
+    /// Starts a worker for each loaded plugin of `config`.
+    pub fn start(
+        engine: Engine,
+        config: Config,
+        sandboxes: Vec<Sandbox>,
+        client: ClientConfig,
+        producer: FutureProducer,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Supervisor {
+        let mut s = Supervisor {
+            engine,
+            config,
+            client,
+            producer,
+            metrics,
+            shutdown,
+            running: BTreeMap::new(),
+        };
+        for (plugin, sandbox) in s.config.plugins.clone().into_iter().zip(sandboxes) {
+            s.spawn(plugin, sandbox);
+        }
+        s
+    }
+
+    fn spawn(&mut self, plugin: PluginConfig, sandbox: Sandbox) {
+        let (control, control_rx) = mpsc::channel(1);
+        let program = sandbox.program().clone();
+        let worker = Worker::new(
+            plugin.clone(),
+            self.config.kafka.topic.clone(),
+            self.client.clone(),
+            sandbox,
+            Outputs::new(&plugin, self.producer.clone()),
+            self.metrics.plugin(&plugin.name),
+            self.shutdown.clone(),
+            control_rx,
+        );
+        let name = plugin.name.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = worker.run().await {
+                error!(plugin = %name, "plugin stopped: {e:#}");
+            }
+        });
+        self.running.insert(
+            plugin.name.clone(),
+            Running {
+                plugin,
+                program,
+                previous: None,
+                refused: None,
+                control,
+                task,
+            },
+        );
+    }
+
+    /// Stops a worker: it finishes its batch, commits and leaves its group.
+    async fn remove(&mut self, name: &str) {
+        if let Some(r) = self.running.remove(name) {
+            drop(r.control);
+            if let Err(e) = r.task.await {
+                error!(plugin = %name, "worker task failed: {e}");
+            }
+        }
+    }
+
+    /// The files whose changes trigger a reload.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.config.source.clone()];
+        files.extend(self.config.plugins.iter().map(|p| p.path.clone()));
+        files
+    }
+
+    /// Re-reads `plugins.toml` and applies what changed.
+    pub async fn reload(&mut self) -> ReloadReport {
+        let mut report = ReloadReport::default();
+        let new = match Config::load(&self.config.source) {
+            Ok(c) => c,
+            Err(e) => {
+                self.metrics
+                    .config_reloads_failed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                error!("{e} — nothing changed, the running plugins keep running");
+                report.config_error = Some(e.to_string());
+                return report;
+            }
+        };
+        self.metrics
+            .config_reloads_ok
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for (section, changed) in [
+            ("[kafka]", new.kafka != self.config.kafka),
+            ("[http]", new.http != self.config.http),
+            ("[generator]", new.generator != self.config.generator),
+            ("[reload]", new.reload != self.config.reload),
+        ] {
+            if changed {
+                warn!(
+                    "{section} changed in {}: applied at the next restart",
+                    new.source.display()
+                );
+            }
+        }
+
+        let wanted: BTreeSet<&str> = new.plugins.iter().map(|p| p.name.as_str()).collect();
+        let gone: Vec<String> = self
+            .running
+            .keys()
+            .filter(|n| !wanted.contains(n.as_str()))
+            .cloned()
+            .collect();
+        for name in gone {
+            info!(plugin = %name, "removed from plugins.toml: stopping it");
+            self.remove(&name).await;
+            report.removed.push(name);
+        }
+
+        for plugin in &new.plugins {
+            let name = plugin.name.clone();
+            let outcome = match self.running.get(&name) {
+                None => self
+                    .add(plugin)
+                    .await
+                    .map(|()| report.added.push(name.clone())),
+                Some(r)
+                    if r.plugin.group_id() != plugin.group_id()
+                        || r.plugin.start_from != plugin.start_from =>
+                {
+                    info!(plugin = %name, "consumer group settings changed: restarting it with fresh state");
+                    self.remove(&name).await;
+                    self.add(plugin)
+                        .await
+                        .map(|()| report.added.push(name.clone()))
+                }
+                Some(_) => match self.update(plugin).await {
+                    Ok(true) => {
+                        report.swapped.push(name.clone());
+                        Ok(())
+                    }
+                    Ok(false) => Ok(()),
+                    Err(e) => Err(e),
+                },
+            };
+            if let Err(e) = outcome {
+                report.failed.push((name, e));
+            }
+        }
+        // Sections that need a restart keep their running values, so the warning repeats
+        // only when they change again.
+        self.config = Config {
+            kafka: self.config.kafka.clone(),
+            http: self.config.http.clone(),
+            generator: self.config.generator.clone(),
+            reload: self.config.reload.clone(),
+            ..new
+        };
+        report
+    }
+
+    async fn add(&mut self, plugin: &PluginConfig) -> Result<(), String> {
+        let (engine, p) = (self.engine.clone(), plugin.clone());
+        let loaded = tokio::task::spawn_blocking(move || Sandbox::load(&engine, &p))
+            .await
+            .expect("load task");
+        match loaded {
+            Ok(sandbox) => {
+                info!(plugin = %plugin.name, digest = %sandbox.program().digest(), "added");
+                self.spawn(plugin.clone(), sandbox);
+                Ok(())
+            }
+            Err(e) => {
+                error!(plugin = %plugin.name, "cannot add it: {e}");
+                self.metrics
+                    .plugin(&plugin.name)
+                    .reload(ReloadOutcome::Failed);
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Switches a running plugin to its new file content or settings. Ok(false): nothing to do.
+    async fn update(&mut self, plugin: &PluginConfig) -> Result<bool, String> {
+        let version_now = self.metrics.plugin(&plugin.name).version().digest;
+        let running = self.running.get_mut(&plugin.name).expect("caller checked");
+        // The worker went back to the previous version after the new one trapped on probation.
+        if version_now != running.program.digest()
+            && let Some(previous) = running.previous.take()
+            && previous.digest() == version_now
+        {
+            running.refused = Some(running.program.digest().to_string());
+            running.program = previous;
+        }
+        let bytes = match std::fs::read(&plugin.path) {
+            Ok(b) => b,
+            Err(e) => return Err(format!("{}: cannot read: {e}", plugin.path.display())),
+        };
+        let digest = sandbox::digest(&bytes);
+        let same_settings = *plugin == running.plugin;
+        if same_settings
+            && (digest == running.program.digest() || running.refused.as_deref() == Some(&digest))
+        {
+            return Ok(false);
+        }
+        let program = if digest == running.program.digest() {
+            running.program.clone()
+        } else {
+            let (engine, path) = (self.engine.clone(), plugin.path.clone());
+            let compiled = tokio::task::spawn_blocking(move || Program::compile(&engine, &path))
+                .await
+                .expect("compile task");
+            match compiled {
+                Ok(p) => Arc::new(p),
+                Err(e) => return Err(self.refuse(plugin, &digest, e.to_string())),
+            }
+        };
+        // Try init with the new config in a scratch sandbox, off the event path.
+        let (engine, p, prog) = (self.engine.clone(), plugin.clone(), program.clone());
+        let validated = tokio::task::spawn_blocking(move || prog.validate(&engine, &p))
+            .await
+            .expect("validate task");
+        if let Err(e) = validated {
+            return Err(self.refuse(plugin, &digest, e.to_string()));
+        }
+        let (done, answer) = oneshot::channel();
+        let running = self.running.get_mut(&plugin.name).expect("caller checked");
+        let swap = Control::Swap {
+            program: program.clone(),
+            plugin: Box::new(plugin.clone()),
+            done,
+        };
+        if running.control.send(swap).await.is_err() {
+            return Err("its worker has stopped".into());
+        }
+        match answer.await {
+            Ok(Ok(())) => {
+                running.previous = Some(std::mem::replace(&mut running.program, program));
+                running.plugin = plugin.clone();
+                running.refused = None;
+                Ok(true)
+            }
+            // The worker logged why and counted it.
+            Ok(Err(e)) => {
+                running.plugin = plugin.clone();
+                running.refused = Some(digest);
+                Err(e)
+            }
+            Err(_) => Err("its worker stopped during the switch".into()),
+        }
+    }
+
+    /// Records a version that cannot run, so it is not retried until the file changes.
+    fn refuse(&mut self, plugin: &PluginConfig, digest: &str, why: String) -> String {
+        error!(plugin = %plugin.name, path = %plugin.path.display(), digest, "new version refused, the old one keeps running: {why}");
+        self.metrics
+            .plugin(&plugin.name)
+            .reload(ReloadOutcome::Failed);
+        if let Some(r) = self.running.get_mut(&plugin.name) {
+            r.plugin = plugin.clone();
+            r.refused = Some(digest.to_string());
+        }
+        why
+    }
+
+    /// Stops every worker (after the host's shutdown signal).
+    pub async fn stop(mut self) {
+        let names: Vec<String> = self.running.keys().cloned().collect();
+        for name in names {
+            self.remove(&name).await;
+        }
+    }
+}
+
+/// Requests to the supervisor task.
+pub enum Request {
+    Reload(oneshot::Sender<ReloadReport>),
+}
+
+/// Runs the supervisor: applies reload requests, watched file changes and `SIGHUP`, until
+/// `shutdown`; then stops every worker. The file watch is in place when this returns, so a
+/// change made right after cannot be missed; the returned future does the rest.
+pub fn supervise(
+    mut supervisor: Supervisor,
+    mut requests: mpsc::Receiver<Request>,
+    mut shutdown: watch::Receiver<bool>,
+) -> impl std::future::Future<Output = ()> + Send {
+    let (changes_tx, mut changes) = mpsc::unbounded_channel::<PathBuf>();
+    let debounce = Duration::from_millis(supervisor.config.reload.debounce_ms);
+    let mut watcher = if supervisor.config.reload.watch {
+        FileWatcher::new(changes_tx)
+    } else {
+        None
+    };
+    if let Some(w) = &mut watcher {
+        w.watch(&supervisor.watched_files());
+    }
+    async move {
+        #[cfg(unix)]
+        let mut hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        loop {
+            #[cfg(unix)]
+            let sighup = async {
+                match hangup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let sighup = std::future::pending::<Option<()>>();
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                request = requests.recv() => match request {
+                    Some(Request::Reload(reply)) => {
+                        let _ = reply.send(supervisor.reload().await);
+                    }
+                    None => break,
+                },
+                Some(first) = changes.recv() => {
+                    // Debounce: a build writes a file in several steps; wait for quiet.
+                    let mut touched = vec![first];
+                    while let Ok(Some(p)) = tokio::time::timeout(debounce, changes.recv()).await {
+                        touched.push(p);
+                    }
+                    touched.sort();
+                    touched.dedup();
+                    info!(files = ?touched, "files changed: reloading");
+                    supervisor.reload().await;
+                }
+                _ = sighup => {
+                    info!("SIGHUP: reloading");
+                    supervisor.reload().await;
+                }
+            }
+            if let Some(w) = &mut watcher {
+                w.watch(&supervisor.watched_files());
+            }
+        }
+        supervisor.stop().await;
+    }
+}
+
+/// Watches the directories of the given files (a file that is replaced, as builds do, is a
+/// new inode: watching the file itself would miss the next change) and reports changes to
+/// exactly those files.
+struct FileWatcher {
+    watcher: notify::RecommendedWatcher,
+    files: Arc<std::sync::Mutex<BTreeSet<PathBuf>>>,
+    dirs: BTreeSet<PathBuf>,
+}
+
+impl FileWatcher {
+    fn new(changes: mpsc::UnboundedSender<PathBuf>) -> Option<FileWatcher> {
+        let files: Arc<std::sync::Mutex<BTreeSet<PathBuf>>> = Arc::default();
+        let wanted = files.clone();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            let Ok(event) = event else { return };
+            if matches!(event.kind, notify::EventKind::Access(_)) {
+                return;
+            }
+            let wanted = wanted.lock().expect("watch list");
+            for path in event.paths {
+                if wanted.contains(&path) {
+                    let _ = changes.send(path);
+                }
+            }
+        });
+        match watcher {
+            Ok(watcher) => Some(FileWatcher {
+                watcher,
+                files,
+                dirs: BTreeSet::new(),
+            }),
+            Err(e) => {
+                warn!("cannot watch files ({e}): reload with SIGHUP instead");
+                None
+            }
+        }
+    }
+
+    /// Makes the watch list exactly `files`.
+    fn watch(&mut self, files: &[PathBuf]) {
+        use notify::Watcher;
+        let absolute: BTreeSet<PathBuf> = files.iter().map(|f| absolute(f)).collect();
+        let dirs: BTreeSet<PathBuf> = absolute
+            .iter()
+            .filter_map(|f| f.parent().map(Path::to_path_buf))
+            .collect();
+        for gone in self.dirs.difference(&dirs) {
+            let _ = self.watcher.unwatch(gone);
+        }
+        for new in dirs.difference(&self.dirs) {
+            if let Err(e) = self.watcher.watch(new, notify::RecursiveMode::NonRecursive) {
+                warn!(dir = %new.display(), "cannot watch: {e}");
+            }
+        }
+        self.dirs = dirs;
+        *self.files.lock().expect("watch list") = absolute;
+    }
+}
+
+/// `path` made absolute and free of `.`/`..`, with its directory's symlinks resolved, so
+/// it compares equal to the paths the watcher reports.
+fn absolute(path: &Path) -> PathBuf {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return path.to_path_buf();
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    match std::fs::canonicalize(dir) {
+        Ok(d) => d.join(name),
+        Err(_) => std::env::current_dir()
+            .map(|c| c.join(path))
+            .unwrap_or_else(|_| path.to_path_buf()),
+    }
+}
