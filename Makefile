@@ -6,7 +6,7 @@
 PLUGINS := eddy-logger eddy-analytics eddy-alert eddy-fraud eddy-fixture-misbehave
 CARGO ?= cargo
 
-.PHONY: run test plugins target check lint
+.PHONY: run test plugins target check lint bench-reload
 
 run: plugins
 	$(CARGO) run --release -p eddy -- run --config plugins.toml
@@ -27,3 +27,7 @@ check: plugins
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Hot-swap latency and the stall it causes in another plugin (release build).
+bench-reload: plugins
+	$(CARGO) bench -p eddy --bench reload

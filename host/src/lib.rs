@@ -79,7 +79,13 @@ impl Host {
             Some(b) => b.bootstrap_servers().to_string(),
             None => config.kafka.brokers.clone(),
         };
-        let client = broker::client_config(&config.kafka, &bootstrap);
+        let mut client = broker::client_config(&config.kafka, &bootstrap);
+        if broker.is_some() && !config.kafka.settings.contains_key("fetch.wait.max.ms") {
+            // The embedded broker answers a fetch only after `fetch.wait.max.ms` (500 ms by
+            // default) even while data flows, which would hand plugins events in 500 ms
+            // bursts. A real broker answers as soon as data is there.
+            client.set("fetch.wait.max.ms", "20");
+        }
 
         let engine = sandbox::engine()?;
         let sandboxes = load_all(&engine, &config).await?;

@@ -238,7 +238,7 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
 pub fn config_text(bootstrap: &str, partitions: i32, plugins: &str) -> String {
     format!(
         "[kafka]\nbrokers = \"{bootstrap}\"\ntopic = \"{TOPIC}\"\npartitions = {partitions}\n\
-         [kafka.settings]\n\"session.timeout.ms\" = \"6000\"\n\n[http]\naddress = \"127.0.0.1:0\"\n\n{plugins}"
+         [kafka.settings]\n\"session.timeout.ms\" = \"6000\"\n\"fetch.wait.max.ms\" = \"20\"\n\n[http]\naddress = \"127.0.0.1:0\"\n\n{plugins}"
     )
 }
 
