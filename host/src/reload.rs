@@ -326,7 +326,7 @@ impl Supervisor {
 
     /// Records a version that cannot run, so it is not retried until the file changes.
     fn refuse(&mut self, plugin: &PluginConfig, digest: &str, why: String) -> String {
-        error!(plugin = %plugin.name, path = %plugin.path.display(), digest, "new version refused, the old one keeps running: {why}");
+        error!(plugin = %plugin.name, path = %plugin.path.display(), digest, "change refused, the plugin keeps running as before: {why}");
         self.metrics
             .plugin(&plugin.name)
             .reload(ReloadOutcome::Failed);

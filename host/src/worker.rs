@@ -289,12 +289,16 @@ impl Worker {
                 let version = version_of(self.sandbox().program());
                 self.metrics.set_version(version);
                 self.metrics.reload(ReloadOutcome::Ok);
-                info!(from = %from, to = %to, took = ?started.elapsed(), "switched version (on probation for the next batches)");
+                if from == to {
+                    info!(digest = %to, took = ?started.elapsed(), "applied new settings");
+                } else {
+                    info!(from = %from, to = %to, took = ?started.elapsed(), "switched to a new version (on probation for the next batches)");
+                }
                 Ok(())
             }
             Err(e) => {
                 self.metrics.reload(ReloadOutcome::Failed);
-                error!(path = %path, digest = %to, "new version refused, {from} keeps running: {e}");
+                error!(path = %path, digest = %to, "change refused, the plugin keeps running as before: {e}");
                 Err(e.to_string())
             }
         }

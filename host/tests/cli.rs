@@ -126,3 +126,84 @@ fn bad_plugins_are_refused_at_start_with_the_cause() {
         "the good plugin is not blamed: {err}"
     );
 }
+
+#[cfg(unix)]
+#[test]
+fn sighup_reloads_plugins_toml_when_watching_is_off() {
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+    let text = GOOD.replace("[http]", "[reload]\nwatch = false\n\n[http]")
+        + "[plugin.outputs]\nlog = \"discard\"\n[plugin.config]\nsample_every = 5\n";
+    let dir = setup(&text);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_eddy"))
+        .arg("run")
+        .current_dir(dir.path())
+        .env("EDDY_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = log.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let wait_for_log = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !log.lock().unwrap().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no `{needle}` in the log:\n{}",
+                log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for_log("consuming");
+    std::fs::write(
+        dir.path().join("plugins.toml"),
+        text.replace("sample_every = 5", "sample_every = 2"),
+    )
+    .unwrap();
+    let hup = |pid: u32| {
+        Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+    };
+    assert!(hup(child.id()).success());
+    wait_for_log("applied new settings");
+    // A typo: refused, and the plugin keeps running.
+    std::fs::write(
+        dir.path().join("plugins.toml"),
+        text.replace("sample_every = 5", "sample_evry = 2"),
+    )
+    .unwrap();
+    assert!(hup(child.id()).success());
+    wait_for_log("change refused");
+    assert!(log.lock().unwrap().contains("unknown field `sample_evry`"));
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    assert!(
+        status.success(),
+        "exit on Ctrl-C is clean:\n{}",
+        log.lock().unwrap()
+    );
+    assert!(
+        log.lock().unwrap().contains("stopped;"),
+        "the worker stopped cleanly"
+    );
+}

@@ -12,7 +12,7 @@ fn the_compose_host_config_is_valid_and_matches_the_compose_file() {
         .expect("deploy/plugins.toml");
 
     // Mounted where the image's CMD reads it.
-    assert!(compose.contains("./deploy/plugins.toml:/etc/eddy/plugins.toml"));
+    assert!(compose.contains("./deploy:/etc/eddy:ro"));
     let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
     assert!(dockerfile.contains(r#"CMD ["run", "--config", "/etc/eddy/plugins.toml"]"#));
 

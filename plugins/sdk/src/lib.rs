@@ -413,8 +413,16 @@ fn init_plugin<P: Plugin>(config_json: &str, ctx: &mut Context) -> Result<P, Str
     } else {
         config_json
     };
-    let config: P::Config =
-        serde_json::from_str(json).map_err(|e| format!("invalid config: {e}"))?;
+    let config: P::Config = serde_json::from_str(json).map_err(|e| {
+        // The position is in the JSON the host made from `[plugin.config]`: meaningless to
+        // the user, who wrote TOML. The message names the key.
+        let message = e.to_string();
+        let message = message
+            .rsplit_once(" at line ")
+            .map_or(message.as_str(), |(m, _)| m)
+            .to_string();
+        format!("invalid [plugin.config]: {message}")
+    })?;
     let mut plugin = P::init(config, ctx)?;
     migrate_state(&mut plugin, ctx)?;
     ctx.finish()?;
