@@ -43,6 +43,8 @@ pub struct Config {
     pub generator: GeneratorConfig,
     #[serde(default)]
     pub reload: ReloadConfig,
+    #[serde(default)]
+    pub state: StateConfig,
     #[serde(default, rename = "plugin")]
     pub plugins: Vec<PluginConfig>,
     /// Where this config was read from; relative paths in it are resolved against its
@@ -112,6 +114,36 @@ impl Default for GeneratorConfig {
             fraud_every: default_fraud_every(),
         }
     }
+}
+
+/// `[state]`: where plugins' state lives.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// Keep each plugin's state, with the offsets it reflects, in a file (`<dir>/<plugin>.redb`),
+    /// committed atomically per batch: counts stay exact across crashes and restarts. With
+    /// `false`, state lives in memory only and offsets in Kafka.
+    #[serde(default = "default_durable")]
+    pub durable: bool,
+    /// Directory of the state files (relative to this file's directory).
+    #[serde(default = "default_state_dir")]
+    pub dir: PathBuf,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            durable: default_durable(),
+            dir: default_state_dir(),
+        }
+    }
+}
+
+fn default_durable() -> bool {
+    true
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("eddy-data")
 }
 
 /// `[reload]`: hot reload while the host runs.
@@ -199,6 +231,10 @@ pub struct Limits {
     /// First retry delay; doubled on each further attempt.
     #[serde(default = "default_retry_backoff_ms")]
     pub retry_backoff_ms: u64,
+    /// Most state the plugin may keep (keys + values), in MiB. A write past it fails the
+    /// call, and its events are dead-lettered with the reason.
+    #[serde(default = "default_state_mib")]
+    pub state_mib: u64,
 }
 
 impl Default for Limits {
@@ -208,6 +244,7 @@ impl Default for Limits {
             cpu_ms: default_cpu_ms(),
             max_retries: default_max_retries(),
             retry_backoff_ms: default_retry_backoff_ms(),
+            state_mib: default_state_mib(),
         }
     }
 }
@@ -324,6 +361,9 @@ fn default_max_retries() -> u32 {
 fn default_retry_backoff_ms() -> u64 {
     100
 }
+fn default_state_mib() -> u64 {
+    64
+}
 
 /// Names must be usable in consumer groups, topics and metric labels.
 fn valid_name(name: &str) -> bool {
@@ -385,6 +425,9 @@ impl Config {
             if p.path.is_relative() {
                 p.path = base.join(&p.path);
             }
+        }
+        if self.state.dir.is_relative() {
+            self.state.dir = base.join(&self.state.dir);
         }
     }
 
@@ -482,6 +525,12 @@ impl Config {
                     format!("must be 1 to 600000 ms, not {}", l.cpu_ms),
                 ));
             }
+            if !(1..=65_536).contains(&l.state_mib) {
+                return Err(self.invalid(
+                    at("limits.state_mib"),
+                    format!("must be 1 to 65536 MiB, not {}", l.state_mib),
+                ));
+            }
             if l.max_retries > 100 {
                 return Err(self.invalid(at("limits.max_retries"), "must be at most 100"));
             }
@@ -505,6 +554,11 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Where `plugin`'s state file is (when state is durable).
+    pub fn state_file(&self, plugin: &str) -> PathBuf {
+        crate::store::path_for(&self.state.dir, plugin)
     }
 
     /// Whether the host must start its own broker.

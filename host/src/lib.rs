@@ -9,6 +9,8 @@
 //! - [`broker`]: Kafka client settings, and the embedded broker for `brokers = "embedded"`.
 //! - [`sandbox`]: one plugin instance in wasmtime, and the host side of the WIT contract.
 //! - [`state`]: one plugin's key/value state, with per-call and per-batch overlays.
+//! - [`store`]: its durable copy: one redb file per plugin, state and offsets committed
+//!   together.
 //! - [`worker`]: one plugin's consume → run → deliver → commit → store-offsets loop.
 //! - [`reload`]: the supervisor: the set of running plugins, changed while running (hot
 //!   reload from file watching, `SIGHUP` or [`Host::reload`]).
@@ -27,6 +29,7 @@ pub mod outputs;
 pub mod reload;
 pub mod sandbox;
 pub mod state;
+pub mod store;
 pub mod worker;
 
 use crate::broker::EmbeddedBroker;
@@ -88,7 +91,20 @@ impl Host {
         }
 
         let engine = sandbox::engine()?;
-        let sandboxes = load_all(&engine, &config).await?;
+        // What the saved offsets of durable state are checked against.
+        let cluster = if config.state.durable {
+            let (client, topic) = (client.clone(), config.kafka.topic.clone());
+            let mut view =
+                tokio::task::spawn_blocking(move || store::ClusterView::probe(&client, &topic))
+                    .await?;
+            if broker.is_some() {
+                view.id = Some(store::embedded_cluster_id());
+            }
+            view
+        } else {
+            store::ClusterView::default()
+        };
+        let sandboxes = load_all(&engine, &config, &cluster).await?;
 
         let metrics = Arc::new(Metrics::default());
         let listener = http::bind(config.http.address).await?;
@@ -108,6 +124,7 @@ impl Host {
             engine,
             config.clone(),
             sandboxes,
+            cluster.id.clone().filter(|_| broker.is_some()),
             client.clone(),
             producer,
             metrics.clone(),
@@ -203,14 +220,23 @@ impl Host {
 
 /// Loads every plugin, in parallel (compiling is the slow part). All failures are reported
 /// together, so a user fixes them in one go.
-async fn load_all(engine: &wasmtime::Engine, config: &Config) -> anyhow::Result<Vec<Sandbox>> {
+async fn load_all(
+    engine: &wasmtime::Engine,
+    config: &Config,
+    cluster: &store::ClusterView,
+) -> anyhow::Result<Vec<Sandbox>> {
     let loads: Vec<_> = config
         .plugins
         .iter()
         .map(|p| {
-            let (engine, p) = (engine.clone(), p.clone());
+            let (engine, p, state, cluster) = (
+                engine.clone(),
+                p.clone(),
+                config.state.clone(),
+                cluster.clone(),
+            );
             tokio::task::spawn_blocking(move || {
-                Sandbox::load(&engine, &p).map_err(|e| (p.name.clone(), e))
+                reload::load_plugin(&engine, &state, &p, &cluster).map_err(|e| (p.name.clone(), e))
             })
         })
         .collect();

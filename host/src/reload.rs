@@ -33,6 +33,33 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 use wasmtime::Engine;
 
+/// Why a plugin could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Load(#[from] crate::sandbox::LoadError),
+    #[error(transparent)]
+    State(#[from] crate::store::StoreError),
+}
+
+/// Opens `plugin`'s state as `[state]` says (checking saved offsets against `cluster`) and
+/// loads the plugin on it. Blocking.
+pub fn load_plugin(
+    engine: &Engine,
+    state: &crate::config::StateConfig,
+    plugin: &PluginConfig,
+    cluster: &crate::store::ClusterView,
+) -> Result<Sandbox, StartError> {
+    let cap = plugin.limits.state_mib << 20;
+    let plugin_state = if state.durable {
+        let store = crate::store::open_checked(&state.dir, &plugin.name, cluster)?;
+        crate::state::PluginState::durable(store, cap)?
+    } else {
+        crate::state::PluginState::in_memory(cap)
+    };
+    Ok(Sandbox::load(engine, plugin, plugin_state)?)
+}
+
 /// What one reload did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ReloadReport {
@@ -69,15 +96,19 @@ pub struct Supervisor {
     producer: FutureProducer,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
+    /// The id the host gave its own embedded broker, if it runs one.
+    embedded_cluster: Option<String>,
     running: BTreeMap<String, Running>,
 }
 
 impl Supervisor {
     /// Starts a worker for each loaded plugin of `config`.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         engine: Engine,
         config: Config,
         sandboxes: Vec<Sandbox>,
+        embedded_cluster: Option<String>,
         client: ClientConfig,
         producer: FutureProducer,
         metrics: Arc<Metrics>,
@@ -90,6 +121,7 @@ impl Supervisor {
             producer,
             metrics,
             shutdown,
+            embedded_cluster,
             running: BTreeMap::new(),
         };
         for (plugin, sandbox) in s.config.plugins.clone().into_iter().zip(sandboxes) {
@@ -234,10 +266,22 @@ impl Supervisor {
     }
 
     async fn add(&mut self, plugin: &PluginConfig) -> Result<(), String> {
-        let (engine, p) = (self.engine.clone(), plugin.clone());
-        let loaded = tokio::task::spawn_blocking(move || Sandbox::load(&engine, &p))
-            .await
-            .expect("load task");
+        let (engine, p, state) = (
+            self.engine.clone(),
+            plugin.clone(),
+            self.config.state.clone(),
+        );
+        let (client, topic) = (self.client.clone(), self.config.kafka.topic.clone());
+        let embedded = self.embedded_cluster.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            let mut cluster = crate::store::ClusterView::probe(&client, &topic);
+            if embedded.is_some() {
+                cluster.id = embedded;
+            }
+            load_plugin(&engine, &state, &p, &cluster)
+        })
+        .await
+        .expect("load task");
         match loaded {
             Ok(sandbox) => {
                 info!(plugin = %plugin.name, digest = %sandbox.program().digest(), "added");

@@ -110,10 +110,10 @@ pub struct HostState {
 }
 
 impl HostState {
-    pub fn new(plugin: &PluginConfig) -> HostState {
+    pub fn new(plugin: &PluginConfig, state: PluginState) -> HostState {
         HostState {
             plugin: plugin.name.as_str().into(),
-            state: PluginState::default(),
+            state,
             outputs: Vec::new(),
             outputs_mark: 0,
             output_names: Arc::new(plugin.outputs.keys().cloned().collect()),
@@ -344,7 +344,8 @@ impl Program {
         engine: &Engine,
         plugin: &PluginConfig,
     ) -> Result<(), LoadError> {
-        Sandbox::start(engine, self.clone(), plugin).map(drop)
+        let scratch = PluginState::in_memory(plugin.limits.state_mib << 20);
+        Sandbox::start(engine, self.clone(), plugin, scratch).map(drop)
     }
 }
 
@@ -391,19 +392,24 @@ pub struct RolledBack {
 }
 
 impl Sandbox {
-    /// Compiles, links and initialises the plugin at `plugin.path`, with empty state.
-    pub fn load(engine: &Engine, plugin: &PluginConfig) -> Result<Sandbox, LoadError> {
+    /// Compiles, links and initialises the plugin at `plugin.path`, on `state`.
+    pub fn load(
+        engine: &Engine,
+        plugin: &PluginConfig,
+        state: PluginState,
+    ) -> Result<Sandbox, LoadError> {
         let program = Arc::new(Program::compile(engine, &plugin.path)?);
-        Sandbox::start(engine, program, plugin)
+        Sandbox::start(engine, program, plugin, state)
     }
 
-    /// Instantiates and initialises `program` with empty state.
+    /// Instantiates and initialises `program` on `state`.
     pub fn start(
         engine: &Engine,
         program: Arc<Program>,
         plugin: &PluginConfig,
+        state: PluginState,
     ) -> Result<Sandbox, LoadError> {
-        let (mut store, stderr) = new_store(engine, &plugin.limits, HostState::new(plugin));
+        let (mut store, stderr) = new_store(engine, &plugin.limits, HostState::new(plugin, state));
         let linked = link(&mut store, &program).map_err(|message| LoadError::Contract {
             path: program.path.clone(),
             message,
@@ -592,9 +598,18 @@ impl Sandbox {
         std::mem::take(&mut host.outputs)
     }
 
-    /// Makes the batch's state changes permanent: call once its outputs are delivered.
-    pub fn commit_batch(&mut self) {
-        self.store.data_mut().host.state.commit_batch();
+    /// Makes the batch's state changes permanent together with the offsets it advanced:
+    /// call once its outputs are delivered. On an error the batch is still pending.
+    pub fn commit_batch(
+        &mut self,
+        offsets: &crate::store::Offsets,
+    ) -> Result<(), crate::store::StoreError> {
+        let digest = self.program.digest.clone();
+        self.store
+            .data_mut()
+            .host
+            .state
+            .commit_batch(offsets, &[(crate::store::META_WRITER, &digest)])
     }
 
     /// Drops the batch's state changes: its events will be consumed again.
@@ -750,7 +765,7 @@ impl StoreData {
             },
             host: HostState {
                 plugin: "".into(),
-                state: PluginState::default(),
+                state: PluginState::in_memory(0),
                 outputs: Vec::new(),
                 outputs_mark: 0,
                 output_names: Arc::default(),

@@ -3,12 +3,18 @@
 //! Writes go through two overlays. A call's writes land in `call`; when the call succeeds
 //! they move to `batch` ([`PluginState::end_call`]), when it traps they are dropped, so a
 //! failed call leaves nothing half-applied and its events can be re-run one by one. Once the
-//! batch's outputs are delivered, the host commits `batch` ([`PluginState::commit_batch`]);
-//! if they cannot be, it drops `batch` and the events are consumed again.
+//! batch's outputs are delivered, the host commits `batch` together with the offsets the
+//! batch advanced ([`PluginState::commit_batch`]): to the state file in one transaction when
+//! state is durable (see [`crate::store`]), then in memory. If that cannot happen, `batch`
+//! is dropped and the events are consumed again.
+//!
+//! Reads are served from memory (the committed map mirrors the file), so they never wait on
+//! disk; `limits.state_mib` bounds that memory.
 //!
 //! Keeping state here (not in the instance's memory) is what lets the host throw an instance
 //! away after a trap, or swap it for a new version, without losing anything.
 
+use crate::store::{Offsets, StateStore, StoreError};
 use std::collections::BTreeMap;
 
 /// The longest key a plugin may use.
@@ -25,24 +31,90 @@ pub enum StateError {
     Invalid(String),
 }
 
-#[derive(Debug, Default)]
+type Overlay = BTreeMap<String, Option<Vec<u8>>>;
+
+#[derive(Debug)]
 pub struct PluginState {
     committed: BTreeMap<String, Vec<u8>>,
+    /// Size of `committed` (keys + values), bytes.
+    committed_bytes: i64,
     /// Changes of the successful calls of the batch in progress: `None` is a deletion.
-    batch: BTreeMap<String, Option<Vec<u8>>>,
+    batch: Overlay,
+    batch_delta: i64,
     /// Changes of the call in progress.
-    call: BTreeMap<String, Option<Vec<u8>>>,
+    call: Overlay,
+    call_delta: i64,
+    /// Most bytes the committed state may take (`limits.state_mib`).
+    cap_bytes: i64,
+    /// The durable copy, if state is durable.
+    store: Option<StateStore>,
+    /// Offsets the committed state reflects (the next offset to consume per partition).
+    offsets: Offsets,
+}
+
+fn entry_size(key: &str, value: Option<&Vec<u8>>) -> i64 {
+    value.map_or(0, |v| (key.len() + v.len()) as i64)
 }
 
 impl PluginState {
-    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
-        match self.call.get(key).or_else(|| self.batch.get(key)) {
-            Some(v) => v.clone(),
-            None => self.committed.get(key).cloned(),
+    /// Empty, in-memory state.
+    pub fn in_memory(cap_bytes: u64) -> PluginState {
+        PluginState {
+            committed: BTreeMap::new(),
+            committed_bytes: 0,
+            batch: Overlay::new(),
+            batch_delta: 0,
+            call: Overlay::new(),
+            call_delta: 0,
+            cap_bytes: cap_bytes as i64,
+            store: None,
+            offsets: Offsets::new(),
         }
     }
 
+    /// State read from `store`, written back to it on every commit.
+    pub fn durable(store: StateStore, cap_bytes: u64) -> Result<PluginState, StoreError> {
+        let snapshot = store.load()?;
+        let mut state = PluginState::in_memory(cap_bytes);
+        state.committed_bytes = snapshot
+            .state
+            .iter()
+            .map(|(k, v)| entry_size(k, Some(v)))
+            .sum();
+        state.committed = snapshot.state;
+        state.offsets = snapshot.offsets;
+        state.store = Some(store);
+        Ok(state)
+    }
+
+    pub fn is_durable(&self) -> bool {
+        self.store.is_some()
+    }
+
+    pub fn store(&self) -> Option<&StateStore> {
+        self.store.as_ref()
+    }
+
+    /// The offsets the committed state reflects.
+    pub fn offsets(&self) -> &Offsets {
+        &self.offsets
+    }
+
+    /// The value as the plugin sees it now: the call's changes over the batch's over the
+    /// committed state.
+    fn current(&self, key: &str) -> Option<&Vec<u8>> {
+        match self.call.get(key).or_else(|| self.batch.get(key)) {
+            Some(v) => v.as_ref(),
+            None => self.committed.get(key),
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<Vec<u8>> {
+        self.current(key).cloned()
+    }
+
     pub fn set_many(&mut self, entries: Vec<(String, Vec<u8>)>) -> Result<(), StateError> {
+        let mut delta = 0;
         for (k, v) in &entries {
             if k.len() > MAX_KEY_BYTES {
                 return Err(StateError::Invalid(format!(
@@ -56,19 +128,29 @@ impl PluginState {
                     v.len()
                 )));
             }
+            delta += entry_size(k, Some(v)) - entry_size(k, self.current(k));
+        }
+        let total = self.committed_bytes + self.batch_delta + self.call_delta + delta;
+        if delta > 0 && total > self.cap_bytes {
+            return Err(StateError::QuotaExceeded(format!(
+                "the plugin's state would take {:.1} MiB, over limits.state_mib = {:.0}",
+                total as f64 / (1 << 20) as f64,
+                self.cap_bytes as f64 / (1 << 20) as f64
+            )));
         }
         for (k, v) in entries {
+            self.call_delta += entry_size(&k, Some(&v)) - entry_size(&k, self.current(&k));
             self.call.insert(k, Some(v));
         }
         Ok(())
     }
 
     pub fn delete(&mut self, key: String) {
+        self.call_delta -= entry_size(&key, self.current(&key));
         self.call.insert(key, None);
     }
 
-    /// Keys starting with `prefix`, in order, as the plugin would see them now (committed
-    /// state with this call's changes applied).
+    /// Keys starting with `prefix`, in order, as the plugin would see them now.
     pub fn scan_prefix(&self, prefix: &str, limit: usize) -> Vec<(String, Vec<u8>)> {
         let from = prefix.to_string();
         let committed = self
@@ -86,13 +168,12 @@ impl PluginState {
                 .range(from..)
                 .take_while(|(k, _)| k.starts_with(prefix)),
         );
-        let pending = overlay.into_iter();
-        // Merge two sorted streams; a pending entry overrides the committed one.
+        // Merge two sorted streams; an overlay entry overrides the committed one.
         let mut out = Vec::new();
         let mut c = committed.peekable();
-        let mut p = pending.peekable();
+        let mut p = overlay.into_iter().peekable();
         while out.len() < limit {
-            let take_pending = match (c.peek(), p.peek()) {
+            let take_overlay = match (c.peek(), p.peek()) {
                 (None, None) => break,
                 (Some(_), None) => false,
                 (None, Some(_)) => true,
@@ -105,7 +186,7 @@ impl PluginState {
                     }
                 }
             };
-            if take_pending {
+            if take_overlay {
                 let (k, v) = p.next().expect("peeked");
                 if let Some(v) = v {
                     out.push((k.clone(), v.clone()));
@@ -122,14 +203,28 @@ impl PluginState {
     /// them if it failed.
     pub fn end_call(&mut self, succeeded: bool) {
         let call = std::mem::take(&mut self.call);
+        let delta = std::mem::take(&mut self.call_delta);
         if succeeded {
             self.batch.extend(call);
+            self.batch_delta += delta;
         }
     }
 
-    /// Makes the batch's changes permanent.
-    pub fn commit_batch(&mut self) {
+    /// Makes the batch's changes permanent together with `offsets` (the next offset to
+    /// consume of each partition the batch advanced): one transaction in the state file, if
+    /// durable, then in memory. On an error nothing changed and the batch is still pending,
+    /// so the caller may try again.
+    pub fn commit_batch(
+        &mut self,
+        offsets: &Offsets,
+        meta: &[(&str, &str)],
+    ) -> Result<(), StoreError> {
         self.end_call(true);
+        if let Some(store) = &self.store
+            && (!self.batch.is_empty() || !offsets.is_empty())
+        {
+            store.commit(&self.batch, offsets, meta)?;
+        }
         for (k, v) in std::mem::take(&mut self.batch) {
             match v {
                 Some(v) => {
@@ -140,12 +235,18 @@ impl PluginState {
                 }
             }
         }
+        self.committed_bytes += std::mem::take(&mut self.batch_delta);
+        self.offsets
+            .extend(offsets.iter().map(|(k, v)| (k.clone(), *v)));
+        Ok(())
     }
 
     /// Forgets the batch's changes (and the call's).
     pub fn abort_batch(&mut self) {
         self.call.clear();
         self.batch.clear();
+        self.call_delta = 0;
+        self.batch_delta = 0;
     }
 
     pub fn len(&self) -> usize {
@@ -154,6 +255,11 @@ impl PluginState {
 
     pub fn is_empty(&self) -> bool {
         self.committed.is_empty()
+    }
+
+    /// Size of the committed state (keys + values), bytes.
+    pub fn bytes(&self) -> u64 {
+        self.committed_bytes as u64
     }
 }
 
@@ -165,11 +271,19 @@ mod tests {
         (k.to_string(), v.as_bytes().to_vec())
     }
 
+    fn state() -> PluginState {
+        PluginState::in_memory(1 << 20)
+    }
+
+    fn commit(s: &mut PluginState) {
+        s.commit_batch(&Offsets::new(), &[]).unwrap();
+    }
+
     #[test]
     fn a_failed_call_is_undone_and_a_good_one_kept_until_the_batch_ends() {
-        let mut s = PluginState::default();
+        let mut s = state();
         s.set_many(vec![kv("a", "1")]).unwrap();
-        s.commit_batch();
+        commit(&mut s);
         s.set_many(vec![kv("a", "2"), kv("b", "x")]).unwrap();
         s.delete("a".into());
         assert_eq!(s.get("a"), None);
@@ -183,17 +297,18 @@ mod tests {
         s.end_call(false);
         assert_eq!(s.get("c"), Some(b"kept".to_vec()));
         assert_eq!(s.len(), 1, "nothing is committed before the batch is");
-        s.commit_batch();
+        commit(&mut s);
         assert_eq!(s.len(), 2);
         s.set_many(vec![kv("e", "1")]).unwrap();
         s.end_call(true);
         s.abort_batch();
         assert_eq!(s.get("e"), None);
+        assert_eq!(s.bytes(), 2 + 5, "a=1 and c=kept");
     }
 
     #[test]
     fn scan_merges_committed_and_pending_in_order() {
-        let mut s = PluginState::default();
+        let mut s = state();
         s.set_many(vec![
             kv("p:a", "1"),
             kv("p:c", "3"),
@@ -201,7 +316,7 @@ mod tests {
             kv("q:z", "0"),
         ])
         .unwrap();
-        s.commit_batch();
+        commit(&mut s);
         s.set_many(vec![kv("p:b", "2"), kv("p:c", "32")]).unwrap();
         s.end_call(true);
         s.set_many(vec![kv("p:c", "33")]).unwrap();
@@ -209,13 +324,13 @@ mod tests {
         let got: Vec<(String, Vec<u8>)> = s.scan_prefix("p:", 10);
         assert_eq!(got, vec![kv("p:a", "1"), kv("p:b", "2"), kv("p:c", "33")]);
         assert_eq!(s.scan_prefix("p:", 2).len(), 2);
-        s.commit_batch();
+        commit(&mut s);
         assert_eq!(s.len(), 4);
     }
 
     #[test]
     fn oversized_writes_are_refused_whole() {
-        let mut s = PluginState::default();
+        let mut s = state();
         let big = "k".repeat(MAX_KEY_BYTES + 1);
         let err = s.set_many(vec![kv("ok", "1"), kv(&big, "v")]).unwrap_err();
         assert!(matches!(err, StateError::Invalid(_)));
@@ -224,5 +339,38 @@ mod tests {
             None,
             "nothing of a refused set-many is applied"
         );
+    }
+
+    #[test]
+    fn the_size_cap_counts_pending_writes_and_frees_on_delete() {
+        let mut s = PluginState::in_memory(100);
+        s.set_many(vec![kv("a", &"x".repeat(49))]).unwrap(); // 50 bytes
+        s.end_call(true);
+        s.set_many(vec![kv("b", &"x".repeat(39))]).unwrap(); // 90 in all
+        let err = s.set_many(vec![kv("c", &"x".repeat(20))]).unwrap_err();
+        assert!(err.to_string().contains("limits.state_mib"), "{err}");
+        // Overwriting with something smaller, or deleting, is always allowed.
+        s.delete("a".into());
+        s.set_many(vec![kv("c", &"x".repeat(20))]).unwrap();
+        commit(&mut s);
+        assert_eq!(s.bytes(), 40 + 21);
+    }
+
+    #[test]
+    fn durable_commits_reach_the_file_with_their_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = crate::store::path_for(dir.path(), "p");
+        let mut s = PluginState::durable(StateStore::open(&path, "p").unwrap(), 1 << 20).unwrap();
+        s.set_many(vec![kv("n", "1")]).unwrap();
+        let offsets: Offsets = [(("t".to_string(), 2), 41)].into_iter().collect();
+        s.commit_batch(&offsets, &[]).unwrap();
+        // A batch that is never committed (a crash) leaves no trace in the file.
+        s.set_many(vec![kv("n", "2")]).unwrap();
+        s.end_call(true);
+        drop(s);
+        let s = PluginState::durable(StateStore::open(&path, "p").unwrap(), 1 << 20).unwrap();
+        assert_eq!(s.get("n"), Some(b"1".to_vec()));
+        assert_eq!(s.offsets()[&("t".to_string(), 2)], 41);
+        assert_eq!(s.bytes(), 2);
     }
 }

@@ -19,21 +19,27 @@ use crate::config::PluginConfig;
 use crate::metrics::{Outcome, PluginMetrics, ReloadOutcome, Version};
 use crate::outputs::{DeadLetter, Outputs};
 use crate::sandbox::{Event, Header, Program, Sandbox, Trap, Verdict};
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use crate::store::Offsets;
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{ClientConfig, ClientContext, Statistics, TopicPartitionList};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, instrument, warn};
 
-/// Consumer callbacks: lag from librdkafka's statistics, rebalances to the log.
+/// Consumer callbacks: where assigned partitions start, lag from librdkafka's statistics,
+/// rebalances to the log.
 struct Callbacks {
     plugin: String,
     topic: String,
     metrics: Arc<PluginMetrics>,
+    /// With durable state: the offsets saved with it, where assigned partitions start (not
+    /// where Kafka's committed offsets say). `None`: state is not durable, Kafka's committed
+    /// offsets rule.
+    saved: Option<Arc<std::sync::Mutex<Offsets>>>,
+    start_from: crate::config::StartFrom,
 }
 
 impl ClientContext for Callbacks {
@@ -57,19 +63,63 @@ impl ClientContext for Callbacks {
 }
 
 impl ConsumerContext for Callbacks {
-    fn post_rebalance(
+    /// librdkafka's default rebalance, except that with durable state an assigned partition
+    /// starts at the offset saved with the state (or at `start_from` if none is saved).
+    fn rebalance(
         &self,
-        _base: &rdkafka::consumer::BaseConsumer<Self>,
-        rebalance: &Rebalance<'_>,
+        base: &rdkafka::consumer::BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
     ) {
-        match rebalance {
-            Rebalance::Assign(tpl) => {
-                info!(plugin = %self.plugin, partitions = %partitions(tpl), "partitions assigned")
+        use rdkafka::consumer::RebalanceProtocol;
+        use rdkafka::types::RDKafkaRespErr::*;
+        let cooperative = matches!(base.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        match err {
+            RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                if let Some(saved) = &self.saved {
+                    let saved = saved.lock().expect("offsets lock");
+                    let assigned: Vec<(String, i32)> = tpl
+                        .elements()
+                        .iter()
+                        .map(|e| (e.topic().to_string(), e.partition()))
+                        .collect();
+                    for (topic, partition) in assigned {
+                        let start = match (saved.get(&(topic.clone(), partition)), self.start_from)
+                        {
+                            (Some(next), _) => rdkafka::Offset::Offset(*next),
+                            (None, crate::config::StartFrom::Earliest) => {
+                                rdkafka::Offset::Beginning
+                            }
+                            (None, crate::config::StartFrom::Latest) => rdkafka::Offset::End,
+                        };
+                        let _ = tpl.set_partition_offset(&topic, partition, start);
+                    }
+                }
+                info!(plugin = %self.plugin, partitions = %partitions(tpl), "partitions assigned");
+                let result = if cooperative {
+                    base.incremental_assign(tpl)
+                } else {
+                    base.assign(tpl)
+                };
+                if let Err(e) = result {
+                    error!(plugin = %self.plugin, "cannot take the assigned partitions: {e}");
+                }
             }
-            Rebalance::Revoke(tpl) => {
-                info!(plugin = %self.plugin, partitions = %partitions(tpl), "partitions revoked")
+            RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                info!(plugin = %self.plugin, partitions = %partitions(tpl), "partitions revoked");
+                let result = if cooperative {
+                    base.incremental_unassign(tpl)
+                } else {
+                    base.unassign()
+                };
+                if let Err(e) = result {
+                    warn!(plugin = %self.plugin, "unassign: {e}");
+                }
             }
-            Rebalance::Error(e) => warn!(plugin = %self.plugin, "rebalance error: {e}"),
+            other => {
+                warn!(plugin = %self.plugin, "rebalance error: {other:?}");
+                let _ = base.unassign();
+            }
         }
     }
 }
@@ -122,6 +172,8 @@ pub struct Worker {
     metrics: Arc<PluginMetrics>,
     shutdown: watch::Receiver<bool>,
     control: mpsc::Receiver<Control>,
+    /// The offsets saved with durable state, shared with the rebalance callback.
+    saved: Option<Arc<std::sync::Mutex<Offsets>>>,
 }
 
 impl Worker {
@@ -137,6 +189,10 @@ impl Worker {
         control: mpsc::Receiver<Control>,
     ) -> Worker {
         metrics.set_version(version_of(sandbox.program()));
+        let saved = sandbox
+            .state()
+            .is_durable()
+            .then(|| Arc::new(std::sync::Mutex::new(sandbox.state().offsets().clone())));
         Worker {
             plugin,
             topic,
@@ -146,6 +202,7 @@ impl Worker {
             metrics,
             shutdown,
             control,
+            saved,
         }
     }
 
@@ -175,6 +232,8 @@ impl Worker {
             plugin: self.plugin.name.clone(),
             topic: self.topic.clone(),
             metrics: self.metrics.clone(),
+            saved: self.saved.clone(),
+            start_from: self.plugin.start_from,
         };
         let consumer: StreamConsumer<Callbacks> =
             c.create_with_context(callbacks).map_err(|e| {
@@ -351,8 +410,11 @@ impl Worker {
             self.sandbox().abort_batch();
             return false;
         }
-        self.sandbox().commit_batch();
-        store_offsets(consumer, &events);
+        let offsets = next_offsets(&events);
+        if !self.commit(&offsets).await {
+            return false;
+        }
+        store_offsets(consumer, &offsets);
         for d in &dispositions {
             self.metrics.count(
                 match d {
@@ -427,6 +489,40 @@ impl Worker {
         }
     }
 
+    /// Commits the batch's state with `offsets` (one transaction when state is durable),
+    /// retrying with backoff until it goes through or the host shuts down; then the batch is
+    /// dropped and its events are consumed again at the next start.
+    async fn commit(&mut self, offsets: &Offsets) -> bool {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.sandbox().commit_batch(offsets) {
+                Ok(()) => {
+                    if let Some(saved) = &self.saved {
+                        saved
+                            .lock()
+                            .expect("offsets lock")
+                            .extend(offsets.iter().map(|(k, v)| (k.clone(), *v)));
+                    }
+                    return true;
+                }
+                Err(e) => {
+                    self.metrics.output_failures.fetch_add(1, Relaxed);
+                    error!(
+                        "cannot commit state, retrying in {backoff:?} (offsets are held back meanwhile): {e}"
+                    );
+                }
+            }
+            tokio::select! {
+                _ = self.shutdown.changed() => {
+                    self.sandbox().abort_batch();
+                    return false;
+                }
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+
     async fn tick(&mut self) {
         let now = crate::generator::now_ms();
         let (_, result) = self
@@ -444,8 +540,7 @@ impl Worker {
             warn!("on-tick failed: {trap}");
         }
         let outputs = self.sandbox().take_outputs();
-        if self.deliver(&outputs, &[], &[]).await {
-            self.sandbox().commit_batch();
+        if self.deliver(&outputs, &[], &[]).await && self.commit(&Offsets::new()).await {
             self.metrics
                 .output_records
                 .fetch_add(outputs.len() as u64, Relaxed);
@@ -539,21 +634,26 @@ fn call(
     result
 }
 
-/// Stores, per partition, the offset after the batch's last event (committed by librdkafka's
-/// auto-commit and on shutdown).
-fn store_offsets(consumer: &StreamConsumer<Callbacks>, events: &[Event]) {
-    let mut last: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+/// The next offset to consume of each partition in `events`.
+fn next_offsets(events: &[Event]) -> Offsets {
+    let mut next = Offsets::new();
     for e in events {
-        let o = last
-            .entry((e.topic.as_str(), e.partition))
-            .or_insert(e.offset);
-        *o = (*o).max(e.offset);
+        let o = next
+            .entry((e.topic.clone(), e.partition))
+            .or_insert(e.offset + 1);
+        *o = (*o).max(e.offset + 1);
     }
-    for ((topic, partition), offset) in last {
-        // The legacy store call stores `offset + 1`: the next event to consume.
-        if let Err(e) = consumer.store_offset(topic, partition, offset) {
+    next
+}
+
+/// Stores the offsets in the consumer, for librdkafka to commit to Kafka (every 5 s and on
+/// shutdown): lag tools and, without durable state, the next start use them.
+fn store_offsets(consumer: &StreamConsumer<Callbacks>, offsets: &Offsets) {
+    for ((topic, partition), next) in offsets {
+        // The legacy store call stores `offset + 1`.
+        if let Err(e) = consumer.store_offset(topic, *partition, next - 1) {
             // The partition was revoked meanwhile: its new owner consumes from the last commit.
-            debug!(partition, offset, "offset not stored: {e}");
+            debug!(partition, next, "offset not stored: {e}");
         }
     }
 }

@@ -242,8 +242,12 @@ pub fn config_text(bootstrap: &str, partitions: i32, plugins: &str) -> String {
     )
 }
 
+/// A parsed test config, with its state in a directory of its own (never the repo's).
 pub fn config(text: &str) -> eddy::config::Config {
-    eddy::config::Config::parse(text, &root().join("plugins.toml")).expect("valid test config")
+    let mut config =
+        eddy::config::Config::parse(text, &root().join("plugins.toml")).expect("valid test config");
+    config.state.dir = tempfile::tempdir().expect("state dir").keep();
+    config
 }
 
 /// `wasm` with a custom section appended: a new version (new digest) that behaves the same.

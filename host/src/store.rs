@@ -1,0 +1,455 @@
+//! One plugin's durable state: an embedded [redb] database file per plugin, holding the
+//! plugin's keys and values, the input offsets its state reflects, and a little metadata.
+//!
+//! Why redb: pure Rust (nothing to build beyond cargo), one file per database, ACID
+//! transactions with a crash-safe commit (fsync'd copy-on-write B-trees, no write-ahead log
+//! to replay), actively maintained with a stable file format. An LSM store (fjall) would
+//! write faster under heavy load but brings compaction threads and several files per plugin;
+//! our writes are one small transaction per batch.
+//!
+//! The point of keeping offsets here: the host writes a batch's state changes and the offsets
+//! that batch advanced in one transaction, so after a crash at any moment the file holds a
+//! state that reflects exactly the events before its offsets, and the host resumes from
+//! those offsets (not from whatever Kafka last had). Each event's effect on state is then
+//! applied exactly once.
+//!
+//! Isolation: each plugin has its own file, which only the host opens; a plugin names keys
+//! inside it and cannot name a file, so no key, length or prefix reaches another plugin.
+//!
+//! [redb]: https://www.redb.org
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
+/// (topic, partition) → the next offset to consume.
+const OFFSETS: TableDefinition<(&str, i32), i64> = TableDefinition::new("offsets");
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+
+/// The Kafka cluster the offsets refer to.
+pub const META_CLUSTER: &str = "kafka.cluster_id";
+/// The plugin version (content digest) that last committed.
+pub const META_WRITER: &str = "plugin.digest";
+
+/// Offsets by (topic, partition): the next offset to consume.
+pub type Offsets = BTreeMap<(String, i32), i64>;
+
+/// Why the store cannot be used. Each says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "state file {path} is in use by another process (is another eddy running with this data directory?)"
+    )]
+    Locked { path: PathBuf },
+    #[error(
+        "state file {path} cannot be read ({source}). It is damaged or not a state file. To recover: \
+         `eddy reset {plugin}` drops it (the plugin then recomputes its state from `start_from`), \
+         or restore the file from a backup"
+    )]
+    Damaged {
+        path: PathBuf,
+        plugin: String,
+        source: Box<redb::Error>,
+    },
+    #[error("state file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: Box<redb::Error>,
+    },
+}
+
+/// Everything a store holds, read at open.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Snapshot {
+    pub state: BTreeMap<String, Vec<u8>>,
+    pub offsets: Offsets,
+    pub meta: BTreeMap<String, String>,
+}
+
+/// An open state file.
+pub struct StateStore {
+    db: Database,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for StateStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// The file of `plugin`'s state in `dir`.
+pub fn path_for(dir: &Path, plugin: &str) -> PathBuf {
+    dir.join(format!("{plugin}.redb"))
+}
+
+impl StateStore {
+    /// Opens (or creates) the state file of `plugin` at `path`.
+    pub fn open(path: &Path, plugin: &str) -> Result<StateStore, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Io {
+                path: path.to_path_buf(),
+                source: Box::new(redb::Error::Io(e)),
+            })?;
+        }
+        let db = Database::create(path).map_err(|e| classify(path, plugin, e.into()))?;
+        let store = StateStore {
+            db,
+            path: path.to_path_buf(),
+        };
+        // Create the tables, so readers never meet a half-initialised file.
+        store.write(|txn| {
+            txn.open_table(STATE)?;
+            txn.open_table(OFFSETS)?;
+            txn.open_table(META)?;
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads everything.
+    pub fn load(&self) -> Result<Snapshot, StoreError> {
+        let io = |e: redb::Error| StoreError::Io {
+            path: self.path.clone(),
+            source: Box::new(e),
+        };
+        let read = || -> Result<Snapshot, redb::Error> {
+            let txn = self.db.begin_read()?;
+            let mut snap = Snapshot::default();
+            for entry in txn.open_table(STATE)?.iter()? {
+                let (k, v) = entry?;
+                snap.state.insert(k.value().to_string(), v.value().to_vec());
+            }
+            for entry in txn.open_table(OFFSETS)?.iter()? {
+                let (k, v) = entry?;
+                let (topic, partition) = k.value();
+                snap.offsets
+                    .insert((topic.to_string(), partition), v.value());
+            }
+            for entry in txn.open_table(META)?.iter()? {
+                let (k, v) = entry?;
+                snap.meta
+                    .insert(k.value().to_string(), v.value().to_string());
+            }
+            Ok(snap)
+        };
+        read().map_err(io)
+    }
+
+    /// Applies a batch in one atomic, durable transaction: the state changes (`None`
+    /// deletes) and the offsets the batch advanced, plus metadata.
+    pub fn commit(
+        &self,
+        changes: &BTreeMap<String, Option<Vec<u8>>>,
+        offsets: &Offsets,
+        meta: &[(&str, &str)],
+    ) -> Result<(), StoreError> {
+        self.write(|txn| {
+            let mut state = txn.open_table(STATE)?;
+            for (k, v) in changes {
+                match v {
+                    Some(v) => state.insert(k.as_str(), v.as_slice())?,
+                    None => state.remove(k.as_str())?,
+                };
+            }
+            let mut table = txn.open_table(OFFSETS)?;
+            for ((topic, partition), next) in offsets {
+                table.insert((topic.as_str(), *partition), *next)?;
+            }
+            let mut table = txn.open_table(META)?;
+            for (k, v) in meta {
+                table.insert(*k, *v)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Replaces the saved offsets with `offsets` (all of them; an empty map clears them).
+    pub fn set_offsets(&self, offsets: &Offsets) -> Result<(), StoreError> {
+        self.write(|txn| {
+            txn.delete_table(OFFSETS)?;
+            let mut table = txn.open_table(OFFSETS)?;
+            for ((topic, partition), next) in offsets {
+                table.insert((topic.as_str(), *partition), *next)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Drops all state and offsets (metadata too).
+    pub fn clear(&self) -> Result<(), StoreError> {
+        self.write(|txn| {
+            txn.delete_table(STATE)?;
+            txn.delete_table(OFFSETS)?;
+            txn.delete_table(META)?;
+            txn.open_table(STATE)?;
+            txn.open_table(OFFSETS)?;
+            txn.open_table(META)?;
+            Ok(())
+        })
+    }
+
+    /// Number of keys and their total size (keys + values), in bytes.
+    pub fn size(&self) -> Result<(u64, u64), StoreError> {
+        let snap = self.load()?;
+        let bytes = snap
+            .state
+            .iter()
+            .map(|(k, v)| (k.len() + v.len()) as u64)
+            .sum();
+        Ok((snap.state.len() as u64, bytes))
+    }
+
+    fn write(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
+    ) -> Result<(), StoreError> {
+        let run = || -> Result<(), redb::Error> {
+            let txn = self.db.begin_write()?;
+            f(&txn)?;
+            txn.commit()?;
+            Ok(())
+        };
+        run().map_err(|e| StoreError::Io {
+            path: self.path.clone(),
+            source: Box::new(e),
+        })
+    }
+}
+
+fn classify(path: &Path, plugin: &str, e: redb::Error) -> StoreError {
+    match e {
+        redb::Error::DatabaseAlreadyOpen => StoreError::Locked {
+            path: path.to_path_buf(),
+        },
+        // Not a redb file, or a truncated one: damaged. Other I/O errors (permissions, a
+        // full disk) are about the file system, not the file.
+        redb::Error::Io(ref io)
+            if !matches!(
+                io.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            ) =>
+        {
+            StoreError::Io {
+                path: path.to_path_buf(),
+                source: Box::new(e),
+            }
+        }
+        other => StoreError::Damaged {
+            path: path.to_path_buf(),
+            plugin: plugin.to_string(),
+            source: Box::new(other),
+        },
+    }
+}
+
+/// Number of entries in the state table (cheap: no scan).
+pub fn count_keys(store: &StateStore) -> Result<u64, StoreError> {
+    let run =
+        || -> Result<u64, redb::Error> { Ok(store.db.begin_read()?.open_table(STATE)?.len()?) };
+    run().map_err(|e| StoreError::Io {
+        path: store.path.clone(),
+        source: Box::new(e),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(k: &str, v: Option<&str>) -> (String, Option<Vec<u8>>) {
+        (k.to_string(), v.map(|v| v.as_bytes().to_vec()))
+    }
+
+    #[test]
+    fn state_and_offsets_survive_a_reopen_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = path_for(dir.path(), "p");
+        {
+            let s = StateStore::open(&path, "p").unwrap();
+            let changes = [change("a", Some("1")), change("b", Some("2"))]
+                .into_iter()
+                .collect();
+            let offsets = [(("t".to_string(), 0), 10), (("t".to_string(), 3), 7)]
+                .into_iter()
+                .collect();
+            s.commit(&changes, &offsets, &[(META_CLUSTER, "c1")])
+                .unwrap();
+            let changes = [change("a", None), change("c", Some("3"))]
+                .into_iter()
+                .collect();
+            let offsets = [(("t".to_string(), 0), 12)].into_iter().collect();
+            s.commit(&changes, &offsets, &[]).unwrap();
+        }
+        let s = StateStore::open(&path, "p").unwrap();
+        let snap = s.load().unwrap();
+        assert_eq!(snap.state.keys().collect::<Vec<_>>(), ["b", "c"]);
+        assert_eq!(snap.offsets[&("t".to_string(), 0)], 12);
+        assert_eq!(snap.offsets[&("t".to_string(), 3)], 7);
+        assert_eq!(snap.meta[META_CLUSTER], "c1");
+        assert_eq!(count_keys(&s).unwrap(), 2);
+        s.clear().unwrap();
+        assert_eq!(s.load().unwrap(), Snapshot::default());
+    }
+
+    #[test]
+    fn a_second_open_is_refused_while_the_first_is_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = path_for(dir.path(), "p");
+        let _first = StateStore::open(&path, "p").unwrap();
+        let err = StateStore::open(&path, "p").unwrap_err();
+        assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_damaged_file_says_how_to_recover() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = path_for(dir.path(), "analytics");
+        std::fs::write(&path, vec![0xAB; 64 * 1024]).unwrap();
+        let err = StateStore::open(&path, "analytics")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains("eddy reset analytics"), "{err}");
+    }
+}
+
+/// Cluster ids the host gives its own embedded broker start with this.
+pub const EMBEDDED_PREFIX: &str = "embedded:";
+
+/// A cluster id for an embedded broker started now: unique per start, because its topics
+/// and offsets do not outlive the process (librdkafka's mock cluster reports the same id
+/// every time).
+pub fn embedded_cluster_id() -> String {
+    format!(
+        "{EMBEDDED_PREFIX}{}-{}",
+        std::process::id(),
+        crate::generator::now_ms()
+    )
+}
+
+/// What the host knows of the Kafka cluster it is connected to, to check saved offsets
+/// against.
+#[derive(Debug, Default, Clone)]
+pub struct ClusterView {
+    /// The cluster id, if the broker could be asked.
+    pub id: Option<String>,
+    /// High watermark (log end) of each partition of the input topic.
+    pub log_ends: Offsets,
+}
+
+impl ClusterView {
+    /// Asks the cluster (blocking; a few round trips).
+    pub fn probe(client: &rdkafka::ClientConfig, topic: &str) -> ClusterView {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let timeout = std::time::Duration::from_secs(5);
+        let consumer: BaseConsumer = match client.create() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(
+                    "cannot ask the Kafka cluster for its id ({e}): saved offsets are not checked"
+                );
+                return ClusterView::default();
+            }
+        };
+        let id = consumer.client().fetch_cluster_id(timeout);
+        let mut log_ends = Offsets::new();
+        if let Ok(md) = consumer.fetch_metadata(Some(topic), timeout) {
+            let partitions: Vec<i32> = md
+                .topics()
+                .iter()
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect();
+            for p in partitions {
+                if let Ok((_, high)) = consumer.fetch_watermarks(topic, p, timeout) {
+                    log_ends.insert((topic.to_string(), p), high);
+                }
+            }
+        }
+        if id.is_none() {
+            tracing::warn!(
+                "the Kafka cluster did not say its id: saved offsets are checked against log ends only"
+            );
+        }
+        ClusterView { id, log_ends }
+    }
+
+    /// Why offsets saved with `meta` cannot belong to this cluster, if they cannot.
+    fn mismatch(&self, snapshot: &Snapshot) -> Option<String> {
+        if let (Some(saved), Some(now)) = (snapshot.meta.get(META_CLUSTER), &self.id)
+            && saved != now
+        {
+            return Some(format!(
+                "it was written against Kafka cluster `{saved}`, and the broker now is cluster `{now}`"
+            ));
+        }
+        snapshot.offsets.iter().find_map(|((topic, partition), next)| {
+            let end = self.log_ends.get(&(topic.clone(), *partition))?;
+            (next > end).then(|| {
+                format!("its saved offset {next} for {topic}/{partition} is past the end of that partition's log ({end})")
+            })
+        })
+    }
+}
+
+/// Opens `plugin`'s state file in `dir` and checks it against `cluster`. If its offsets
+/// cannot belong to this cluster (the embedded broker forgets everything when the host
+/// exits; a topic was re-created), they would be misapplied: the file is moved aside as a
+/// backup, with a warning, and the plugin starts with fresh state.
+pub fn open_checked(
+    dir: &Path,
+    plugin: &str,
+    cluster: &ClusterView,
+) -> Result<StateStore, StoreError> {
+    let path = path_for(dir, plugin);
+    let store = StateStore::open(&path, plugin)?;
+    let snapshot = store.load()?;
+    let store = match cluster.mismatch(&snapshot) {
+        None => store,
+        Some(why)
+            if snapshot
+                .meta
+                .get(META_CLUSTER)
+                .is_some_and(|id| id.starts_with(EMBEDDED_PREFIX)) =>
+        {
+            // Written against an embedded broker of an earlier run: that broker and its
+            // offsets are gone for good, so there is nothing to keep.
+            store.clear()?;
+            tracing::info!(
+                plugin,
+                "starting with fresh state: {why} (the embedded broker forgets its topics and offsets when the host exits, and so does the state)"
+            );
+            store
+        }
+        Some(why) => {
+            drop(store);
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let backup = path.with_extension(format!("redb.{stamp}.bak"));
+            std::fs::rename(&path, &backup).map_err(|e| StoreError::Io {
+                path: path.clone(),
+                source: Box::new(redb::Error::Io(e)),
+            })?;
+            tracing::warn!(
+                plugin,
+                backup = %backup.display(),
+                "saved state does not match the Kafka cluster: {why}. Its offsets mean nothing here, so the \
+                 plugin starts with fresh state (from `start_from`); the old file is kept as the backup"
+            );
+            StateStore::open(&path, plugin)?
+        }
+    };
+    if let Some(id) = &cluster.id {
+        store.commit(&BTreeMap::new(), &Offsets::new(), &[(META_CLUSTER, id)])?;
+    }
+    Ok(store)
+}
