@@ -466,6 +466,54 @@ pub fn format_rfc3339_ms(ms: i64) -> String {
     )
 }
 
+/// Unix milliseconds of `YYYY-MM-DDTHH:MM:SS[.fff](Z|±HH:MM)`, the inverse of
+/// [`format_rfc3339_ms`].
+pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let num =
+        |r: std::ops::Range<usize>| -> Option<i64> { s.get(r)?.parse::<u32>().ok().map(i64::from) };
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
+        return None;
+    }
+    let (millis, zone) = match s[19..].strip_prefix('.') {
+        Some(r) => {
+            let digits = r.bytes().take_while(u8::is_ascii_digit).count();
+            if digits == 0 {
+                return None;
+            }
+            let frac: String = r[..digits].chars().chain("000".chars()).take(3).collect();
+            (frac.parse::<i64>().ok()?, &r[digits..])
+        }
+        None => (0, &s[19..]),
+    };
+    let offset_min = match zone {
+        "Z" | "z" => 0,
+        z if z.len() == 6 && (z.starts_with('+') || z.starts_with('-')) && &z[3..4] == ":" => {
+            let m = z[1..3].parse::<i64>().ok()? * 60 + z[4..6].parse::<i64>().ok()?;
+            if z.starts_with('+') { m } else { -m }
+        }
+        _ => return None,
+    };
+    // Days since the epoch (Howard Hinnant's algorithm).
+    let yy = if mo <= 2 { y - 1 } else { y };
+    let era = yy.div_euclid(400);
+    let yoe = yy - era * 400;
+    let doy = (153 * ((mo + 9) % 12) + 2) / 5 + d - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    Some((days * 86_400 + h * 3600 + mi * 60 + se - offset_min * 60) * 1000 + millis)
+}
+
 /// Current wall-clock time in Unix milliseconds.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -16,6 +16,7 @@
 //!   reload from file watching, `SIGHUP` or [`Host::reload`]).
 //! - [`outputs`]: delivery of emitted records and dead letters.
 //! - [`metrics`], [`http`]: counters, and `/metrics` + `/healthz`.
+//! - [`ops`]: `eddy state`, `eddy reset`, `eddy replay`.
 //! - [`generator`]: realistic user-activity traffic (`eddy produce`, the in-process generator).
 //!
 //! [`Host::start`] wires these together; [`run`] is start, wait for shutdown, stop.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod generator;
 pub mod http;
 pub mod metrics;
+pub mod ops;
 pub mod outputs;
 pub mod reload;
 pub mod sandbox;

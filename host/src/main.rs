@@ -29,6 +29,41 @@ enum Command {
         #[arg(long, short, default_value = "plugins.toml")]
         config: PathBuf,
     },
+    /// Show a plugin's durable state: size, saved offsets, keys. Stop the host first.
+    State {
+        plugin: String,
+        #[arg(long, short, default_value = "plugins.toml")]
+        config: PathBuf,
+        /// Print this key's value, as stored, and nothing else.
+        #[arg(long)]
+        get: Option<String>,
+        /// Only keys starting with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// At most this many keys.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Drop a plugin's state and offsets: at its next start it begins again from `start_from`.
+    /// Stop the host first.
+    Reset {
+        plugin: String,
+        #[arg(long, short, default_value = "plugins.toml")]
+        config: PathBuf,
+    },
+    /// Make one plugin handle events again from a position (the others are not touched).
+    /// Drops its state unless --keep-state. Stop the host first.
+    Replay {
+        plugin: String,
+        #[arg(long, short, default_value = "plugins.toml")]
+        config: PathBuf,
+        /// `earliest`, `latest`, an offset, or an RFC 3339 time such as 2024-01-15T10:00:00Z.
+        #[arg(long)]
+        from: eddy::ops::From,
+        /// Keep the state (its counts then include the replayed events twice).
+        #[arg(long)]
+        keep_state: bool,
+    },
     /// Write realistic user-activity events to a Kafka topic.
     Produce {
         /// Kafka bootstrap servers, e.g. 127.0.0.1:9092.
@@ -88,6 +123,49 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Check { config } => {
             let c = Config::load(&config)?;
             println!("{}: ok ({} plugins)", config.display(), c.plugins.len());
+            Ok(())
+        }
+        Command::State {
+            plugin,
+            config,
+            get,
+            prefix,
+            limit,
+        } => {
+            let config = Config::load(&config)?;
+            match get {
+                Some(key) => match eddy::ops::get(&config, &plugin, &key)? {
+                    Some(value) => {
+                        use std::io::Write;
+                        let mut out = std::io::stdout().lock();
+                        out.write_all(&value)?;
+                        out.write_all(b"\n")?;
+                    }
+                    None => anyhow::bail!("plugin {plugin} has no key `{key}`"),
+                },
+                None => print!(
+                    "{}",
+                    eddy::ops::describe(&config, &plugin, &eddy::ops::Show { prefix, limit })?
+                ),
+            }
+            Ok(())
+        }
+        Command::Reset { plugin, config } => {
+            let config = Config::load(&config)?;
+            println!("{}", eddy::ops::reset(&config, &plugin)?);
+            Ok(())
+        }
+        Command::Replay {
+            plugin,
+            config,
+            from,
+            keep_state,
+        } => {
+            let config = Config::load(&config)?;
+            println!(
+                "{}",
+                eddy::ops::replay(&config, &plugin, &from, keep_state)?
+            );
             Ok(())
         }
         Command::Run { config } => {

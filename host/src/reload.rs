@@ -52,6 +52,18 @@ pub fn load_plugin(
 ) -> Result<Sandbox, StartError> {
     let cap = plugin.limits.state_mib << 20;
     let plugin_state = if state.durable {
+        let path = crate::store::path_for(&state.dir, &plugin.name);
+        if !path.exists() && cluster.group_has_committed(&plugin.group_id()) {
+            tracing::warn!(
+                plugin = %plugin.name,
+                path = %path.display(),
+                "no state file, but consumer group `{}` has committed offsets, so this plugin ran before: its state \
+                 is gone (deleted or moved?). It starts with fresh state from `start_from` ({}). To undo, stop the \
+                 host and put the file back",
+                plugin.group_id(),
+                plugin.start_from.as_kafka()
+            );
+        }
         let store = crate::store::open_checked(&state.dir, &plugin.name, cluster)?;
         crate::state::PluginState::durable(store, cap)?
     } else {

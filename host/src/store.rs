@@ -116,31 +116,10 @@ impl StateStore {
 
     /// Reads everything.
     pub fn load(&self) -> Result<Snapshot, StoreError> {
-        let io = |e: redb::Error| StoreError::Io {
+        read_snapshot(&self.db).map_err(|e| StoreError::Io {
             path: self.path.clone(),
             source: Box::new(e),
-        };
-        let read = || -> Result<Snapshot, redb::Error> {
-            let txn = self.db.begin_read()?;
-            let mut snap = Snapshot::default();
-            for entry in txn.open_table(STATE)?.iter()? {
-                let (k, v) = entry?;
-                snap.state.insert(k.value().to_string(), v.value().to_vec());
-            }
-            for entry in txn.open_table(OFFSETS)?.iter()? {
-                let (k, v) = entry?;
-                let (topic, partition) = k.value();
-                snap.offsets
-                    .insert((topic.to_string(), partition), v.value());
-            }
-            for entry in txn.open_table(META)?.iter()? {
-                let (k, v) = entry?;
-                snap.meta
-                    .insert(k.value().to_string(), v.value().to_string());
-            }
-            Ok(snap)
-        };
-        read().map_err(io)
+        })
     }
 
     /// Applies a batch in one atomic, durable transaction: the state changes (`None`
@@ -222,6 +201,42 @@ impl StateStore {
             source: Box::new(e),
         })
     }
+}
+
+/// Reads a state file without opening it for writing.
+pub fn read_only_snapshot(path: &Path, plugin: &str) -> Result<Snapshot, StoreError> {
+    if !path.is_file() {
+        return Err(StoreError::Io {
+            path: path.to_path_buf(),
+            source: Box::new(redb::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no such file",
+            ))),
+        });
+    }
+    let db = redb::ReadOnlyDatabase::open(path).map_err(|e| classify(path, plugin, e.into()))?;
+    read_snapshot(&db).map_err(|e| classify(path, plugin, e))
+}
+
+fn read_snapshot(db: &impl ReadableDatabase) -> Result<Snapshot, redb::Error> {
+    let txn = db.begin_read()?;
+    let mut snap = Snapshot::default();
+    for entry in txn.open_table(STATE)?.iter()? {
+        let (k, v) = entry?;
+        snap.state.insert(k.value().to_string(), v.value().to_vec());
+    }
+    for entry in txn.open_table(OFFSETS)?.iter()? {
+        let (k, v) = entry?;
+        let (topic, partition) = k.value();
+        snap.offsets
+            .insert((topic.to_string(), partition), v.value());
+    }
+    for entry in txn.open_table(META)?.iter()? {
+        let (k, v) = entry?;
+        snap.meta
+            .insert(k.value().to_string(), v.value().to_string());
+    }
+    Ok(snap)
 }
 
 fn classify(path: &Path, plugin: &str, e: redb::Error) -> StoreError {
@@ -343,6 +358,8 @@ pub struct ClusterView {
     pub id: Option<String>,
     /// High watermark (log end) of each partition of the input topic.
     pub log_ends: Offsets,
+    /// Client settings, to ask about consumer groups.
+    client: Option<rdkafka::ClientConfig>,
 }
 
 impl ClusterView {
@@ -378,7 +395,40 @@ impl ClusterView {
                 "the Kafka cluster did not say its id: saved offsets are checked against log ends only"
             );
         }
-        ClusterView { id, log_ends }
+        ClusterView {
+            id,
+            log_ends,
+            client: Some(client.clone()),
+        }
+    }
+
+    /// Whether consumer group `group` has committed offsets on the input topic (blocking).
+    pub fn group_has_committed(&self, group: &str) -> bool {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let Some(client) = &self.client else {
+            return false;
+        };
+        let Ok(consumer) = client
+            .clone()
+            .set("group.id", group)
+            .create::<BaseConsumer>()
+        else {
+            return false;
+        };
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for (topic, partition) in self.log_ends.keys() {
+            tpl.add_partition(topic, *partition);
+        }
+        let committed = match consumer.committed_offsets(tpl, std::time::Duration::from_secs(5)) {
+            Ok(c) => c
+                .elements()
+                .iter()
+                .any(|e| e.offset().to_raw().is_some_and(|o| o >= 0)),
+            Err(_) => false,
+        };
+        // (The list is dropped before the consumer: librdkafka 2.12 can hang otherwise.)
+        drop(consumer);
+        committed
     }
 
     /// Why offsets saved with `meta` cannot belong to this cluster, if they cannot.

@@ -47,11 +47,17 @@ impl ClientContext for Callbacks {
         let Some(topic) = stats.topics.get(&self.topic) else {
             return;
         };
+        // Lag against what this process stored, or (before it stored anything) against
+        // what is committed in Kafka.
         let lags: Vec<i64> = topic
             .partitions
             .values()
-            .filter(|p| p.partition >= 0 && p.consumer_lag_stored >= 0)
-            .map(|p| p.consumer_lag_stored)
+            .filter(|p| p.partition >= 0)
+            .filter_map(|p| {
+                [p.consumer_lag_stored, p.consumer_lag]
+                    .into_iter()
+                    .find(|l| *l >= 0)
+            })
             .collect();
         let lag = if lags.is_empty() {
             -1
@@ -264,6 +270,7 @@ impl Worker {
     #[instrument(name = "plugin", skip_all, fields(plugin = %self.plugin.name, messaging.destination.name = %self.topic, messaging.consumer.group.name = %self.plugin.group_id()))]
     pub async fn run(mut self) -> anyhow::Result<()> {
         let consumer = self.consumer()?;
+        self.metrics.consumer_lag.store(-1, Relaxed);
         self.metrics.up.store(1, Relaxed);
         info!(group = %self.plugin.group_id(), digest = %self.sandbox().program().digest(), "consuming");
         let mut tick = self.tick_interval();
