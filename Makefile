@@ -6,7 +6,7 @@
 PLUGINS := eddy-logger eddy-analytics eddy-alert eddy-fraud eddy-fixture-misbehave
 CARGO ?= cargo
 
-.PHONY: run test plugins target check lint bench-reload
+.PHONY: run test plugins target check lint bench-reload bench-state
 
 run: plugins
 	$(CARGO) run --release -p eddy -- run --config plugins.toml
@@ -31,3 +31,7 @@ lint:
 # Hot-swap latency and the stall it causes in another plugin (release build).
 bench-reload: plugins
 	$(CARGO) bench -p eddy --bench reload
+
+# Throughput with durable state against state in memory (release build).
+bench-state: plugins
+	$(CARGO) bench -p eddy --bench state

@@ -7,27 +7,18 @@
 //! - the longest stall of the other plugin (no progress) during swaps, against its longest
 //!   stall over an equally long stretch without swaps, in the same run.
 
+mod common;
+
+use common::{ms, percentile, plugins_dir};
 use eddy::Host;
 use eddy::broker::EmbeddedBroker;
 use eddy::generator::{GeneratorOptions, ProduceOptions};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 const SWAPS: usize = 10;
 const RATE: u32 = 2000;
-
-fn plugins_dir() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(|d| root.join(d))
-        .unwrap_or_else(|| root.join("target"));
-    target.join("wasm32-wasip2").join("plugin")
-}
 
 /// A new version of the same plugin: the same code with a custom section appended.
 fn new_version(wasm: &[u8], n: u8) -> Vec<u8> {
@@ -58,10 +49,6 @@ fn longest_stall(progress: impl Fn() -> u64, window: Duration) -> Duration {
     worst.max(since.elapsed())
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
 fn main() -> anyhow::Result<()> {
     let dir = plugins_dir();
     anyhow::ensure!(
@@ -80,9 +67,7 @@ fn main() -> anyhow::Result<()> {
         &config_path,
         format!(
             r#"
-[kafka]
-brokers = "{bootstrap}"
-{settings}
+{kafka}
 [http]
 address = "127.0.0.1:0"
 [reload]
@@ -100,10 +85,8 @@ path = "{logger}"
 [plugin.outputs]
 log = "discard"
 "#,
-            bootstrap = broker.bootstrap_servers(),
+            kafka = common::kafka_section(broker.bootstrap_servers()),
             logger = dir.join("eddy_logger.wasm").display(),
-            // What the host sets for its own embedded broker (see `Host::start`).
-            settings = "[kafka.settings]\n\"fetch.wait.max.ms\" = \"20\"",
         ),
     )?;
 
@@ -192,7 +175,6 @@ log = "discard"
     latencies.sort();
     stalls.sort();
     baseline.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
         "hot swap, {SWAPS} swaps of analytics under {RATE} events/s (compiling the new version on reload):"
     );

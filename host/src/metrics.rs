@@ -117,6 +117,8 @@ pub struct PluginMetrics {
     batch_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     batch_count: AtomicU64,
     batch_nanos: AtomicU64,
+    commit_count: AtomicU64,
+    commit_nanos: AtomicU64,
 }
 
 impl PluginMetrics {
@@ -164,6 +166,18 @@ impl PluginMetrics {
         }
         self.batch_count.fetch_add(1, Relaxed);
         self.batch_nanos.fetch_add(took.as_nanos() as u64, Relaxed);
+    }
+
+    /// Counts one state commit (with its offsets) and how long it took.
+    pub fn observe_commit(&self, took: Duration) {
+        self.commit_count.fetch_add(1, Relaxed);
+        self.commit_nanos.fetch_add(took.as_nanos() as u64, Relaxed);
+    }
+
+    /// Mean time of a state commit so far.
+    pub fn mean_commit(&self) -> Duration {
+        let n = self.commit_count.load(Relaxed).max(1);
+        Duration::from_nanos(self.commit_nanos.load(Relaxed) / n)
     }
 
     pub fn batches(&self) -> u64 {
@@ -459,6 +473,25 @@ impl Metrics {
                     "eddy_config_reloads_total{{outcome=\"error\"}} {}",
                     self.config_reloads_failed.load(Relaxed)
                 );
+            },
+        );
+        family(
+            "eddy_state_commit_seconds",
+            "summary",
+            "Time to commit a batch's state and offsets.",
+            &mut |o| {
+                for (name, m) in &plugins {
+                    let _ = writeln!(
+                        o,
+                        "eddy_state_commit_seconds_sum{{plugin=\"{name}\"}} {}",
+                        m.commit_nanos.load(Relaxed) as f64 / 1e9
+                    );
+                    let _ = writeln!(
+                        o,
+                        "eddy_state_commit_seconds_count{{plugin=\"{name}\"}} {}",
+                        m.commit_count.load(Relaxed)
+                    );
+                }
             },
         );
         family(

@@ -502,8 +502,17 @@ impl Worker {
     async fn commit(&mut self, offsets: &Offsets) -> bool {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match self.sandbox().commit_batch(offsets) {
+            let started = Instant::now();
+            // On the blocking pool: a durable commit waits for the disk (fsync).
+            let batch_offsets = offsets.clone();
+            let (_, result) = self
+                .in_sandbox(Vec::new(), move |sandbox, _, _, _| {
+                    sandbox.commit_batch(&batch_offsets)
+                })
+                .await;
+            match result {
                 Ok(()) => {
+                    self.metrics.observe_commit(started.elapsed());
                     if let Some(saved) = &self.saved {
                         saved
                             .lock()
