@@ -235,276 +235,223 @@ impl Metrics {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let mut out = String::new();
-        let mut family = |name: &str, kind: &str, help: &str, rows: &mut dyn FnMut(&mut String)| {
+        let header = |out: &mut String, name: &str, kind: &str, help: &str| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            rows(&mut out);
         };
-        family(
+        // The common case: one sample per plugin.
+        let per_plugin = |out: &mut String,
+                          name: &str,
+                          kind: &str,
+                          help: &str,
+                          value: &dyn Fn(&PluginMetrics) -> String| {
+            header(out, name, kind, help);
+            for (plugin, m) in &plugins {
+                let _ = writeln!(out, "{name}{{plugin=\"{plugin}\"}} {}", value(m));
+            }
+        };
+
+        header(
+            &mut out,
             "eddy_events_total",
             "counter",
             "Events handled, per plugin and final verdict.",
-            &mut |o| {
-                for (name, m) in &plugins {
-                    for outcome in Outcome::ALL {
-                        let _ = writeln!(
-                            o,
-                            "eddy_events_total{{plugin=\"{name}\",verdict=\"{}\"}} {}",
-                            outcome.label(),
-                            m.events(outcome)
-                        );
-                    }
-                }
-            },
         );
-        family(
-            "eddy_retries_total",
-            "counter",
-            "Retry verdicts received (each attempt).",
-            &mut |o| {
-                for (name, m) in &plugins {
-                    let _ = writeln!(
-                        o,
-                        "eddy_retries_total{{plugin=\"{name}\"}} {}",
-                        m.retries.load(Relaxed)
-                    );
-                }
-            },
-        );
-        family(
+        for (plugin, m) in &plugins {
+            for outcome in Outcome::ALL {
+                let (verdict, n) = (outcome.label(), m.events(outcome));
+                let _ = writeln!(
+                    out,
+                    "eddy_events_total{{plugin=\"{plugin}\",verdict=\"{verdict}\"}} {n}"
+                );
+            }
+        }
+        header(
+            &mut out,
             "eddy_traps_total",
             "counter",
             "Calls into a plugin that failed, per cause.",
-            &mut |o| {
-                for (name, m) in &plugins {
-                    for kind in TrapKind::ALL {
-                        let _ = writeln!(
-                            o,
-                            "eddy_traps_total{{plugin=\"{name}\",kind=\"{}\"}} {}",
-                            kind.label(),
-                            m.traps(kind)
-                        );
-                    }
-                }
-            },
         );
-        family(
+        for (plugin, m) in &plugins {
+            for kind in TrapKind::ALL {
+                let _ = writeln!(
+                    out,
+                    "eddy_traps_total{{plugin=\"{plugin}\",kind=\"{}\"}} {}",
+                    kind.label(),
+                    m.traps(kind)
+                );
+            }
+        }
+        let counter = |a: &AtomicU64| a.load(Relaxed).to_string();
+        per_plugin(
+            &mut out,
+            "eddy_retries_total",
+            "counter",
+            "Retry verdicts received (each attempt).",
+            &|m| counter(&m.retries),
+        );
+        per_plugin(
+            &mut out,
             "eddy_instance_restarts_total",
             "counter",
             "Plugin instances recreated after a failure.",
-            &mut |o| {
-                for (name, m) in &plugins {
-                    let _ = writeln!(
-                        o,
-                        "eddy_instance_restarts_total{{plugin=\"{name}\"}} {}",
-                        m.instance_restarts.load(Relaxed)
-                    );
-                }
-            },
+            &|m| counter(&m.instance_restarts),
         );
-        family(
+        per_plugin(
+            &mut out,
             "eddy_output_records_total",
             "counter",
             "Records plugins emitted and the host delivered.",
-            &mut |o| {
-                for (name, m) in &plugins {
-                    let _ = writeln!(
-                        o,
-                        "eddy_output_records_total{{plugin=\"{name}\"}} {}",
-                        m.output_records.load(Relaxed)
-                    );
-                }
-            },
+            &|m| counter(&m.output_records),
         );
-        family(
+        per_plugin(
+            &mut out,
             "eddy_output_failures_total",
             "counter",
-            "Failed deliveries of outputs or dead letters (retried).",
-            &mut |o| {
-                for (name, m) in &plugins {
-                    let _ = writeln!(
-                        o,
-                        "eddy_output_failures_total{{plugin=\"{name}\"}} {}",
-                        m.output_failures.load(Relaxed)
-                    );
-                }
-            },
+            "Failed deliveries of outputs or dead letters, and failed state commits (all retried).",
+            &|m| counter(&m.output_failures),
         );
-        family("eddy_ticks_total", "counter", "on-tick calls.", &mut |o| {
-            for (name, m) in &plugins {
-                let _ = writeln!(
-                    o,
-                    "eddy_ticks_total{{plugin=\"{name}\"}} {}",
-                    m.ticks.load(Relaxed)
-                );
-            }
-        });
-        family(
+        per_plugin(
+            &mut out,
+            "eddy_ticks_total",
+            "counter",
+            "on-tick calls.",
+            &|m| counter(&m.ticks),
+        );
+        per_plugin(
+            &mut out,
             "eddy_consumer_lag",
             "gauge",
             "Events not yet handled, summed over partitions (-1: unknown).",
-            &mut |o| {
-                for (name, m) in &plugins {
-                    let _ = writeln!(
-                        o,
-                        "eddy_consumer_lag{{plugin=\"{name}\"}} {}",
-                        m.consumer_lag.load(Relaxed)
-                    );
-                }
-            },
+            &|m| m.consumer_lag.load(Relaxed).to_string(),
         );
-        family(
+        per_plugin(
+            &mut out,
             "eddy_plugin_up",
             "gauge",
             "1 while the plugin is loaded and consuming.",
-            &mut |o| {
-                for (name, m) in &plugins {
-                    let _ = writeln!(
-                        o,
-                        "eddy_plugin_up{{plugin=\"{name}\"}} {}",
-                        m.up.load(Relaxed)
-                    );
-                }
-            },
+            &|m| m.up.load(Relaxed).to_string(),
         );
-        family(
+
+        header(
+            &mut out,
             "eddy_batch_duration_seconds",
             "histogram",
             "Time to run one batch through a plugin.",
-            &mut |o| {
-                for (name, m) in &plugins {
-                    let mut cumulative = 0;
-                    for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
-                        cumulative += m.batch_buckets[i].load(Relaxed);
-                        let _ = writeln!(
-                            o,
-                            "eddy_batch_duration_seconds_bucket{{plugin=\"{name}\",le=\"{bound}\"}} {cumulative}"
-                        );
-                    }
-                    let count = m.batch_count.load(Relaxed);
-                    let _ = writeln!(
-                        o,
-                        "eddy_batch_duration_seconds_bucket{{plugin=\"{name}\",le=\"+Inf\"}} {count}"
-                    );
-                    let sum = m.batch_nanos.load(Relaxed) as f64 / 1e9;
-                    let _ = writeln!(
-                        o,
-                        "eddy_batch_duration_seconds_sum{{plugin=\"{name}\"}} {sum}"
-                    );
-                    let _ = writeln!(
-                        o,
-                        "eddy_batch_duration_seconds_count{{plugin=\"{name}\"}} {count}"
-                    );
-                }
-            },
         );
-        family(
-            "eddy_plugin_info",
-            "gauge",
-            "The running version of each plugin (content digest of its .wasm).",
-            &mut |o| {
-                for (name, m) in &plugins {
-                    let v = m.version();
-                    let _ = writeln!(
-                        o,
-                        "eddy_plugin_info{{plugin=\"{name}\",digest=\"{}\",path=\"{}\"}} 1",
-                        v.digest,
-                        v.path.replace('"', "'")
-                    );
-                }
-            },
-        );
-        family(
-            "eddy_plugin_loaded_timestamp_seconds",
-            "gauge",
-            "When the running version started running.",
-            &mut |o| {
-                for (name, m) in &plugins {
-                    let _ = writeln!(
-                        o,
-                        "eddy_plugin_loaded_timestamp_seconds{{plugin=\"{name}\"}} {}",
-                        m.version().loaded_at
-                    );
-                }
-            },
-        );
-        family(
-            "eddy_plugin_compile_seconds",
-            "gauge",
-            "How long compiling the running version took.",
-            &mut |o| {
-                for (name, m) in &plugins {
-                    let _ = writeln!(
-                        o,
-                        "eddy_plugin_compile_seconds{{plugin=\"{name}\"}} {}",
-                        m.version().compile_seconds
-                    );
-                }
-            },
-        );
-        family(
-            "eddy_plugin_reloads_total",
-            "counter",
-            "Hot reloads of a plugin, per outcome.",
-            &mut |o| {
-                for (name, m) in &plugins {
-                    for outcome in ReloadOutcome::ALL {
-                        let _ = writeln!(
-                            o,
-                            "eddy_plugin_reloads_total{{plugin=\"{name}\",outcome=\"{}\"}} {}",
-                            outcome.label(),
-                            m.reloads(outcome)
-                        );
-                    }
-                }
-            },
-        );
-        family(
-            "eddy_config_reloads_total",
-            "counter",
-            "Re-reads of plugins.toml: applied, or refused as invalid.",
-            &mut |o| {
+        for (plugin, m) in &plugins {
+            let mut cumulative = 0;
+            for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+                cumulative += m.batch_buckets[i].load(Relaxed);
                 let _ = writeln!(
-                    o,
-                    "eddy_config_reloads_total{{outcome=\"ok\"}} {}",
-                    self.config_reloads_ok.load(Relaxed)
+                    out,
+                    "eddy_batch_duration_seconds_bucket{{plugin=\"{plugin}\",le=\"{bound}\"}} {cumulative}"
                 );
-                let _ = writeln!(
-                    o,
-                    "eddy_config_reloads_total{{outcome=\"error\"}} {}",
-                    self.config_reloads_failed.load(Relaxed)
-                );
-            },
-        );
-        family(
+            }
+            let count = m.batch_count.load(Relaxed);
+            let sum = m.batch_nanos.load(Relaxed) as f64 / 1e9;
+            let _ = writeln!(
+                out,
+                "eddy_batch_duration_seconds_bucket{{plugin=\"{plugin}\",le=\"+Inf\"}} {count}"
+            );
+            let _ = writeln!(
+                out,
+                "eddy_batch_duration_seconds_sum{{plugin=\"{plugin}\"}} {sum}"
+            );
+            let _ = writeln!(
+                out,
+                "eddy_batch_duration_seconds_count{{plugin=\"{plugin}\"}} {count}"
+            );
+        }
+        header(
+            &mut out,
             "eddy_state_commit_seconds",
             "summary",
             "Time to commit a batch's state and offsets.",
-            &mut |o| {
-                for (name, m) in &plugins {
-                    let _ = writeln!(
-                        o,
-                        "eddy_state_commit_seconds_sum{{plugin=\"{name}\"}} {}",
-                        m.commit_nanos.load(Relaxed) as f64 / 1e9
-                    );
-                    let _ = writeln!(
-                        o,
-                        "eddy_state_commit_seconds_count{{plugin=\"{name}\"}} {}",
-                        m.commit_count.load(Relaxed)
-                    );
-                }
-            },
         );
-        family(
+        for (plugin, m) in &plugins {
+            let sum = m.commit_nanos.load(Relaxed) as f64 / 1e9;
+            let _ = writeln!(
+                out,
+                "eddy_state_commit_seconds_sum{{plugin=\"{plugin}\"}} {sum}"
+            );
+            let _ = writeln!(
+                out,
+                "eddy_state_commit_seconds_count{{plugin=\"{plugin}\"}} {}",
+                m.commit_count.load(Relaxed)
+            );
+        }
+
+        header(
+            &mut out,
+            "eddy_plugin_info",
+            "gauge",
+            "The running version of each plugin (content digest of its .wasm).",
+        );
+        for (plugin, m) in &plugins {
+            let v = m.version();
+            let path = v.path.replace('"', "'");
+            let _ = writeln!(
+                out,
+                "eddy_plugin_info{{plugin=\"{plugin}\",digest=\"{}\",path=\"{path}\"}} 1",
+                v.digest
+            );
+        }
+        per_plugin(
+            &mut out,
+            "eddy_plugin_loaded_timestamp_seconds",
+            "gauge",
+            "When the running version started running.",
+            &|m| m.version().loaded_at.to_string(),
+        );
+        per_plugin(
+            &mut out,
+            "eddy_plugin_compile_seconds",
+            "gauge",
+            "How long compiling the running version took.",
+            &|m| m.version().compile_seconds.to_string(),
+        );
+        header(
+            &mut out,
+            "eddy_plugin_reloads_total",
+            "counter",
+            "Hot reloads of a plugin, per outcome.",
+        );
+        for (plugin, m) in &plugins {
+            for outcome in ReloadOutcome::ALL {
+                let (label, n) = (outcome.label(), m.reloads(outcome));
+                let _ = writeln!(
+                    out,
+                    "eddy_plugin_reloads_total{{plugin=\"{plugin}\",outcome=\"{label}\"}} {n}"
+                );
+            }
+        }
+
+        header(
+            &mut out,
+            "eddy_config_reloads_total",
+            "counter",
+            "Re-reads of plugins.toml: applied, or refused as invalid.",
+        );
+        let _ = writeln!(
+            out,
+            "eddy_config_reloads_total{{outcome=\"ok\"}} {}",
+            self.config_reloads_ok.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "eddy_config_reloads_total{{outcome=\"error\"}} {}",
+            self.config_reloads_failed.load(Relaxed)
+        );
+        header(
+            &mut out,
             "eddy_generated_events_total",
             "counter",
             "Events the in-process generator produced.",
-            &mut |o| {
-                let _ = writeln!(
-                    o,
-                    "eddy_generated_events_total {}",
-                    self.generated.load(Relaxed)
-                );
-            },
+        );
+        let _ = writeln!(
+            out,
+            "eddy_generated_events_total {}",
+            self.generated.load(Relaxed)
         );
         out
     }
