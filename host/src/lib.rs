@@ -84,12 +84,14 @@ impl Host {
             Some(b) => b.bootstrap_servers().to_string(),
             None => config.kafka.brokers.clone(),
         };
-        let mut client = broker::client_config(&config.kafka, &bootstrap);
+        let client = broker::client_config(&config.kafka, &bootstrap);
+        // Consumers' settings (the producers' would warn about consumer-only properties).
+        let mut consumer_client = client.clone();
         if broker.is_some() && !config.kafka.settings.contains_key("fetch.wait.max.ms") {
             // The embedded broker answers a fetch only after `fetch.wait.max.ms` (500 ms by
             // default) even while data flows, which would hand plugins events in 500 ms
             // bursts. A real broker answers as soon as data is there.
-            client.set("fetch.wait.max.ms", "20");
+            consumer_client.set("fetch.wait.max.ms", "20");
         }
 
         let engine = sandbox::engine()?;
@@ -127,7 +129,7 @@ impl Host {
             config.clone(),
             sandboxes,
             cluster.id.clone().filter(|_| broker.is_some()),
-            client.clone(),
+            consumer_client,
             producer,
             metrics.clone(),
             shutdown_rx.clone(),

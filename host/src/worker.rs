@@ -47,16 +47,18 @@ impl ClientContext for Callbacks {
         let Some(topic) = stats.topics.get(&self.topic) else {
             return;
         };
-        // Lag against what this process stored, or (before it stored anything) against
-        // what is committed in Kafka.
+        // Lag = log end - the position of the plugin: what this process handled (stored),
+        // else what is committed in Kafka, else where fetching resumed (e.g. the offsets
+        // saved with durable state, when there was nothing new to handle).
         let lags: Vec<i64> = topic
             .partitions
             .values()
-            .filter(|p| p.partition >= 0)
+            .filter(|p| p.partition >= 0 && p.hi_offset >= 0)
             .filter_map(|p| {
-                [p.consumer_lag_stored, p.consumer_lag]
+                let position = [p.stored_offset, p.committed_offset, p.next_offset]
                     .into_iter()
-                    .find(|l| *l >= 0)
+                    .find(|o| *o >= 0)?;
+                Some((p.hi_offset - position).max(0))
             })
             .collect();
         let lag = if lags.is_empty() {

@@ -28,8 +28,12 @@ fn write_config(dir: &Path, bootstrap: &str, port: u16, plugins: &str) {
     let text = format!(
         "[kafka]\nbrokers = \"{bootstrap}\"\n[kafka.settings]\n\"session.timeout.ms\" = \"3000\"\n\
          \"heartbeat.interval.ms\" = \"500\"\n\"fetch.wait.max.ms\" = \"20\"\n\
-         \"max.poll.interval.ms\" = \"10000\"\n\
-         [http]\naddress = \"127.0.0.1:{port}\"\n[reload]\nwatch = false\n{plugins}"
+         \"max.poll.interval.ms\" = \"10000\"\n{debug}\
+         [http]\naddress = \"127.0.0.1:{port}\"\n[reload]\nwatch = false\n{plugins}",
+        // librdkafka's own trace, when chasing a problem: EDDY_TEST_RDKAFKA_DEBUG=consumer,cgrp,fetch
+        debug = std::env::var("EDDY_TEST_RDKAFKA_DEBUG")
+            .map(|d| format!("\"debug\" = \"{d}\"\n"))
+            .unwrap_or_default(),
     );
     std::fs::write(dir.join("plugins.toml"), text).unwrap();
 }
@@ -46,7 +50,11 @@ fn start(dir: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_eddy"))
         .arg("run")
         .current_dir(dir)
-        .env("EDDY_LOG", "info")
+        .env(
+            "EDDY_LOG",
+            std::env::var("EDDY_TEST_LOG")
+                .unwrap_or_else(|_| "info,librdkafka=warn,rdkafka=warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(
             std::fs::File::options()
