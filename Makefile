@@ -3,10 +3,10 @@
 #   make test   build everything and run every test
 # Both install the wasm32-wasip2 Rust target first if it is missing.
 
-PLUGINS := eddy-logger eddy-analytics eddy-alert eddy-fraud eddy-fixture-misbehave
+PLUGINS := eddy-logger eddy-analytics eddy-alert eddy-fraud eddy-fixture-misbehave eddy-fixture-wrong-world
 CARGO ?= cargo
 
-.PHONY: run test plugins target check lint bench-reload bench-state
+.PHONY: run test plugins target check lint bench-reload bench-state fuzz
 
 run: plugins
 	$(CARGO) run --release -p eddy -- run --config plugins.toml
@@ -35,3 +35,33 @@ bench-reload: plugins
 # Throughput with durable state against state in memory (release build).
 bench-state: plugins
 	$(CARGO) bench -p eddy --bench state
+
+# Fuzz the event decoding (SDK parser + the four plugins) and plugins.toml parsing for
+# FUZZ_SECONDS each, from the seeds (corpus/malformed/, fuzz/seeds/, the plugins.toml files).
+# Fails on a crash, whose input lands in fuzz/artifacts/<target>/: reproduce it with
+# `cargo fuzz run --sanitizer none <target> <file>`. `--sanitizer none` is what lets cargo-fuzz
+# run on stable Rust (its default, ASan, needs the nightly-only -Zsanitizer). Builds, corpora and
+# logs go to FUZZ_TARGET_DIR, under CARGO_TARGET_DIR when that is set (as in CI).
+FUZZ_SECONDS ?= 30
+FUZZ_TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)/fuzz
+FUZZ_TARGETS := event_decode config_parse
+FUZZ := $(CARGO) fuzz run --sanitizer none --target-dir $(FUZZ_TARGET_DIR)
+
+fuzz:
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	$(CARGO) fuzz build --sanitizer none --target-dir $(FUZZ_TARGET_DIR)
+	rm -rf $(FUZZ_TARGET_DIR)/corpus
+	mkdir -p $(addprefix $(FUZZ_TARGET_DIR)/corpus/,$(FUZZ_TARGETS))
+	cp corpus/malformed/* fuzz/seeds/event_decode/* $(FUZZ_TARGET_DIR)/corpus/event_decode/
+	cp plugins.toml $(FUZZ_TARGET_DIR)/corpus/config_parse/plugins.toml
+	cp deploy/plugins.toml $(FUZZ_TARGET_DIR)/corpus/config_parse/deploy-plugins.toml
+	@for t in $(FUZZ_TARGETS); do \
+	  log=$(FUZZ_TARGET_DIR)/$$t.log; \
+	  echo "fuzzing $$t for $(FUZZ_SECONDS) s (full output: $$log)"; \
+	  if $(FUZZ) $$t $(FUZZ_TARGET_DIR)/corpus/$$t -- \
+	      -max_total_time=$(FUZZ_SECONDS) -timeout=10 -dict=fuzz/$$t.dict >$$log 2>&1; then \
+	    grep -E '^#[0-9]+[[:space:]]+DONE' $$log; \
+	  else \
+	    grep -Ev '^#[0-9]+[[:space:]]+(NEW|REDUCE|RELOAD|pulse)' $$log; exit 1; \
+	  fi; \
+	done

@@ -116,8 +116,12 @@ impl Plugin for Fraud {
         let c = &self.config;
         let k = key(&a.user_id);
         let mut recent: Vec<Seen> = ctx.state.get_json(&k).unwrap_or_default();
-        let window_ms = c.window_secs as i64 * 1000;
-        recent.retain(|s| s.t > now - window_ms && s.t <= now);
+        // Saturating: `now` may be any Kafka record timestamp, down to i64::MIN.
+        let window_ms = i64::try_from(c.window_secs)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000);
+        let since = now.saturating_sub(window_ms);
+        recent.retain(|s| s.t > since && s.t <= now);
         let is_purchase = a.event_type == EventType::Purchase;
         recent.push(Seen {
             t: now,
@@ -285,6 +289,19 @@ mod tests {
             .unwrap();
         h.run_payloads(&fast[2..]);
         assert_eq!(h.outputs_json("alerts").len(), 1);
+    }
+
+    #[test]
+    fn extreme_kafka_timestamps_and_windows_do_not_overflow() {
+        let no_time = br#"{"user_id":"u","event_type":"purchase","properties":{"price":5}}"#;
+        for config in [r#"{}"#, r#"{"window_secs": 18446744073709551615}"#] {
+            let mut h = Harness::<Fraud>::new(config).unwrap();
+            for t in [i64::MIN, -1, 0, i64::MAX] {
+                let mut e = h.event(no_time);
+                e.timestamp_ms = Some(t);
+                assert_eq!(h.run(&[e]), vec![Verdict::Ok]);
+            }
+        }
     }
 
     #[test]

@@ -143,19 +143,30 @@ impl<'de> Deserialize<'de> for EventType {
     }
 }
 
-/// Accepts `"user-1"` and, from producers that use numeric ids, `1`.
+/// Accepts `"user-1"` and, from producers that use numeric ids, `1`. A visitor rather than an
+/// untagged enum, so a wrong value is reported as such ("invalid type: null, expected `user_id`
+/// as …") instead of "data did not match any variant", and is never buffered.
 fn id_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Id {
-        Text(String),
-        Number(i64),
+    struct IdVisitor;
+    impl serde::de::Visitor<'_> for IdVisitor {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("`user_id` as a non-empty string or an integer")
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<String, E> {
+            if s.is_empty() {
+                return Err(E::custom("user_id is empty"));
+            }
+            Ok(s.to_string())
+        }
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<String, E> {
+            Ok(n.to_string())
+        }
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<String, E> {
+            Ok(n.to_string())
+        }
     }
-    match Id::deserialize(d)? {
-        Id::Text(s) if s.is_empty() => Err(serde::de::Error::custom("user_id is empty")),
-        Id::Text(s) => Ok(s),
-        Id::Number(n) => Ok(n.to_string()),
-    }
+    d.deserialize_any(IdVisitor)
 }
 
 /// Why a payload is not an activity event. The message names the problem (and, for JSON
@@ -177,8 +188,26 @@ impl Activity {
         if payload.is_empty() {
             return Err(ParseError("empty payload".into()));
         }
-        serde_json::from_slice(payload)
-            .map_err(|e| ParseError(format!("not an activity event: {e}")))
+        // serde accepts a JSON array as a struct, field by field in order: an event is an
+        // object, so refuse arrays before serde sees them.
+        let first = payload
+            .iter()
+            .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+        if first == Some(&b'[') {
+            return Err(ParseError(
+                "not an activity event: a JSON array, expected an object".into(),
+            ));
+        }
+        let activity: Activity = serde_json::from_slice(payload)
+            .map_err(|e| ParseError(format!("not an activity event: {e}")))?;
+        // Each number is finite, but their product may not be: an infinite amount would end
+        // up as `null` in outputs and state (e.g. wiping analytics' revenue sum).
+        if activity.amount().is_some_and(|x| !x.is_finite()) {
+            return Err(ParseError(
+                "not an activity event: properties.price × properties.quantity overflows".into(),
+            ));
+        }
+        Ok(activity)
     }
 
     /// The event's own time in milliseconds since the Unix epoch, if `timestamp` is a valid
@@ -190,7 +219,8 @@ impl Activity {
     /// `YYYY-MM-DDTHH` of the event's timestamp: the bucket for per-hour aggregates.
     pub fn hour(&self) -> Option<&str> {
         let ts = self.timestamp.as_deref()?;
-        (ts.len() >= 13 && ts.as_bytes()[10] == b'T').then(|| &ts[..13])
+        // `get`, not `[..13]`: byte 13 may fall inside a multi-byte character.
+        ts.get(..13).filter(|h| h.as_bytes()[10] == b'T')
     }
 
     /// The money this event moves: a purchase's price (times quantity), else the cart value.
@@ -318,10 +348,41 @@ mod tests {
             br#"{"user_id":"u","event_type":""}"#,
             br#"{"user_id":"u","event_type":"click","properties":{"price":"cheap"}}"#,
             br#"{"user_id":"u","event_type":7}"#,
+            br#" [null,null,"u",null,"click"]"#,
+            br#"{"user_id":"u","event_type":"purchase","properties":{"price":1e308,"quantity":2}}"#,
         ] {
             let err = Activity::from_json(bad).unwrap_err();
             assert!(!err.0.is_empty());
         }
+    }
+
+    #[test]
+    fn a_wrong_user_id_is_named_in_the_error() {
+        for bad in ["null", "1.5", "{}", "[]", "true", "18446744073709551616"] {
+            let payload = format!(r#"{{"user_id":{bad},"event_type":"click"}}"#);
+            let err = Activity::from_json(payload.as_bytes()).unwrap_err();
+            assert!(err.0.contains("`user_id` as a non-empty string"), "{err}");
+        }
+        let a = Activity::from_json(br#"{"user_id":18446744073709551615,"event_type":"click"}"#);
+        assert_eq!(a.unwrap().user_id, "18446744073709551615");
+        let a = Activity::from_json(br#"{"user_id":-3,"event_type":"click"}"#);
+        assert_eq!(a.unwrap().user_id, "-3");
+    }
+
+    #[test]
+    fn hour_of_a_timestamp_with_multibyte_text_does_not_panic() {
+        let a = Activity::from_json(
+            r#"{"user_id":"u","event_type":"purchase","timestamp":"2024-01-15T1é:00:00Z"}"#
+                .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(a.hour(), None);
+        assert_eq!(a.time_ms(), None);
+        let a = Activity::from_json(
+            r#"{"user_id":"u","event_type":"click","timestamp":"2024-01-15T10é"}"#.as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(a.hour(), Some("2024-01-15T10"));
     }
 
     #[test]

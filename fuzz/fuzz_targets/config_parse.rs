@@ -1,0 +1,45 @@
+//! Arbitrary text as `plugins.toml`: the host's `Config::parse` must never panic (it returns
+//! the config or an error naming the file), and neither must what the host then derives from
+//! a config it accepted (each plugin's `init` JSON, group, dead-letter topic, state file).
+//!
+//! # Why `config.rs` is included by path
+//!
+//! This target compiles `host/src/config.rs` itself, with `#[path]`, rather than depending on
+//! the `eddy` crate: that crate pulls in wasmtime, cranelift and librdkafka, which would take
+//! far longer to build with coverage instrumentation (on the 2-core CI machine) than fuzzing
+//! runs. `config.rs` needs only serde, serde_json, thiserror and toml (the versions of
+//! `host/Cargo.toml`), and from the rest of the crate only `crate::store::path_for`, which
+//! [`store`] below provides with the same body. If `config.rs` starts using another item of
+//! the host crate, add it to the shims here.
+
+#![no_main]
+
+#[allow(dead_code)]
+#[path = "../../host/src/config.rs"]
+mod config;
+
+/// Stands in for `host/src/store.rs`, which needs redb: the one function `config.rs` calls.
+mod store {
+    use std::path::{Path, PathBuf};
+
+    /// Same as `eddy::store::path_for`.
+    pub fn path_for(dir: &Path, plugin: &str) -> PathBuf {
+        dir.join(format!("{plugin}.redb"))
+    }
+}
+
+use libfuzzer_sys::fuzz_target;
+use std::path::Path;
+
+fuzz_target!(|text: &str| {
+    match config::Config::parse(text, Path::new("/etc/eddy/plugins.toml")) {
+        Ok(config) => {
+            let _ = config.embedded();
+            for p in &config.plugins {
+                let _ = (p.group_id(), p.dead_letter_topic(), p.config_json());
+                let _ = config.state_file(&p.name);
+            }
+        }
+        Err(e) => assert!(!e.to_string().is_empty()),
+    }
+});
