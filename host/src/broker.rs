@@ -28,6 +28,10 @@ enum Command {
         partitions: i32,
         reply: mpsc::Sender<Result<(), String>>,
     },
+    FailProduce {
+        requests: usize,
+        reply: mpsc::Sender<()>,
+    },
     Stop,
 }
 
@@ -70,6 +74,17 @@ impl EmbeddedBroker {
                                     .map_err(|e| e.to_string()),
                             );
                         }
+                        Command::FailProduce { requests, reply } => {
+                            use rdkafka::types::RDKafkaApiKey;
+                            use rdkafka::types::RDKafkaRespErr;
+                            // Not retriable: the producer reports it at once.
+                            let errors = vec![
+                                RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED;
+                                requests
+                            ];
+                            cluster.request_errors(RDKafkaApiKey::Produce, &errors);
+                            let _ = reply.send(());
+                        }
                         Command::Stop => break,
                     }
                 }
@@ -92,6 +107,17 @@ impl EmbeddedBroker {
 
     /// Creates `name` with `partitions` partitions (the embedded broker does not implement
     /// the admin API; topics that are only written to are auto-created with 4 partitions).
+    /// Makes the next `requests` produce requests fail (topic authorization refused), to
+    /// test what the host does when it cannot deliver.
+    pub fn fail_next_produce_requests(&self, requests: usize) -> anyhow::Result<()> {
+        let (reply, rx) = mpsc::channel();
+        self.commands
+            .send(Command::FailProduce { requests, reply })
+            .map_err(|_| anyhow::anyhow!("the embedded broker has stopped"))?;
+        rx.recv()
+            .map_err(|_| anyhow::anyhow!("the embedded broker has stopped"))
+    }
+
     pub fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
         let (reply, rx) = mpsc::channel();
         self.commands

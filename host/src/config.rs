@@ -205,6 +205,8 @@ pub struct PluginConfig {
     pub dead_letter_topic: Option<String>,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub breaker: BreakerPolicy,
     /// Output name (as the plugin emits it) → destination.
     #[serde(default)]
     pub outputs: BTreeMap<String, OutputTarget>,
@@ -248,6 +250,57 @@ impl Default for Limits {
         }
     }
 }
+
+/// `[plugin.breaker]`: when a plugin keeps failing, stop feeding it for a while (see
+/// `breaker.rs` for the whole story).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerPolicy {
+    /// Open the breaker when this many of the last `window` events failed (trapped, hit a
+    /// limit or ran out of retries; a `dead-letter` verdict is a decision, not a failure).
+    /// 0 turns the breaker off: every failing event is dead-lettered and the plugin goes on.
+    #[serde(default = "default_breaker_failures")]
+    pub failures: u32,
+    /// How many recent events `failures` is counted over.
+    #[serde(default = "default_breaker_window")]
+    pub window: u32,
+    /// The first pause, in milliseconds; doubled each time the plugin fails again right
+    /// after a pause.
+    #[serde(default = "default_breaker_pause_ms")]
+    pub pause_ms: u64,
+    /// The longest pause. The plugin's consumer is not polled while paused, so this stays
+    /// well below Kafka's `max.poll.interval.ms` (5 minutes by default).
+    #[serde(default = "default_breaker_max_pause_ms")]
+    pub max_pause_ms: u64,
+}
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        BreakerPolicy {
+            failures: default_breaker_failures(),
+            window: default_breaker_window(),
+            pause_ms: default_breaker_pause_ms(),
+            max_pause_ms: default_breaker_max_pause_ms(),
+        }
+    }
+}
+
+fn default_breaker_failures() -> u32 {
+    5
+}
+fn default_breaker_window() -> u32 {
+    100
+}
+fn default_breaker_pause_ms() -> u64 {
+    1_000
+}
+fn default_breaker_max_pause_ms() -> u64 {
+    60_000
+}
+
+/// The longest breaker pause allowed: below librdkafka's default `max.poll.interval.ms`
+/// (300 s), after which an unpolled consumer is thrown out of its group.
+pub const MAX_BREAKER_PAUSE_MS: u64 = 240_000;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -534,6 +587,39 @@ impl Config {
             if l.max_retries > 100 {
                 return Err(self.invalid(at("limits.max_retries"), "must be at most 100"));
             }
+            let b = &p.breaker;
+            if !(1..=100_000).contains(&b.window) {
+                return Err(self.invalid(
+                    at("breaker.window"),
+                    format!("must be 1 to 100000 events, not {}", b.window),
+                ));
+            }
+            if b.failures > b.window {
+                return Err(self.invalid(
+                    at("breaker.failures"),
+                    format!(
+                        "{} failures can never happen within breaker.window = {} events",
+                        b.failures, b.window
+                    ),
+                ));
+            }
+            if b.pause_ms == 0 || b.pause_ms > b.max_pause_ms {
+                return Err(self.invalid(
+                    at("breaker.pause_ms"),
+                    format!(
+                        "must be 1 to breaker.max_pause_ms ({}), not {}",
+                        b.max_pause_ms, b.pause_ms
+                    ),
+                ));
+            }
+            if b.max_pause_ms > MAX_BREAKER_PAUSE_MS {
+                return Err(self.invalid(
+                    at("breaker.max_pause_ms"),
+                    format!(
+                        "must be at most {MAX_BREAKER_PAUSE_MS} ms: a consumer left unpolled for 5 minutes is thrown out of its group"
+                    ),
+                ));
+            }
             if let Some(t) = &p.dead_letter_topic
                 && (t.is_empty() || *t == k.topic)
             {
@@ -572,6 +658,12 @@ impl PluginConfig {
         self.group
             .clone()
             .unwrap_or_else(|| format!("eddy-{}", self.name))
+    }
+
+    /// A batch is cut when its events' bytes reach a quarter of the memory cap: the batch is
+    /// copied into the plugin's memory and parsed there.
+    pub fn max_batch_bytes(&self) -> usize {
+        ((self.limits.memory_mib as usize) << 20) / 4
     }
 
     pub fn dead_letter_topic(&self) -> String {

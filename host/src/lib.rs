@@ -11,7 +11,9 @@
 //! - [`state`]: one plugin's key/value state, with per-call and per-batch overlays.
 //! - [`store`]: its durable copy: one redb file per plugin, state and offsets committed
 //!   together.
-//! - [`worker`]: one plugin's consume → run → deliver → commit → store-offsets loop.
+//! - [`worker`]: one plugin's consume → run → deliver → commit → store-offsets loop, and
+//!   what happens to events a plugin fails on (isolation by halves, retries, dead letters).
+//! - [`breaker`]: pauses a plugin that keeps failing.
 //! - [`reload`]: the supervisor: the set of running plugins, changed while running (hot
 //!   reload from file watching, `SIGHUP` or [`Host::reload`]).
 //! - [`outputs`]: delivery of emitted records and dead letters.
@@ -21,6 +23,7 @@
 //!
 //! [`Host::start`] wires these together; [`run`] is start, wait for shutdown, stop.
 
+pub mod breaker;
 pub mod broker;
 pub mod config;
 pub mod generator;

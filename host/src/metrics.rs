@@ -53,6 +53,43 @@ impl TrapKind {
     }
 }
 
+/// Why an event was dead-lettered, as counted in `eddy_dead_letters_total{reason=…}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    /// The plugin answered `dead-letter` (e.g. a malformed event).
+    Verdict,
+    /// The plugin answered `retry` until `limits.max_retries` ran out.
+    RetriesExhausted,
+    /// The plugin failed on the event (isolated by re-running its batch in halves).
+    Failed(TrapKind),
+}
+
+impl DeadLetterReason {
+    const ALL: [DeadLetterReason; 5] = [
+        DeadLetterReason::Verdict,
+        DeadLetterReason::RetriesExhausted,
+        DeadLetterReason::Failed(TrapKind::Trap),
+        DeadLetterReason::Failed(TrapKind::Deadline),
+        DeadLetterReason::Failed(TrapKind::Memory),
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            DeadLetterReason::Verdict => "verdict",
+            DeadLetterReason::RetriesExhausted => "retries_exhausted",
+            DeadLetterReason::Failed(kind) => kind.label(),
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            DeadLetterReason::Verdict => 0,
+            DeadLetterReason::RetriesExhausted => 1,
+            DeadLetterReason::Failed(kind) => 2 + kind as usize,
+        }
+    }
+}
+
 /// How a plugin reload ended, as counted in `eddy_plugin_reloads_total{outcome=…}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReloadOutcome {
@@ -112,6 +149,11 @@ pub struct PluginMetrics {
     pub consumer_lag: AtomicI64,
     /// 1 while the plugin is loaded and consuming.
     pub up: AtomicI64,
+    /// 0 closed, 1 open (paused), 2 half-open (on trial after a pause).
+    pub breaker_state: AtomicI64,
+    /// Times the breaker opened.
+    pub breaker_trips: AtomicU64,
+    dead_letters: [AtomicU64; 5],
     reloads: [AtomicU64; 3],
     version: Mutex<Version>,
     batch_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
@@ -133,6 +175,24 @@ impl PluginMetrics {
     /// All events that got a final outcome.
     pub fn events_handled(&self) -> u64 {
         Outcome::ALL.iter().map(|o| self.events(*o)).sum()
+    }
+
+    pub fn dead_lettered(&self, reason: DeadLetterReason) {
+        self.dead_letters[reason.index()].fetch_add(1, Relaxed);
+    }
+
+    pub fn dead_letters(&self, reason: DeadLetterReason) -> u64 {
+        self.dead_letters[reason.index()].load(Relaxed)
+    }
+
+    pub fn set_breaker(&self, state: crate::breaker::BreakerState) {
+        use crate::breaker::BreakerState::*;
+        let v = match state {
+            Closed => 0,
+            Open => 1,
+            HalfOpen => 2,
+        };
+        self.breaker_state.store(v, Relaxed);
     }
 
     pub fn trap(&self, kind: TrapKind) {
@@ -203,8 +263,14 @@ impl Metrics {
         plugins.entry(plugin.to_string()).or_default().clone()
     }
 
+    /// The plugins with metrics, in name order.
+    pub fn plugin_names(&self) -> Vec<String> {
+        let plugins = self.plugins.lock().expect("metrics lock");
+        plugins.keys().cloned().collect()
+    }
+
     /// `/healthz`: `{"status":"ok"|"degraded","plugins":{"name":{"up":true,…}}}`. Degraded
-    /// when a plugin is not consuming.
+    /// when a plugin is not consuming or its breaker is open.
     pub fn health_json(&self) -> String {
         let plugins = self.plugins.lock().expect("metrics lock");
         let mut all_up = true;
@@ -212,9 +278,15 @@ impl Metrics {
             .iter()
             .map(|(name, m)| {
                 let up = m.up.load(Relaxed) == 1;
-                all_up &= up;
+                let breaker = match m.breaker_state.load(Relaxed) {
+                    1 => "open",
+                    2 => "half_open",
+                    _ => "closed",
+                };
+                all_up &= up && breaker != "open";
                 let v = serde_json::json!({
                     "up": up,
+                    "breaker": breaker,
                     "events": m.events_handled(),
                     "consumer_lag": m.consumer_lag.load(Relaxed),
                 });
@@ -281,7 +353,37 @@ impl Metrics {
                 );
             }
         }
+        header(
+            &mut out,
+            "eddy_dead_letters_total",
+            "counter",
+            "Events written to a plugin's dead-letter topic, per reason.",
+        );
+        for (plugin, m) in &plugins {
+            for reason in DeadLetterReason::ALL {
+                let _ = writeln!(
+                    out,
+                    "eddy_dead_letters_total{{plugin=\"{plugin}\",reason=\"{}\"}} {}",
+                    reason.label(),
+                    m.dead_letters(reason)
+                );
+            }
+        }
         let counter = |a: &AtomicU64| a.load(Relaxed).to_string();
+        per_plugin(
+            &mut out,
+            "eddy_breaker_state",
+            "gauge",
+            "A plugin's breaker: 0 closed, 1 open (paused after repeated failures), 2 half-open.",
+            &|m| m.breaker_state.load(Relaxed).to_string(),
+        );
+        per_plugin(
+            &mut out,
+            "eddy_breaker_trips_total",
+            "counter",
+            "Times a plugin's breaker opened.",
+            &|m| counter(&m.breaker_trips),
+        );
         per_plugin(
             &mut out,
             "eddy_retries_total",

@@ -18,6 +18,8 @@ pub mod headers {
     pub const SOURCE_PARTITION: &str = "eddy.source.partition";
     pub const SOURCE_OFFSET: &str = "eddy.source.offset";
     pub const PLUGIN: &str = "eddy.plugin";
+    /// The content digest (`sha256:…`) of the plugin version that gave up on the event.
+    pub const PLUGIN_VERSION: &str = "eddy.plugin.version";
     pub const REASON: &str = "eddy.reason";
     pub const ATTEMPTS: &str = "eddy.attempts";
 }
@@ -111,11 +113,12 @@ impl Outputs {
         &self,
         events: &[Event],
         letters: &[DeadLetter],
+        version: &str,
     ) -> anyhow::Result<()> {
         let mut pending = Vec::new();
         for letter in letters {
             let e = &events[letter.index];
-            let mut h = OwnedHeaders::new_with_capacity(e.headers.len() + 6);
+            let mut h = OwnedHeaders::new_with_capacity(e.headers.len() + 7);
             for original in &e.headers {
                 h = h.insert(Header {
                     key: &original.key,
@@ -143,6 +146,10 @@ impl Outputs {
                 .insert(Header {
                     key: headers::PLUGIN,
                     value: Some(self.plugin.as_str()),
+                })
+                .insert(Header {
+                    key: headers::PLUGIN_VERSION,
+                    value: Some(version),
                 })
                 .insert(Header {
                     key: headers::REASON,

@@ -2,6 +2,8 @@
 //! produce, read topics back, and look at committed offsets.
 #![allow(dead_code)]
 
+pub mod misbehaving;
+
 use eddy::broker::EmbeddedBroker;
 use eddy::generator::{Generated, Generator, GeneratorOptions};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -49,7 +51,12 @@ pub fn plugins_dir() -> &'static Path {
                 "-p",
                 "eddy-fraud",
             ])
-            .args(["-p", "eddy-fixture-misbehave"])
+            .args([
+                "-p",
+                "eddy-fixture-misbehave",
+                "-p",
+                "eddy-fixture-wrong-world",
+            ])
             .arg("--target-dir")
             .arg(&target)
             .status()
