@@ -101,6 +101,7 @@ log = "discard"
                     topic: "user-activities".into(),
                     partitions: 6,
                     settings: Default::default(),
+                    connect_timeout_ms: 30_000,
                 },
                 broker.bootstrap_servers(),
             ),

@@ -103,6 +103,7 @@ fn main() -> anyhow::Result<()> {
             topic: "user-activities".into(),
             partitions: PARTITIONS,
             settings: Default::default(),
+            connect_timeout_ms: 30_000,
         },
         broker.bootstrap_servers(),
     );

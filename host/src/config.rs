@@ -71,6 +71,14 @@ pub struct KafkaConfig {
     /// (`"security.protocol" = "SASL_SSL"`, `"sasl.mechanisms"`, …), timeouts, tuning.
     #[serde(default)]
     pub settings: BTreeMap<String, String>,
+    /// How long the host waits at start for a real cluster to answer before it gives up
+    /// with an error naming the brokers (a typo in `brokers`, a cluster that is down).
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    30_000
 }
 
 /// `[http]`: the Prometheus `/metrics` and `/healthz` endpoint.
@@ -500,8 +508,20 @@ impl Config {
                 r#"must be "embedded" or a list like "host:9092""#,
             ));
         }
-        if k.topic.is_empty() {
-            return Err(self.invalid("kafka.topic", "must not be empty"));
+        if !valid_topic(&k.topic) {
+            return Err(self.invalid(
+                "kafka.topic",
+                format!(
+                    "`{}` is not a Kafka topic name (1-249 of letters, digits, '.', '_', '-')",
+                    k.topic
+                ),
+            ));
+        }
+        if !(100..=600_000).contains(&k.connect_timeout_ms) {
+            return Err(self.invalid(
+                "kafka.connect_timeout_ms",
+                format!("must be 100 to 600000 ms, not {}", k.connect_timeout_ms),
+            ));
         }
         if !(1..=1024).contains(&k.partitions) {
             return Err(self.invalid(
@@ -621,14 +641,22 @@ impl Config {
                 ));
             }
             if let Some(t) = &p.dead_letter_topic
-                && (t.is_empty() || *t == k.topic)
+                && (!valid_topic(t) || *t == k.topic)
             {
                 return Err(self.invalid(
                     at("dead_letter_topic"),
-                    "must be a topic other than kafka.topic",
+                    format!("`{t}` must be a valid Kafka topic name other than kafka.topic"),
                 ));
             }
             for (name, target) in &p.outputs {
+                if let OutputTarget::Topic(t) = target
+                    && !valid_topic(t)
+                {
+                    return Err(self.invalid(
+                        at(&format!("outputs.{name}")),
+                        format!("`{t}` is not a Kafka topic name (1-249 of letters, digits, '.', '_', '-')"),
+                    ));
+                }
                 if let OutputTarget::Topic(t) = target
                     && *t == k.topic
                 {
@@ -651,6 +679,16 @@ impl Config {
     pub fn embedded(&self) -> bool {
         self.kafka.brokers.trim() == "embedded"
     }
+}
+
+/// Kafka's rule for topic names.
+fn valid_topic(name: &str) -> bool {
+    (1..=249).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 impl PluginConfig {

@@ -88,6 +88,12 @@ impl Host {
             None => config.kafka.brokers.clone(),
         };
         let client = broker::client_config(&config.kafka, &bootstrap);
+        if broker.is_none() {
+            let (c, topic) = (client.clone(), config.kafka.topic.clone());
+            let timeout = std::time::Duration::from_millis(config.kafka.connect_timeout_ms);
+            tokio::task::spawn_blocking(move || broker::wait_until_reachable(&c, &topic, timeout))
+                .await??;
+        }
         // Consumers' settings (the producers' would warn about consumer-only properties).
         let mut consumer_client = client.clone();
         if broker.is_some() && !config.kafka.settings.contains_key("fetch.wait.max.ms") {
@@ -257,6 +263,28 @@ async fn load_all(
     }
     match errors.len() {
         0 => Ok(sandboxes),
+        1 => anyhow::bail!("{}", errors[0]),
+        n => anyhow::bail!("{n} plugins failed to load:\n  {}", errors.join("\n  ")),
+    }
+}
+
+/// Compiles every plugin and runs its `init` with its config in a scratch sandbox, as a
+/// start would, without a broker or state: `eddy check`. Reports every plugin that fails.
+pub fn check_plugins(config: &Config) -> anyhow::Result<()> {
+    let engine = sandbox::engine()?;
+    let errors: Vec<String> = config
+        .plugins
+        .iter()
+        .filter_map(|p| {
+            sandbox::Program::compile(&engine, &p.path)
+                .map(Arc::new)
+                .and_then(|program| program.validate(&engine, p))
+                .err()
+                .map(|e| format!("plugin `{}`: {e}", p.name))
+        })
+        .collect();
+    match errors.len() {
+        0 => Ok(()),
         1 => anyhow::bail!("{}", errors[0]),
         n => anyhow::bail!("{n} plugins failed to load:\n  {}", errors.join("\n  ")),
     }

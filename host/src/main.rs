@@ -24,7 +24,8 @@ enum Command {
         #[arg(long, short, default_value = "plugins.toml")]
         config: PathBuf,
     },
-    /// Check plugins.toml (syntax, keys, values, plugin files) without running anything.
+    /// Check plugins.toml (syntax, keys, values) and every plugin (compiles, implements the
+    /// contract, accepts its config) without connecting to Kafka.
     Check {
         #[arg(long, short, default_value = "plugins.toml")]
         config: PathBuf,
@@ -122,7 +123,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Check { config } => {
             let c = Config::load(&config)?;
-            println!("{}: ok ({} plugins)", config.display(), c.plugins.len());
+            eddy::check_plugins(&c)?;
+            println!(
+                "{}: ok ({} plugins compiled and initialised with their config)",
+                config.display(),
+                c.plugins.len()
+            );
             Ok(())
         }
         Command::State {
@@ -186,6 +192,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 brokers: brokers.clone(),
                 topic: topic.clone(),
                 partitions: 6,
+                connect_timeout_ms: 30_000,
                 settings: settings.into_iter().collect(),
             };
             let client = eddy::broker::client_config(&kafka, &brokers);

@@ -44,7 +44,10 @@ fn check_accepts_a_good_file() {
     let dir = setup(GOOD);
     let out = eddy(&["check"], dir.path());
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("ok (1 plugins)"));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("ok (1 plugins compiled and initialised with their config)")
+    );
 }
 
 #[test]
@@ -72,6 +75,27 @@ fn config_mistakes_name_the_file_the_key_and_the_fix() {
         ),
         // Not TOML at all.
         ("[kafka\nbrokers=", &["plugins.toml", "line 1"]),
+        // Impossible limits.
+        (
+            &format!("{GOOD}[plugin.breaker]\nfailures = 20\nwindow = 10\n"),
+            &["plugin[0].breaker.failures", "can never happen"],
+        ),
+        (
+            &format!("{GOOD}[plugin.breaker]\nmax_pause_ms = 600000\n"),
+            &["plugin[0].breaker.max_pause_ms", "at most 240000"],
+        ),
+        (
+            &format!("{GOOD}[plugin.limits]\ncpu_ms = 0\n"),
+            &["plugin[0].limits.cpu_ms", "1 to 600000"],
+        ),
+        // A topic Kafka would refuse.
+        (
+            &format!("{GOOD}[plugin.outputs]\nlog = {{ topic = \"my alerts\" }}\n"),
+            &[
+                "plugin[0].outputs.log",
+                "`my alerts` is not a Kafka topic name",
+            ],
+        ),
     ];
     for (text, needles) in cases {
         let dir = setup(text);
@@ -95,21 +119,39 @@ fn config_mistakes_name_the_file_the_key_and_the_fix() {
 }
 
 #[test]
-fn bad_plugins_are_refused_at_start_with_the_cause() {
-    // Not a component at all; a core module instead of a component; a plugin whose init
-    // rejects its config. All are reported together, then the host exits.
+fn bad_plugins_are_refused_at_start_and_by_check_with_the_cause() {
+    // Not a component at all; a core module instead of a component; a component of some
+    // other contract (wrong exports); a plugin whose init rejects its config. All are
+    // reported together, by `eddy check` and by `eddy run`, which then exits.
     let text = format!(
         "{GOOD}\n[[plugin]]\nname = \"garbage\"\npath = \"garbage.wasm\"\n\
          \n[[plugin]]\nname = \"core\"\npath = \"core.wasm\"\n\
+         \n[[plugin]]\nname = \"wrong\"\npath = \"wrong.wasm\"\n\
          \n[[plugin]]\nname = \"alert\"\npath = \"alert.wasm\"\n[plugin.config]\nrules = []\n"
     );
     let dir = setup(&text);
     std::fs::write(dir.path().join("garbage.wasm"), b"this is not wasm").unwrap();
     std::fs::write(dir.path().join("core.wasm"), b"\0asm\x01\0\0\0").unwrap();
-    let out = eddy(&["run"], dir.path());
-    assert!(!out.status.success());
-    let err = stderr(&out);
-    assert!(err.contains("3 plugins failed to load"), "{err}");
+    std::fs::copy(
+        common::wasm("eddy_fixture_wrong_world"),
+        dir.path().join("wrong.wasm"),
+    )
+    .unwrap();
+    for command in ["check", "run"] {
+        let out = eddy(&[command], dir.path());
+        assert!(!out.status.success(), "{command} accepted bad plugins");
+        check_bad_plugins_error(&stderr(&out));
+    }
+}
+
+fn check_bad_plugins_error(err: &str) {
+    assert!(err.contains("4 plugins failed to load"), "{err}");
+    assert!(
+        err.contains("plugin `wrong`")
+            && err.contains("does not implement the eddy:plugin world")
+            && err.contains("on-batch"),
+        "the wrong export is named: {err}"
+    );
     assert!(
         err.contains("plugin `garbage`") && err.contains("not a valid WebAssembly component"),
         "{err}"
@@ -124,6 +166,20 @@ fn bad_plugins_are_refused_at_start_with_the_cause() {
     assert!(
         !err.contains("plugin `logger`"),
         "the good plugin is not blamed: {err}"
+    );
+}
+
+#[test]
+fn an_unreachable_cluster_is_named_at_start() {
+    let text = GOOD.replace("\"embedded\"", "\"127.0.0.1:1\"\nconnect_timeout_ms = 1500");
+    let dir = setup(&text);
+    let out = eddy(&["run"], dir.path());
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("cannot reach Kafka at 127.0.0.1:1 within 1.5s")
+            && err.contains("check kafka.brokers in plugins.toml"),
+        "{err}"
     );
 }
 
