@@ -139,10 +139,15 @@ mod tests {
     fn opens_when_enough_of_the_recent_events_failed() {
         let mut b = Breaker::new(policy(3, 10));
         assert!(!b.failed());
-        b.succeeded(4);
+        b.succeeded(5);
         assert!(!b.failed());
         b.succeeded(4);
-        assert!(b.failed(), "three failures within ten events");
+        assert!(
+            !b.failed(),
+            "the first failure is 11 events back: two within the last ten"
+        );
+        b.succeeded(2);
+        assert!(b.failed(), "three failures within the last ten events");
         assert_eq!(b.open(), Duration::from_millis(100));
         assert_eq!(b.state(), BreakerState::Open);
     }
