@@ -6,7 +6,7 @@
 PLUGINS := eddy-logger eddy-analytics eddy-alert eddy-fraud eddy-fixture-misbehave eddy-fixture-wrong-world
 CARGO ?= cargo
 
-.PHONY: run test plugins target check lint bench-reload bench-state fuzz
+.PHONY: run test plugins target check lint bench-reload bench-state bench-throughput fuzz
 
 run: plugins
 	$(CARGO) run --release -p eddy -- run --config plugins.toml
@@ -35,6 +35,11 @@ bench-reload: plugins
 # Throughput with durable state against state in memory (release build).
 bench-state: plugins
 	$(CARGO) bench -p eddy --bench state
+
+# End-to-end throughput of the four plugins in the host against the same logic compiled
+# natively, on the same broker and events (EDDY_BENCH_EVENTS, default 1,000,000).
+bench-throughput: plugins
+	$(CARGO) bench -p eddy --bench throughput
 
 # Fuzz the event decoding (SDK parser + the four plugins) and plugins.toml parsing for
 # FUZZ_SECONDS each, from the seeds (corpus/malformed/, fuzz/seeds/, the plugins.toml files).

@@ -138,6 +138,14 @@ pub struct StateConfig {
     pub dir: PathBuf,
 }
 
+impl StateConfig {
+    /// Where compiled plugins are kept, so an unchanged `.wasm` is never compiled twice
+    /// (see `eddy compile`).
+    pub fn compiled_dir(&self) -> PathBuf {
+        self.dir.join("compiled")
+    }
+}
+
 impl Default for StateConfig {
     fn default() -> Self {
         StateConfig {

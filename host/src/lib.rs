@@ -276,7 +276,7 @@ pub fn check_plugins(config: &Config) -> anyhow::Result<()> {
         .plugins
         .iter()
         .filter_map(|p| {
-            sandbox::Program::compile(&engine, &p.path)
+            sandbox::Program::compile(&engine, &p.path, None)
                 .map(Arc::new)
                 .and_then(|program| program.validate(&engine, p))
                 .err()

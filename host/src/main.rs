@@ -24,6 +24,16 @@ enum Command {
         #[arg(long, short, default_value = "plugins.toml")]
         config: PathBuf,
     },
+    /// Compile plugins ahead of time into the host's compile cache (`<state dir>/compiled`):
+    /// every plugin of plugins.toml, or the given `.wasm` files. A host that starts, or swaps
+    /// to, a compiled `.wasm` then only loads it. Run it before replacing a running plugin's
+    /// file for the fastest hot swap.
+    Compile {
+        #[arg(long, short, default_value = "plugins.toml")]
+        config: PathBuf,
+        /// `.wasm` files to compile instead of the plugins of plugins.toml.
+        files: Vec<PathBuf>,
+    },
     /// Check plugins.toml (syntax, keys, values) and every plugin (compiles, implements the
     /// contract, accepts its config) without connecting to Kafka.
     Check {
@@ -121,6 +131,27 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Compile { config, files } => {
+            let c = Config::load(&config)?;
+            let files = if files.is_empty() {
+                c.plugins.iter().map(|p| p.path.clone()).collect()
+            } else {
+                files
+            };
+            let engine = eddy::sandbox::engine()?;
+            let cache = c.state.compiled_dir();
+            for file in files {
+                let started = std::time::Instant::now();
+                let artifact = eddy::sandbox::Program::precompile(&engine, &file, &cache)?;
+                println!(
+                    "{} → {} ({:.0} ms)",
+                    file.display(),
+                    artifact.display(),
+                    started.elapsed().as_secs_f64() * 1000.0
+                );
+            }
+            Ok(())
+        }
         Command::Check { config } => {
             let c = Config::load(&config)?;
             eddy::check_plugins(&c)?;

@@ -125,8 +125,10 @@ pub struct Version {
     pub path: String,
     /// When it started running, Unix seconds.
     pub loaded_at: f64,
-    /// How long compiling and linking it took, seconds.
+    /// How long compiling (or loading precompiled code) and linking it took, seconds.
     pub compile_seconds: f64,
+    /// Whether its code came from the compile cache.
+    pub precompiled: bool,
 }
 
 /// Upper bounds of the batch-latency histogram buckets, in seconds.
@@ -487,15 +489,20 @@ impl Metrics {
             &mut out,
             "eddy_plugin_info",
             "gauge",
-            "The running version of each plugin (content digest of its .wasm).",
+            "The running version of each plugin (content digest of its .wasm; code compiled at load or precompiled).",
         );
         for (plugin, m) in &plugins {
             let v = m.version();
             let path = v.path.replace('"', "'");
             let _ = writeln!(
                 out,
-                "eddy_plugin_info{{plugin=\"{plugin}\",digest=\"{}\",path=\"{path}\"}} 1",
-                v.digest
+                "eddy_plugin_info{{plugin=\"{plugin}\",digest=\"{}\",path=\"{path}\",code=\"{}\"}} 1",
+                v.digest,
+                if v.precompiled {
+                    "precompiled"
+                } else {
+                    "compiled"
+                }
             );
         }
         per_plugin(

@@ -69,7 +69,12 @@ pub fn load_plugin(
     } else {
         crate::state::PluginState::in_memory(cap)
     };
-    Ok(Sandbox::load(engine, plugin, plugin_state)?)
+    Ok(Sandbox::load(
+        engine,
+        plugin,
+        plugin_state,
+        Some(&state.compiled_dir()),
+    )?)
 }
 
 /// What one reload did.
@@ -337,9 +342,11 @@ impl Supervisor {
             running.program.clone()
         } else {
             let (engine, path) = (self.engine.clone(), plugin.path.clone());
-            let compiled = tokio::task::spawn_blocking(move || Program::compile(&engine, &path))
-                .await
-                .expect("compile task");
+            let cache = self.config.state.compiled_dir();
+            let compiled =
+                tokio::task::spawn_blocking(move || Program::compile(&engine, &path, Some(&cache)))
+                    .await
+                    .expect("compile task");
             match compiled {
                 Ok(p) => Arc::new(p),
                 Err(e) => return Err(self.refuse(plugin, &digest, e.to_string())),

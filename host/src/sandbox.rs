@@ -281,14 +281,22 @@ pub struct Program {
     pre: bindings::PluginPre<StoreData>,
     /// Whether the component exports the optional `migrate` function.
     has_migrate: bool,
-    /// How long reading, compiling and linking took.
+    /// How long reading, compiling (or loading the precompiled artifact) and linking took.
     pub compile_time: Duration,
+    /// Whether the machine code came from the compile cache rather than a compile.
+    pub precompiled: bool,
 }
 
 impl Program {
     /// Reads, compiles and links the component at `path`, checking that it implements the
-    /// contract (its imports are ours, its exports have the right types).
-    pub fn compile(engine: &Engine, path: &Path) -> Result<Program, LoadError> {
+    /// contract (its imports are ours, its exports have the right types). With a `cache`
+    /// directory, the machine code of a `.wasm` compiled before (same bytes, same engine) is
+    /// loaded from there instead of compiled again, and a new compile is stored there.
+    pub fn compile(
+        engine: &Engine,
+        path: &Path,
+        cache: Option<&Path>,
+    ) -> Result<Program, LoadError> {
         let started = std::time::Instant::now();
         let path = path.to_path_buf();
         let bytes = std::fs::read(&path).map_err(|source| LoadError::Read {
@@ -296,14 +304,18 @@ impl Program {
             source,
         })?;
         let digest = digest(&bytes);
-        let component = Component::new(engine, &bytes).map_err(|e| LoadError::Compile {
-            path: path.clone(),
-            // wasmparser's messages span lines (byte dumps): keep them on one.
-            message: error_chain(&e)
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" "),
-        })?;
+        let cached = cache.map(|dir| cache_file(engine, dir, &digest));
+        let (component, precompiled) = match cached.as_deref().and_then(|f| load_cached(engine, f))
+        {
+            Some(component) => (component, true),
+            None => {
+                let component = compile_component(engine, &path, &bytes)?;
+                if let Some(file) = &cached {
+                    store_cached(&component, file);
+                }
+                (component, false)
+            }
+        };
         let contract = |e: wasmtime::Error| LoadError::Contract {
             path: path.clone(),
             message: error_chain(&e),
@@ -325,7 +337,22 @@ impl Program {
             pre,
             has_migrate,
             compile_time: started.elapsed(),
+            precompiled,
         })
+    }
+
+    /// Compiles the component at `path` into `cache` (unless it is there already), for a
+    /// later [`Program::compile`] to load: `eddy compile`. Returns the artifact's path.
+    pub fn precompile(engine: &Engine, path: &Path, cache: &Path) -> Result<PathBuf, LoadError> {
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let file = cache_file(engine, cache, &digest(&bytes));
+        if load_cached(engine, &file).is_none() {
+            store_cached(&compile_component(engine, path, &bytes)?, &file);
+        }
+        Ok(file)
     }
 
     pub fn path(&self) -> &Path {
@@ -346,6 +373,64 @@ impl Program {
     ) -> Result<(), LoadError> {
         let scratch = PluginState::in_memory(plugin.limits.state_mib << 20);
         Sandbox::start(engine, self.clone(), plugin, scratch).map(drop)
+    }
+}
+
+fn compile_component(engine: &Engine, path: &Path, bytes: &[u8]) -> Result<Component, LoadError> {
+    Component::new(engine, bytes).map_err(|e| LoadError::Compile {
+        path: path.to_path_buf(),
+        // wasmparser's messages span lines (byte dumps): keep them on one.
+        message: error_chain(&e)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" "),
+    })
+}
+
+/// Where the compiled code of the `.wasm` with `digest` is kept for `engine`: the engine's
+/// compatibility hash (wasmtime version, settings, CPU features) is part of the name, so an
+/// upgraded host never picks up code compiled by another.
+fn cache_file(engine: &Engine, dir: &Path, digest: &str) -> PathBuf {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    let hex = digest.trim_start_matches("sha256:");
+    dir.join(format!("{hex}-{:016x}.cwasm", hasher.finish()))
+}
+
+/// The cached component in `file`, if there is a usable one.
+fn load_cached(engine: &Engine, file: &Path) -> Option<Component> {
+    if !file.is_file() {
+        return None;
+    }
+    // SAFETY: `deserialize_file` trusts the file to be machine code that wasmtime produced
+    // for this engine. The cache directory is the host's own (under its state directory,
+    // written only by `store_cached`); wasmtime itself checks the version and settings
+    // recorded in the file and refuses a mismatch, which we treat as a miss.
+    match unsafe { Component::deserialize_file(engine, file) } {
+        Ok(component) => Some(component),
+        Err(e) => {
+            tracing::warn!(file = %file.display(), "ignoring a cached compile: {}", error_chain(&e));
+            None
+        }
+    }
+}
+
+/// Stores `component`'s code in `file` (written aside, then renamed into place, so a reader
+/// never sees half a file). A failure only costs the next start a compile.
+fn store_cached(component: &Component, file: &Path) {
+    let result = (|| -> anyhow::Result<()> {
+        let bytes = component.serialize().map_err(wasm_error)?;
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, file)?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        tracing::warn!(file = %file.display(), "cannot store the compiled plugin: {e:#}");
     }
 }
 
@@ -392,13 +477,15 @@ pub struct RolledBack {
 }
 
 impl Sandbox {
-    /// Compiles, links and initialises the plugin at `plugin.path`, on `state`.
+    /// Compiles (or loads from `cache`), links and initialises the plugin at `plugin.path`,
+    /// on `state`.
     pub fn load(
         engine: &Engine,
         plugin: &PluginConfig,
         state: PluginState,
+        cache: Option<&Path>,
     ) -> Result<Sandbox, LoadError> {
-        let program = Arc::new(Program::compile(engine, &plugin.path)?);
+        let program = Arc::new(Program::compile(engine, &plugin.path, cache)?);
         Sandbox::start(engine, program, plugin, state)
     }
 

@@ -190,6 +190,7 @@ pub fn version_of(program: &Program) -> Version {
         path: program.path().display().to_string(),
         loaded_at: crate::generator::now_ms() as f64 / 1000.0,
         compile_seconds: program.compile_time.as_secs_f64(),
+        precompiled: program.precompiled,
     }
 }
 
@@ -302,7 +303,9 @@ impl Worker {
         let consumer = self.consumer()?;
         self.metrics.consumer_lag.store(-1, Relaxed);
         self.metrics.up.store(1, Relaxed);
-        info!(group = %self.plugin.group_id(), digest = %self.sandbox().program().digest(), "consuming");
+        let program = self.sandbox().program().clone();
+        info!(group = %self.plugin.group_id(), digest = %program.digest(), precompiled = program.precompiled,
+            load_ms = program.compile_time.as_millis() as u64, "consuming");
         let mut tick = self.tick_interval();
         let mut tick_ms = self.plugin.tick_interval_ms;
         'consume: loop {

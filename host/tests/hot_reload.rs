@@ -286,3 +286,58 @@ async fn plugins_are_added_and_removed_by_editing_plugins_toml() {
         900
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_plugins_are_not_recompiled_and_precompiled_versions_swap_in() {
+    init_logs();
+    let broker = broker(PARTITIONS);
+    let bootstrap = broker.bootstrap_servers().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let wasm_path = dir.path().join("analytics.wasm");
+    let original = std::fs::read(wasm("eddy_analytics")).unwrap();
+    std::fs::write(&wasm_path, &original).unwrap();
+    write_config(
+        dir.path(),
+        &bootstrap,
+        &analytics_entry(&wasm_path.display().to_string(), 1_000_000),
+    );
+    let load = || eddy::config::Config::load(&dir.path().join("plugins.toml")).unwrap();
+
+    // First start: compiled, and the code kept in the state directory's compile cache.
+    let host = Host::start(load()).await.unwrap();
+    let m = host.metrics().plugin("analytics");
+    assert!(!m.version().precompiled, "nothing cached yet");
+    host.stop().await.unwrap();
+    let cache = load().state.compiled_dir();
+    assert_eq!(
+        std::fs::read_dir(&cache).unwrap().count(),
+        1,
+        "one artifact"
+    );
+
+    // Second start: the same bytes are not compiled again.
+    let host = Host::start(load()).await.unwrap();
+    let m = host.metrics().plugin("analytics");
+    assert!(m.version().precompiled, "loaded from the cache");
+
+    // A new version, precompiled before its file is replaced (what `eddy compile` does):
+    // the swap only loads it.
+    let new = with_custom_section(&original, "eddy-test", b"v2");
+    let staged = dir.path().join("staged.wasm");
+    std::fs::write(&staged, &new).unwrap();
+    let engine = eddy::sandbox::engine().unwrap();
+    eddy::sandbox::Program::precompile(&engine, &staged, &cache).unwrap();
+    let ok_before = m.reloads(ReloadOutcome::Ok);
+    replace_file(&wasm_path, &new);
+    let m2 = m.clone();
+    wait_async(Duration::from_secs(30), "the swap", move || {
+        m2.reloads(ReloadOutcome::Ok) > ok_before
+    })
+    .await;
+    let v = m.version();
+    assert_eq!(v.digest, eddy::sandbox::digest(&new));
+    assert!(v.precompiled, "the swap used the precompiled code");
+    let page = http_get(host.http_addr(), "/metrics").await;
+    assert!(page.contains("code=\"precompiled\""), "{page}");
+    host.stop().await.unwrap();
+}

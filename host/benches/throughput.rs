@@ -1,0 +1,307 @@
+//! End-to-end throughput against a native baseline, in one run: `make bench-throughput` (or
+//! `cargo bench -p eddy --bench throughput` after `make plugins`).
+//!
+//! A fixed, seeded set of events (`EDDY_BENCH_EVENTS`, 1,000,000 by default) is produced to
+//! the embedded broker once. Then, on the same broker and events:
+//! - **native**: the four shipped plugins' logic compiled natively (the very crates that
+//!   build the `.wasm` files, run through the SDK's native harness with in-memory state),
+//!   each in its own consumer group and thread, in batches like the host's (500 events or
+//!   20 ms);
+//! - **eddy**: the host with the four `.wasm` plugins, each in its own group, with the CPU
+//!   deadline, memory cap and durable state on (the defaults).
+//!
+//! Outputs are discarded in both (delivery to Kafka is the same code either way). Each run
+//! is timed from the moment every plugin has handled its first event (so consumer-group
+//! joins are not counted) until every plugin has handled every event; the events handled
+//! before that moment are subtracted. The two are run twice, alternating, and the best of
+//! each is compared.
+
+mod common;
+
+use eddy::Host;
+use eddy::broker::EmbeddedBroker;
+use eddy::generator::{GeneratorOptions, ProduceOptions};
+use eddy_sdk::testing::Harness;
+use eddy_sdk::{Event, Plugin};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+const TOPIC: &str = "user-activities";
+const MAX_BATCH: usize = 500;
+const LINGER: Duration = Duration::from_millis(20);
+
+/// The plugins' `[plugin.config]`, as JSON, as in the shipped `plugins.toml`.
+const LOGGER: &str = r#"{"sample_every":10}"#;
+const ANALYTICS: &str = r#"{"snapshot_every":200,"top_n":3}"#;
+const ALERT: &str = r#"{"rules":[{"name":"high-value-purchase","event_type":"purchase","min_amount":500.0,"severity":"high"},{"name":"quiz-completed","event_type":"quiz_submission"}]}"#;
+const FRAUD: &str = r#"{"window_secs":60,"high_value":1000.0,"alert_score":70}"#;
+
+fn events_to_run() -> u64 {
+    std::env::var("EDDY_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000)
+}
+
+/// librdkafka's mock cluster keeps at most 5 MiB and 100,000 events per partition (older
+/// ones are dropped): spread the events over enough partitions (~450 bytes each).
+fn partitions_for(events: u64) -> i32 {
+    ((events * 450 / (4 << 20)) as i32 + 1)
+        .max(events.div_ceil(90_000) as i32)
+        .max(6)
+}
+
+/// How many events each plugin handled: what the clock watches.
+type Counters = Vec<Arc<AtomicU64>>;
+
+/// Waits until every counter is past zero, then until every one reached `total`; returns the
+/// events per second (per plugin) over that second stretch.
+fn time_until_done(counters: &Counters, total: u64, what: &str) -> anyhow::Result<f64> {
+    let waiting = Instant::now();
+    while counters.iter().any(|c| c.load(Relaxed) == 0) {
+        std::thread::sleep(Duration::from_millis(1));
+        anyhow::ensure!(
+            waiting.elapsed() < Duration::from_secs(120),
+            "{what}: a plugin handled nothing in 120 s"
+        );
+    }
+    let started = Instant::now();
+    let before: u64 = counters.iter().map(|c| c.load(Relaxed)).sum();
+    let mut report = Instant::now();
+    while counters.iter().any(|c| c.load(Relaxed) < total) {
+        std::thread::sleep(Duration::from_millis(2));
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(1800),
+            "{what}: stuck"
+        );
+        if report.elapsed() > Duration::from_secs(10) {
+            let counts: Vec<u64> = counters.iter().map(|c| c.load(Relaxed)).collect();
+            eprintln!("  {what}: {counts:?}");
+            report = Instant::now();
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let handled = total * counters.len() as u64 - before;
+    Ok(handled as f64 / counters.len() as f64 / elapsed)
+}
+
+/// One plugin's native consumer: same group-per-plugin, batch size and linger as the host.
+fn native_consumer<P: Plugin>(
+    bootstrap: &str,
+    group: &str,
+    config: &str,
+    handled: Arc<AtomicU64>,
+    total: u64,
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<()>>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.offset.store", "false")
+        .set("fetch.wait.max.ms", "20")
+        .create()?;
+    consumer.subscribe(&[TOPIC])?;
+    let config = config.to_string();
+    Ok(std::thread::spawn(move || {
+        // Made on its thread: the harness's in-memory state is not `Send`.
+        let mut harness = Harness::<P>::new(&config).map_err(anyhow::Error::msg)?;
+        let mut batch: Vec<Event> = Vec::with_capacity(MAX_BATCH);
+        while handled.load(Relaxed) < total {
+            let deadline = Instant::now() + LINGER;
+            while batch.len() < MAX_BATCH {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match consumer.poll(left) {
+                    Some(Ok(m)) => {
+                        let mut e = Event::new(
+                            m.topic(),
+                            m.partition(),
+                            m.offset(),
+                            m.key(),
+                            m.payload().unwrap_or_default(),
+                        );
+                        e.timestamp_ms = m.timestamp().to_millis();
+                        batch.push(e);
+                    }
+                    Some(Err(e)) => anyhow::bail!("consume: {e}"),
+                    None => break,
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let verdicts = harness.run(&batch);
+            assert_eq!(verdicts.len(), batch.len());
+            harness.clear_outputs();
+            for m in &batch {
+                consumer.store_offset(&m.topic, m.partition, m.offset)?;
+            }
+            handled.fetch_add(batch.len() as u64, Relaxed);
+            batch.clear();
+        }
+        Ok(())
+    }))
+}
+
+fn run_native(bootstrap: &str, round: usize, total: u64) -> anyhow::Result<f64> {
+    let counters: Counters = (0..4).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let g = |name: &str| format!("native-{name}-{round}");
+    let threads = vec![
+        native_consumer::<eddy_logger::Logger>(
+            bootstrap,
+            &g("logger"),
+            LOGGER,
+            counters[0].clone(),
+            total,
+        )?,
+        native_consumer::<eddy_analytics::Analytics>(
+            bootstrap,
+            &g("analytics"),
+            ANALYTICS,
+            counters[1].clone(),
+            total,
+        )?,
+        native_consumer::<eddy_alert::Alerter>(
+            bootstrap,
+            &g("alert"),
+            ALERT,
+            counters[2].clone(),
+            total,
+        )?,
+        native_consumer::<eddy_fraud::Fraud>(
+            bootstrap,
+            &g("fraud"),
+            FRAUD,
+            counters[3].clone(),
+            total,
+        )?,
+    ];
+    let rate = time_until_done(&counters, total, "native")?;
+    for t in threads {
+        t.join().expect("native consumer thread")?;
+    }
+    Ok(rate)
+}
+
+fn run_eddy(
+    runtime: &tokio::runtime::Runtime,
+    bootstrap: &str,
+    round: usize,
+    total: u64,
+) -> anyhow::Result<f64> {
+    let work = tempfile::tempdir()?;
+    let dir = common::plugins_dir();
+    let mut plugins = String::new();
+    for (name, output, config) in [
+        ("logger", "log", LOGGER),
+        ("analytics", "snapshots", ANALYTICS),
+        ("alert", "alerts", ALERT),
+        ("fraud", "alerts", FRAUD),
+    ] {
+        // The config as an inline TOML table (JSON objects are close enough to convert).
+        let table: toml::Table = serde_json::from_str(config)?;
+        plugins += &format!(
+            "[[plugin]]\nname = \"{name}\"\npath = \"{}\"\ngroup = \"eddy-{name}-{round}\"\n\
+             [plugin.outputs]\n{output} = \"discard\"\n[plugin.config]\n{}\n",
+            dir.join(format!("eddy_{name}.wasm")).display(),
+            toml::to_string(&table)?.replace("[[rules]]", "[[plugin.config.rules]]"),
+        );
+    }
+    let config_path = work.path().join("plugins.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "{kafka}\n[http]\naddress = \"127.0.0.1:0\"\n[reload]\nwatch = false\n\n{plugins}",
+            kafka = common::kafka_section(bootstrap),
+        ),
+    )?;
+    let host = runtime.block_on(Host::start(eddy::config::Config::load(&config_path)?))?;
+    let counters: Counters = ["logger", "analytics", "alert", "fraud"]
+        .iter()
+        .map(|name| {
+            let m = host.metrics().plugin(name);
+            let counter = Arc::new(AtomicU64::new(0));
+            let (c, stop) = (counter.clone(), Arc::new(AtomicBool::new(false)));
+            // Mirror the plugin's handled count into the counter the clock watches.
+            std::thread::spawn(move || {
+                while !stop.load(Relaxed) {
+                    c.store(m.events_handled(), Relaxed);
+                    if m.events_handled() >= total {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            });
+            counter
+        })
+        .collect();
+    let rate = time_until_done(&counters, total, "eddy")?;
+    runtime.block_on(host.stop())?;
+    Ok(rate)
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EDDY_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let total = events_to_run();
+    let partitions = partitions_for(total);
+    let runtime = tokio::runtime::Runtime::new()?;
+    let broker = EmbeddedBroker::start()?;
+    broker.create_topic(TOPIC, partitions)?;
+    let bootstrap = broker.bootstrap_servers().to_string();
+    let client = eddy::broker::client_config(
+        &eddy::config::KafkaConfig {
+            brokers: bootstrap.clone(),
+            topic: TOPIC.into(),
+            partitions,
+            settings: Default::default(),
+            connect_timeout_ms: 30_000,
+        },
+        &bootstrap,
+    );
+    let produced = AtomicU64::new(0);
+    let started = Instant::now();
+    eddy::generator::produce_blocking(
+        &client,
+        &ProduceOptions {
+            topic: TOPIC.into(),
+            events: Some(total),
+            rate: 0,
+            generator: GeneratorOptions {
+                seed: 42,
+                fraud_every: 500,
+                start_ms: 1_705_314_600_000,
+                spacing_ms: 5,
+            },
+        },
+        &AtomicBool::new(false),
+        &produced,
+    )?;
+    eprintln!(
+        "produced {total} events to {partitions} partitions in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let (mut native, mut eddy) = (Vec::new(), Vec::new());
+    for round in 0..2 {
+        native.push(run_native(&bootstrap, round, total)?);
+        eprintln!("  native, round {round}: {:.0} events/s", native[round]);
+        eddy.push(run_eddy(&runtime, &bootstrap, round, total)?);
+        eprintln!("  eddy,   round {round}: {:.0} events/s", eddy[round]);
+    }
+    let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
+    let (n, e) = (best(&native), best(&eddy));
+    println!("end-to-end, {total} events, four plugins each in its own group:");
+    println!("  native baseline   {n:>10.0} events/s per plugin   (runs: {native:.0?})");
+    println!("  eddy (sandboxed)  {e:>10.0} events/s per plugin   (runs: {eddy:.0?})");
+    println!("  eddy / native     {:>10.2}x", e / n);
+    Ok(())
+}
