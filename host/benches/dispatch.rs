@@ -1,0 +1,108 @@
+//! Dispatch overhead: `cargo bench -p eddy --bench dispatch` (after `make plugins`).
+//!
+//! The no-op plugin (`plugins/fixtures/noop`: answers `ok`, looks at nothing) run in the
+//! sandbox, against the same code run natively through the SDK's harness, in the same run,
+//! per event, at batch sizes 1, 64 and 512. The events are realistic (~450-byte generated
+//! activity events with a key), so the sandbox's cost includes copying them into the
+//! plugin's memory: what every plugin pays before it does any work. The CPU deadline and
+//! memory cap are on, as in production.
+
+mod common;
+
+use eddy::generator::{Generator, GeneratorOptions};
+use eddy::sandbox::{Event, Sandbox};
+use eddy::state::PluginState;
+use eddy_sdk::testing::Harness;
+use std::time::{Duration, Instant};
+
+/// Events per measurement (per batch size and side).
+const EVENTS: usize = 256_000;
+const SIZES: [usize; 3] = [1, 64, 512];
+
+fn main() -> anyhow::Result<()> {
+    let generated: Vec<_> = Generator::new(GeneratorOptions {
+        seed: 7,
+        fraud_every: 0,
+        start_ms: 1_705_314_600_000,
+        spacing_ms: 10,
+    })
+    .take(512)
+    .collect();
+    let events: Vec<Event> = generated
+        .iter()
+        .enumerate()
+        .map(|(i, g)| Event {
+            topic: "user-activities".into(),
+            partition: 0,
+            offset: i as i64,
+            timestamp_ms: Some(1_705_314_600_000 + i as i64),
+            key: Some(g.key.clone().into_bytes()),
+            headers: Vec::new(),
+            payload: g.payload.clone(),
+        })
+        .collect();
+    let native_events: Vec<eddy_sdk::Event> = events
+        .iter()
+        .map(|e| {
+            let mut n = eddy_sdk::Event::new(
+                &e.topic,
+                e.partition,
+                e.offset,
+                e.key.as_deref(),
+                e.payload.clone(),
+            );
+            n.timestamp_ms = e.timestamp_ms;
+            n
+        })
+        .collect();
+
+    let engine = eddy::sandbox::engine()?;
+    let text = format!(
+        "[kafka]\nbrokers = \"embedded\"\n[[plugin]]\nname = \"noop\"\npath = \"{}\"\n",
+        common::plugins_dir()
+            .join("eddy_fixture_noop.wasm")
+            .display()
+    );
+    let config = eddy::config::Config::parse(&text, std::path::Path::new("plugins.toml"))?;
+    let plugin = &config.plugins[0];
+    let mut sandbox = Sandbox::load(
+        &engine,
+        plugin,
+        PluginState::in_memory(plugin.limits.state_mib << 20),
+        None,
+    )?;
+    let mut harness = Harness::<eddy_fixture_noop::Noop>::new("{}").map_err(anyhow::Error::msg)?;
+
+    println!("dispatch, no-op plugin, per event ({EVENTS} events per figure):");
+    println!("  batch   sandboxed    native   sandboxed - native");
+    for size in SIZES {
+        let rounds = EVENTS / size;
+        let per_event = |d: Duration| d.as_secs_f64() * 1e9 / (rounds * size) as f64;
+        // Warm up both, then measure each twice and keep the faster.
+        let mut wasm = f64::MAX;
+        let mut native = f64::MAX;
+        for _ in 0..3 {
+            let started = Instant::now();
+            for _ in 0..rounds {
+                let verdicts = sandbox
+                    .call_batch(&events[..size])
+                    .map_err(|t| anyhow::anyhow!("{t}"))?;
+                assert_eq!(verdicts.len(), size);
+            }
+            wasm = wasm.min(per_event(started.elapsed()));
+            let started = Instant::now();
+            for _ in 0..rounds {
+                let verdicts = harness.run(&native_events[..size]);
+                assert_eq!(verdicts.len(), size);
+            }
+            native = native.min(per_event(started.elapsed()));
+        }
+        println!(
+            "  {size:>5}   {:>7.3} µs  {:>6.3} µs   {:>7.3} µs",
+            wasm / 1000.0,
+            native / 1000.0,
+            (wasm - native) / 1000.0
+        );
+    }
+    Ok(())
+}
