@@ -10,6 +10,9 @@
 //! - **eddy**: the host with the four `.wasm` plugins, each in its own group, with the CPU
 //!   deadline, memory cap and durable state on (the defaults).
 //!
+//! `EDDY_BENCH_STATE=memory` runs the host with state in memory instead, to see what
+//! durability costs.
+//!
 //! Outputs are discarded in both (delivery to Kafka is the same code either way). Each run
 //! is timed from the moment every plugin has handled its first event (so consumer-group
 //! joins are not counted) until every plugin has handled every event; the events handled
@@ -48,11 +51,30 @@ fn events_to_run() -> u64 {
 }
 
 /// librdkafka's mock cluster keeps at most 5 MiB and 100,000 events per partition (older
-/// ones are dropped): spread the events over enough partitions (~450 bytes each).
+/// ones are dropped): spread the events (~450 bytes each, keyed by user, so unevenly) over
+/// enough partitions to stay well under that. `main` checks that none was dropped.
 fn partitions_for(events: u64) -> i32 {
-    ((events * 450 / (4 << 20)) as i32 + 1)
-        .max(events.div_ceil(90_000) as i32)
+    ((events * 450 / (2 << 20)) as i32 + 1)
+        .max(events.div_ceil(50_000) as i32)
         .max(6)
+}
+
+/// Fails if the broker dropped any of the produced events (see [`partitions_for`]).
+fn check_all_kept(bootstrap: &str, partitions: i32, total: u64) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
+    let mut kept = 0;
+    for p in 0..partitions {
+        let (low, high) = consumer.fetch_watermarks(TOPIC, p, Duration::from_secs(10))?;
+        anyhow::ensure!(
+            low == 0,
+            "the embedded broker dropped the first {low} events of partition {p}: use more partitions"
+        );
+        kept += high as u64;
+    }
+    anyhow::ensure!(kept == total, "{kept} of {total} events on the broker");
+    Ok(())
 }
 
 /// How many events each plugin handled: what the clock watches.
@@ -214,7 +236,8 @@ fn run_eddy(
     std::fs::write(
         &config_path,
         format!(
-            "{kafka}\n[http]\naddress = \"127.0.0.1:0\"\n[reload]\nwatch = false\n\n{plugins}",
+            "{kafka}\n[http]\naddress = \"127.0.0.1:0\"\n[reload]\nwatch = false\n[state]\ndurable = {durable}\n\n{plugins}",
+            durable = std::env::var("EDDY_BENCH_STATE").as_deref() != Ok("memory"),
             kafka = common::kafka_section(bootstrap),
         ),
     )?;
@@ -285,6 +308,7 @@ fn main() -> anyhow::Result<()> {
         &AtomicBool::new(false),
         &produced,
     )?;
+    check_all_kept(&bootstrap, partitions, total)?;
     eprintln!(
         "produced {total} events to {partitions} partitions in {:.1} s",
         started.elapsed().as_secs_f64()

@@ -20,6 +20,17 @@ fn the_compose_host_config_is_valid_and_matches_the_compose_file() {
     assert!(compose.contains(&format!("INTERNAL://{}", config.kafka.brokers)));
     assert_eq!(config.http.address.port(), 9464);
     assert!(compose.contains("\"9464:9464\""));
+    // State (and compiled plugins) must be writable and outlive the container: not under the
+    // read-only config mount, and on a volume.
+    let state = config.state.dir.display().to_string();
+    assert!(
+        config.state.dir.is_absolute() && !state.starts_with("/etc/eddy"),
+        "state dir {state}"
+    );
+    assert!(
+        compose.contains(&format!("eddy-data:{state}")),
+        "a volume at {state}"
+    );
 
     // Every plugin is one the image ships, and every topic it writes is created.
     for p in &config.plugins {
