@@ -6,7 +6,7 @@
 PLUGINS := eddy-logger eddy-analytics eddy-alert eddy-fraud eddy-fixture-misbehave eddy-fixture-wrong-world eddy-fixture-noop
 CARGO ?= cargo
 
-.PHONY: run test plugins target check lint bench-reload bench-state bench-throughput fuzz
+.PHONY: run test plugins target check lint bench-reload bench-state bench-throughput bench-dispatch fuzz
 
 run: plugins
 	$(CARGO) run --release -p eddy -- run --config plugins.toml
@@ -40,6 +40,10 @@ bench-state: plugins
 # natively, on the same broker and events (EDDY_BENCH_EVENTS, default 1,000,000).
 bench-throughput: plugins
 	$(CARGO) bench -p eddy --bench throughput
+
+# Per-event cost of the sandbox: a no-op plugin against the same code natively.
+bench-dispatch: plugins
+	$(CARGO) bench -p eddy --bench dispatch
 
 # Fuzz the event decoding (SDK parser + the four plugins) and plugins.toml parsing for
 # FUZZ_SECONDS each, from the seeds (corpus/malformed/, fuzz/seeds/, the plugins.toml files).
