@@ -261,8 +261,13 @@ async fn load_all(
             Err((name, e)) => errors.push(format!("plugin `{name}`: {e}")),
         }
     }
+    load_errors(errors).map(|()| sandboxes)
+}
+
+/// One error for every plugin that failed to load, each line naming its plugin.
+fn load_errors(errors: Vec<String>) -> anyhow::Result<()> {
     match errors.len() {
-        0 => Ok(sandboxes),
+        0 => Ok(()),
         1 => anyhow::bail!("{}", errors[0]),
         n => anyhow::bail!("{n} plugins failed to load:\n  {}", errors.join("\n  ")),
     }
@@ -283,11 +288,7 @@ pub fn check_plugins(config: &Config) -> anyhow::Result<()> {
                 .map(|e| format!("plugin `{}`: {e}", p.name))
         })
         .collect();
-    match errors.len() {
-        0 => Ok(()),
-        1 => anyhow::bail!("{}", errors[0]),
-        n => anyhow::bail!("{n} plugins failed to load:\n  {}", errors.join("\n  ")),
-    }
+    load_errors(errors)
 }
 
 /// Runs the host until `shutdown` completes (e.g. Ctrl-C), then stops it cleanly.
