@@ -6,7 +6,7 @@
 PLUGINS := eddy-logger eddy-analytics eddy-alert eddy-fraud eddy-fixture-misbehave eddy-fixture-wrong-world eddy-fixture-noop
 CARGO ?= cargo
 
-.PHONY: run test plugins target check lint bench-reload bench-state bench-throughput bench-dispatch fuzz
+.PHONY: run test plugins target check lint bench-reload bench-state bench-throughput bench-dispatch bench-memory fuzz
 
 run: plugins
 	$(CARGO) run --release -p eddy -- run --config plugins.toml
@@ -44,6 +44,10 @@ bench-throughput: plugins
 # Per-event cost of the sandbox: a no-op plugin against the same code natively.
 bench-dispatch: plugins
 	$(CARGO) bench -p eddy --bench dispatch
+
+# Resident memory of the host with the four plugins, and per additional plugin.
+bench-memory: plugins
+	$(CARGO) bench -p eddy --bench memory
 
 # Fuzz the event decoding (SDK parser + the four plugins) and plugins.toml parsing for
 # FUZZ_SECONDS each, from the seeds (corpus/malformed/, fuzz/seeds/, the plugins.toml files).
