@@ -40,10 +40,23 @@ const STDERR_CAPTURE: usize = 1 << 20;
 /// Creates the engine every plugin shares, and starts the thread that drives its epoch
 /// (the clock the CPU deadline is measured on). The thread ends when the engine is dropped.
 pub fn engine() -> anyhow::Result<Engine> {
+    engine_with(true)
+}
+
+/// An engine whose compiled code has no CPU-deadline checks: plugins on it can run forever.
+/// Only for measuring what the deadline costs (`cargo bench -p eddy --bench dispatch`).
+pub fn engine_without_deadline() -> anyhow::Result<Engine> {
+    engine_with(false)
+}
+
+fn engine_with(deadline: bool) -> anyhow::Result<Engine> {
     let mut config = wasmtime::Config::new();
     config.wasm_component_model(true);
-    config.epoch_interruption(true);
+    config.epoch_interruption(deadline);
     let engine = Engine::new(&config).map_err(wasm_error)?;
+    if !deadline {
+        return Ok(engine);
+    }
     let weak = engine.weak();
     std::thread::Builder::new()
         .name("eddy-epoch".into())
