@@ -200,14 +200,14 @@ marker = "{marker}"
 
     // The breaker opens, and opens again after each trial, with longer pauses.
     let b = broken.clone();
-    wait_until(
+    wait_async(
         Duration::from_secs(60),
         "the breaker to open three times",
         move || b.breaker_trips.load(Relaxed) >= 3,
     )
     .await;
     let a = analytics.clone();
-    wait_until(
+    wait_async(
         Duration::from_secs(60),
         "analytics to handle everything",
         move || a.events_handled() >= total,
@@ -250,7 +250,7 @@ marker = "{marker}"
             + "\n[reload]\ndebounce_ms = 100\n"),
     );
     let b = broken.clone();
-    wait_until(
+    wait_async(
         Duration::from_secs(60),
         "the fixed plugin to catch up",
         move || b.events_handled() >= total,
@@ -295,7 +295,7 @@ async fn a_dead_letter_that_cannot_be_written_holds_the_offset_back_until_it_can
         .unwrap();
     let m = host.metrics().plugin("panics");
     let m2 = m.clone();
-    wait_until(Duration::from_secs(60), "a failed delivery", move || {
+    wait_async(Duration::from_secs(60), "a failed delivery", move || {
         m2.output_failures.load(Relaxed) >= 1
     })
     .await;
@@ -305,7 +305,7 @@ async fn a_dead_letter_that_cannot_be_written_holds_the_offset_back_until_it_can
 
     // Delivery is retried until the broker takes it; then everything is accounted for.
     let m2 = m.clone();
-    wait_until(Duration::from_secs(60), "every event", move || {
+    wait_async(Duration::from_secs(60), "every event", move || {
         m2.events_handled() >= total
     })
     .await;

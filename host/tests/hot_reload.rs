@@ -34,16 +34,6 @@ fn write_config(dir: &Path, bootstrap: &str, plugins: &str) {
     replace_file(&dir.join("plugins.toml"), text.as_bytes());
 }
 
-async fn wait_async(
-    timeout: Duration,
-    what: &'static str,
-    f: impl FnMut() -> bool + Send + 'static,
-) {
-    tokio::task::spawn_blocking(move || wait_for(timeout, what, f))
-        .await
-        .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swapping_a_plugin_under_load_loses_nothing_duplicates_nothing_and_keeps_state() {
     init_logs();

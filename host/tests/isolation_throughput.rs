@@ -23,7 +23,7 @@ async fn real_plugins_rate(records: &[(Option<Vec<u8>>, Vec<u8>)], extra: &str) 
     let names: Vec<String> = metrics.plugin_names();
     // Joined: lag is known once the consumer has its partitions.
     let m = metrics.clone();
-    wait_until(Duration::from_secs(60), "every plugin to join", move || {
+    wait_async(Duration::from_secs(60), "every plugin to join", move || {
         names
             .iter()
             .all(|n| m.plugin(n).consumer_lag.load(Relaxed) >= 0)

@@ -89,20 +89,10 @@ pub fn records_with_poison(good: usize, seed: u64) -> Vec<(Option<Vec<u8>>, Vec<
     records
 }
 
-pub async fn wait_until(
-    timeout: Duration,
-    what: &'static str,
-    f: impl FnMut() -> bool + Send + 'static,
-) {
-    tokio::task::spawn_blocking(move || wait_for(timeout, what, f))
-        .await
-        .unwrap();
-}
-
 pub async fn wait_handled(host: &Host, names: &[&str], total: u64) {
     let metrics = host.metrics().clone();
     let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-    wait_until(
+    wait_async(
         Duration::from_secs(180),
         "every plugin to account for every event",
         move || {

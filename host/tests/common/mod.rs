@@ -220,6 +220,17 @@ pub fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// [`wait_for`] from async code, off the runtime's threads.
+pub async fn wait_async(
+    timeout: Duration,
+    what: &'static str,
+    f: impl FnMut() -> bool + Send + 'static,
+) {
+    tokio::task::spawn_blocking(move || wait_for(timeout, what, f))
+        .await
+        .unwrap();
+}
+
 pub fn header(m: &OwnedMessage, key: &str) -> Option<String> {
     let h = m.headers()?;
     h.iter()
