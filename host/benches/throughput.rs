@@ -37,12 +37,6 @@ const TOPIC: &str = "user-activities";
 const MAX_BATCH: usize = 500;
 const LINGER: Duration = Duration::from_millis(20);
 
-/// The plugins' `[plugin.config]`, as JSON, as in the shipped `plugins.toml`.
-const LOGGER: &str = r#"{"sample_every":10}"#;
-const ANALYTICS: &str = r#"{"snapshot_every":200,"top_n":3}"#;
-const ALERT: &str = r#"{"rules":[{"name":"high-value-purchase","event_type":"purchase","min_amount":500.0,"severity":"high"},{"name":"quiz-completed","event_type":"quiz_submission"}]}"#;
-const FRAUD: &str = r#"{"window_secs":60,"high_value":1000.0,"alert_score":70}"#;
-
 fn events_to_run() -> u64 {
     std::env::var("EDDY_BENCH_EVENTS")
         .ok()
@@ -175,28 +169,28 @@ fn run_native(bootstrap: &str, round: usize, total: u64) -> anyhow::Result<f64> 
         native_consumer::<eddy_logger::Logger>(
             bootstrap,
             &g("logger"),
-            LOGGER,
+            common::LOGGER,
             counters[0].clone(),
             total,
         )?,
         native_consumer::<eddy_analytics::Analytics>(
             bootstrap,
             &g("analytics"),
-            ANALYTICS,
+            common::ANALYTICS,
             counters[1].clone(),
             total,
         )?,
         native_consumer::<eddy_alert::Alerter>(
             bootstrap,
             &g("alert"),
-            ALERT,
+            common::ALERT,
             counters[2].clone(),
             total,
         )?,
         native_consumer::<eddy_fraud::Fraud>(
             bootstrap,
             &g("fraud"),
-            FRAUD,
+            common::FRAUD,
             counters[3].clone(),
             total,
         )?,
@@ -218,19 +212,13 @@ fn run_eddy(
     let dir = common::plugins_dir();
     let mut plugins = String::new();
     for (name, output, config) in [
-        ("logger", "log", LOGGER),
-        ("analytics", "snapshots", ANALYTICS),
-        ("alert", "alerts", ALERT),
-        ("fraud", "alerts", FRAUD),
+        ("logger", "log", common::LOGGER),
+        ("analytics", "snapshots", common::ANALYTICS),
+        ("alert", "alerts", common::ALERT),
+        ("fraud", "alerts", common::FRAUD),
     ] {
-        // The config as an inline TOML table (JSON objects are close enough to convert).
-        let table: toml::Table = serde_json::from_str(config)?;
-        plugins += &format!(
-            "[[plugin]]\nname = \"{name}\"\npath = \"{}\"\ngroup = \"eddy-{name}-{round}\"\n\
-             [plugin.outputs]\n{output} = \"discard\"\n[plugin.config]\n{}\n",
-            dir.join(format!("eddy_{name}.wasm")).display(),
-            toml::to_string(&table)?.replace("[[rules]]", "[[plugin.config.rules]]"),
-        );
+        let group = format!("eddy-{name}-{round}");
+        plugins += &common::plugin_toml(name, &dir, output, config, Some(&group))?;
     }
     let config_path = work.path().join("plugins.toml");
     std::fs::write(
@@ -315,11 +303,18 @@ fn main() -> anyhow::Result<()> {
     );
 
     let (mut native, mut eddy) = (Vec::new(), Vec::new());
-    for round in 0..2 {
-        native.push(run_native(&bootstrap, round, total)?);
-        eprintln!("  native, round {round}: {:.0} events/s", native[round]);
-        eddy.push(run_eddy(&runtime, &bootstrap, round, total)?);
-        eprintln!("  eddy,   round {round}: {:.0} events/s", eddy[round]);
+    // `EDDY_BENCH_ONLY=eddy` (or `native`) runs one side alone, once: for profiling.
+    let only = std::env::var("EDDY_BENCH_ONLY").ok();
+    let rounds = if only.is_some() { 1 } else { 2 };
+    for round in 0..rounds {
+        if only.as_deref() != Some("eddy") {
+            native.push(run_native(&bootstrap, round, total)?);
+            eprintln!("  native, round {round}: {:.0} events/s", native[round]);
+        }
+        if only.as_deref() != Some("native") {
+            eddy.push(run_eddy(&runtime, &bootstrap, round, total)?);
+            eprintln!("  eddy,   round {round}: {:.0} events/s", eddy[round]);
+        }
     }
     let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
     let (n, e) = (best(&native), best(&eddy));

@@ -53,6 +53,10 @@ fn engine_with(deadline: bool) -> anyhow::Result<Engine> {
     let mut config = wasmtime::Config::new();
     config.wasm_component_model(true);
     config.epoch_interruption(deadline);
+    // `EDDY_PERFMAP=1` writes /tmp/perf-<pid>.map so `perf report` names plugin functions.
+    if std::env::var_os("EDDY_PERFMAP").is_some_and(|v| v == "1") {
+        config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+    }
     let engine = Engine::new(&config).map_err(wasm_error)?;
     if !deadline {
         return Ok(engine);

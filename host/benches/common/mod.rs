@@ -4,6 +4,34 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// The plugins' `[plugin.config]`, as JSON, as in the shipped `plugins.toml`.
+pub const LOGGER: &str = r#"{"sample_every":10}"#;
+pub const ANALYTICS: &str = r#"{"snapshot_every":200,"top_n":3}"#;
+pub const ALERT: &str = r#"{"rules":[{"name":"high-value-purchase","event_type":"purchase","min_amount":500.0,"severity":"high"},{"name":"quiz-completed","event_type":"quiz_submission"}]}"#;
+pub const FRAUD: &str = r#"{"window_secs":60,"high_value":1000.0,"alert_score":70}"#;
+
+/// One `[[plugin]]` table for the shipped plugin `name`, its output discarded, with `config`
+/// (JSON) as its `[plugin.config]`.
+pub fn plugin_toml(
+    name: &str,
+    dir: &Path,
+    output: &str,
+    config: &str,
+    group: Option<&str>,
+) -> anyhow::Result<String> {
+    // The config as a TOML table (JSON objects are close enough to convert).
+    let table: toml::Table = serde_json::from_str(config)?;
+    let group = group
+        .map(|g| format!("group = \"{g}\"\n"))
+        .unwrap_or_default();
+    Ok(format!(
+        "[[plugin]]\nname = \"{name}\"\npath = \"{}\"\n{group}\
+         [plugin.outputs]\n{output} = \"discard\"\n[plugin.config]\n{}\n",
+        dir.join(format!("eddy_{name}.wasm")).display(),
+        toml::to_string(&table)?.replace("[[rules]]", "[[plugin.config.rules]]"),
+    ))
+}
+
 /// Where `make plugins` left the `.wasm` files.
 pub fn plugins_dir() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))

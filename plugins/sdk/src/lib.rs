@@ -215,17 +215,25 @@ pub struct OutputRecord {
 /// [`State::incr`] helpers store human-readable JSON, which `eddy state` can show.
 pub struct State {
     backend: Box<dyn Backend>,
-    /// Values read or written during this batch (`None`: known to be absent).
-    cache: HashMap<String, Option<Vec<u8>>>,
-    /// Keys written or deleted during this batch and not yet written back.
+    /// Values read or written during this batch (`None`: known to be absent), and whether
+    /// they were written. foldhash rather than std's SipHash: the cache is hashed several
+    /// times per event, and SipHash is slow in WebAssembly.
+    cache: HashMap<String, Slot, foldhash::fast::RandomState>,
+    /// Keys written or deleted during this batch, in the order first written.
     dirty: Vec<String>,
+}
+
+/// One cached key.
+struct Slot {
+    value: Option<Vec<u8>>,
+    dirty: bool,
 }
 
 impl State {
     fn new(backend: Box<dyn Backend>) -> State {
         State {
             backend,
-            cache: HashMap::new(),
+            cache: HashMap::default(),
             dirty: Vec::new(),
         }
     }
@@ -242,27 +250,37 @@ impl State {
             return;
         }
         let values = self.backend.get_many(&missing);
-        for (k, v) in missing.into_iter().zip(values) {
-            self.cache.insert(k, v);
+        for (k, value) in missing.into_iter().zip(values) {
+            self.cache.insert(
+                k,
+                Slot {
+                    value,
+                    dirty: false,
+                },
+            );
         }
     }
 
     pub fn get(&mut self, key: &str) -> Option<&[u8]> {
         if !self.cache.contains_key(key) {
-            let v = self.backend.get_many(&[key.to_string()]).pop().flatten();
-            self.cache.insert(key.to_string(), v);
+            let value = self.backend.get_many(&[key.to_string()]).pop().flatten();
+            self.cache.insert(
+                key.to_string(),
+                Slot {
+                    value,
+                    dirty: false,
+                },
+            );
         }
-        self.cache.get(key).and_then(|v| v.as_deref())
+        self.cache.get(key).and_then(|s| s.value.as_deref())
     }
 
     pub fn set(&mut self, key: &str, value: Vec<u8>) {
-        self.mark_dirty(key);
-        self.cache.insert(key.to_string(), Some(value));
+        self.write(key, Some(value));
     }
 
     pub fn delete(&mut self, key: &str) {
-        self.mark_dirty(key);
-        self.cache.insert(key.to_string(), None);
+        self.write(key, None);
     }
 
     /// The value as JSON of type `T`; `None` if absent or not a `T`.
@@ -305,9 +323,13 @@ impl State {
         let mut sets = Vec::new();
         let mut deletes = Vec::new();
         for key in self.dirty.drain(..) {
-            match self.cache.get(&key) {
-                Some(Some(v)) => sets.push((key, v.clone())),
-                _ => deletes.push(key),
+            let Some(slot) = self.cache.get_mut(&key) else {
+                continue;
+            };
+            slot.dirty = false;
+            match &slot.value {
+                Some(v) => sets.push((key, v.clone())),
+                None => deletes.push(key),
             }
         }
         if !deletes.is_empty() {
@@ -328,10 +350,20 @@ impl State {
         self.cache.clear();
     }
 
-    fn mark_dirty(&mut self, key: &str) {
-        // `dirty` stays small (keys touched in one batch); a linear check beats hashing twice.
-        if !self.dirty.iter().any(|k| k == key) {
-            self.dirty.push(key.to_string());
+    fn write(&mut self, key: &str, value: Option<Vec<u8>>) {
+        match self.cache.get_mut(key) {
+            Some(slot) => {
+                slot.value = value;
+                if !slot.dirty {
+                    slot.dirty = true;
+                    self.dirty.push(key.to_string());
+                }
+            }
+            None => {
+                self.cache
+                    .insert(key.to_string(), Slot { value, dirty: true });
+                self.dirty.push(key.to_string());
+            }
         }
     }
 }
