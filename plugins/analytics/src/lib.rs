@@ -136,10 +136,9 @@ impl Plugin for Analytics {
             s.incr("users", 1);
         }
         if let Some((_, bit, stage)) = FUNNEL.iter().find(|(t, _, _)| *t == a.event_type) {
-            let key = format!("journey:{}", a.user_id);
-            let reached: u8 = s.get_json(&key).unwrap_or(0);
-            if reached & bit == 0 {
-                s.set_json(&key, &(reached | bit));
+            let reached: &mut u8 = s.json_mut(&format!("journey:{}", a.user_id));
+            if *reached & bit == 0 {
+                *reached |= bit;
                 s.incr(&format!("funnel:{stage}"), 1);
             }
         }

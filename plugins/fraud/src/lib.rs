@@ -115,7 +115,8 @@ impl Plugin for Fraud {
         };
         let c = &self.config;
         let k = key(&a.user_id);
-        let mut recent: Vec<Seen> = ctx.state.get_json(&k).unwrap_or_default();
+        // Changed in place: decoded once per batch however many of its events are this user's.
+        let recent: &mut Vec<Seen> = ctx.state.json_mut(&k);
         // Saturating: `now` may be any Kafka record timestamp, down to i64::MIN.
         let window_ms = i64::try_from(c.window_secs)
             .unwrap_or(i64::MAX)
@@ -132,30 +133,26 @@ impl Plugin for Fraud {
         if recent.len() > c.max_tracked {
             recent.drain(..recent.len() - c.max_tracked);
         }
-
-        let verdict = if matches!(a.event_type, EventType::Purchase | EventType::AddToCart) {
-            let (score, reasons) = score(c, &recent, is_purchase.then(|| a.amount()).flatten());
-            if score >= c.alert_score {
-                let alert = FraudAlert {
-                    kind: "fraud",
-                    user_id: &a.user_id,
-                    score,
-                    reasons,
-                    event_type: a.event_type.as_str(),
-                    amount: a.amount(),
-                    event_id: a.event_id.as_deref(),
-                    partition: event.partition,
-                    offset: event.offset,
-                };
-                ctx.emit_json(&c.output, Some(a.user_id.as_bytes()), &alert);
-                ctx.state.incr("alerts", 1);
-            }
-            Verdict::Ok
-        } else {
-            Verdict::Skip
-        };
-        ctx.state.set_json(&k, &recent);
-        verdict
+        if !matches!(a.event_type, EventType::Purchase | EventType::AddToCart) {
+            return Verdict::Skip;
+        }
+        let (score, reasons) = score(c, recent, is_purchase.then(|| a.amount()).flatten());
+        if score >= c.alert_score {
+            let alert = FraudAlert {
+                kind: "fraud",
+                user_id: &a.user_id,
+                score,
+                reasons,
+                event_type: a.event_type.as_str(),
+                amount: a.amount(),
+                event_id: a.event_id.as_deref(),
+                partition: event.partition,
+                offset: event.offset,
+            };
+            ctx.emit_json(&c.output, Some(a.user_id.as_bytes()), &alert);
+            ctx.state.incr("alerts", 1);
+        }
+        Verdict::Ok
     }
 }
 

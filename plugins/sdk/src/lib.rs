@@ -213,6 +213,9 @@ pub struct OutputRecord {
 /// Reads go through a per-batch cache and writes are buffered: the SDK writes everything
 /// back with one host call at the end of the batch. Values are bytes; the `*_json` and
 /// [`State::incr`] helpers store human-readable JSON, which `eddy state` can show.
+///
+/// [`State::json_mut`] (and so `incr` and `add_f64`) decodes a value once per batch and
+/// encodes it once when the batch ends, however many events of the batch change it.
 pub struct State {
     backend: Box<dyn Backend>,
     /// Values read or written during this batch (`None`: known to be absent), and whether
@@ -221,6 +224,24 @@ pub struct State {
     cache: HashMap<String, Slot, foldhash::fast::RandomState>,
     /// Keys written or deleted during this batch, in the order first written.
     dirty: Vec<String>,
+    /// Values decoded by [`State::json_mut`] this batch; they take precedence over `cache`
+    /// and are encoded into it by [`State::flush`] (or when read as bytes).
+    decoded: HashMap<String, Box<dyn Decoded>, foldhash::fast::RandomState>,
+}
+
+/// A value [`State::json_mut`] handed out, kept decoded until the batch is written back.
+trait Decoded: std::any::Any {
+    fn encode(&self) -> Vec<u8>;
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
+}
+
+impl<T: Serialize + 'static> Decoded for T {
+    fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("state values serialize to JSON")
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
 }
 
 /// One cached key.
@@ -235,6 +256,7 @@ impl State {
             backend,
             cache: HashMap::default(),
             dirty: Vec::new(),
+            decoded: HashMap::default(),
         }
     }
 
@@ -262,6 +284,7 @@ impl State {
     }
 
     pub fn get(&mut self, key: &str) -> Option<&[u8]> {
+        self.encode_decoded(key);
         if !self.cache.contains_key(key) {
             let value = self.backend.get_many(&[key.to_string()]).pop().flatten();
             self.cache.insert(
@@ -276,11 +299,40 @@ impl State {
     }
 
     pub fn set(&mut self, key: &str, value: Vec<u8>) {
+        self.decoded.remove(key);
         self.write(key, Some(value));
     }
 
     pub fn delete(&mut self, key: &str) {
+        self.decoded.remove(key);
         self.write(key, None);
+    }
+
+    /// The value at `key` as a `T` to change in place (`T::default()` if absent or not a
+    /// `T`). It is decoded from JSON on the first call in a batch and written back as JSON
+    /// once, when the batch ends: a batch in which 50 events update one user's record
+    /// parses and serializes it once, not 50 times. Counts as a write even if unchanged, so
+    /// use [`State::get_json`] to only read.
+    pub fn json_mut<T>(&mut self, key: &str) -> &mut T
+    where
+        T: Serialize + DeserializeOwned + Default + 'static,
+    {
+        let is_t = self.decoded.get_mut(key).map(|d| d.as_any_mut().is::<T>());
+        match is_t {
+            Some(true) => {}
+            other => {
+                if other == Some(false) {
+                    // Held as another type: write that back, then read it as a `T`.
+                    self.encode_decoded(key);
+                }
+                let value: T = self.get_json(key).unwrap_or_default();
+                self.decoded.insert(key.to_string(), Box::new(value));
+            }
+        }
+        self.decoded
+            .get_mut(key)
+            .and_then(|d| d.as_any_mut().downcast_mut::<T>())
+            .expect("just checked or inserted as a T")
     }
 
     /// The value as JSON of type `T`; `None` if absent or not a `T`.
@@ -295,16 +347,16 @@ impl State {
 
     /// Adds `by` to the integer counter at `key` (absent counts as 0) and returns the new value.
     pub fn incr(&mut self, key: &str, by: i64) -> i64 {
-        let n = self.get_json::<i64>(key).unwrap_or(0) + by;
-        self.set_json(key, &n);
-        n
+        let n = self.json_mut::<i64>(key);
+        *n += by;
+        *n
     }
 
     /// Adds `by` to the float sum at `key` and returns the new value.
     pub fn add_f64(&mut self, key: &str, by: f64) -> f64 {
-        let n = self.get_json::<f64>(key).unwrap_or(0.0) + by;
-        self.set_json(key, &n);
-        n
+        let n = self.json_mut::<f64>(key);
+        *n += by;
+        *n
     }
 
     /// Every key starting with `prefix`, in key order, with its value (at most `limit`).
@@ -317,6 +369,12 @@ impl State {
     /// Writes buffered changes back to the host. The SDK calls it at the end of every
     /// batch and tick; plugins rarely need to.
     pub fn flush(&mut self) {
+        // In key order, so the write-back does not depend on the hasher's seed.
+        let mut decoded: Vec<String> = self.decoded.keys().cloned().collect();
+        decoded.sort_unstable();
+        for key in decoded {
+            self.encode_decoded(&key);
+        }
         if self.dirty.is_empty() {
             return;
         }
@@ -348,6 +406,13 @@ impl State {
     fn end_batch(&mut self) {
         self.flush();
         self.cache.clear();
+    }
+
+    /// Moves the value [`State::json_mut`] holds for `key`, if any, into the byte cache.
+    fn encode_decoded(&mut self, key: &str) {
+        if let Some(value) = self.decoded.remove(key) {
+            self.write(key, Some(value.encode()));
+        }
     }
 
     fn write(&mut self, key: &str, value: Option<Vec<u8>>) {
@@ -603,6 +668,52 @@ mod tests {
             ctx.state.set_json("count", &n);
             Ok(())
         }
+    }
+
+    /// Appends each payload to `log`, keeps a count beside it, and reads both back as bytes
+    /// in the middle of the batch (on a payload `check`).
+    struct Appender;
+    impl Plugin for Appender {
+        type Config = NoConfig;
+        fn init(_: NoConfig, _: &mut Context) -> Result<Self, String> {
+            Ok(Appender)
+        }
+        fn on_event(&mut self, e: &Event, ctx: &mut Context) -> Verdict {
+            if e.payload == b"check" {
+                // Bytes-level reads see what `json_mut` holds.
+                let log: Vec<String> = ctx.state.get_json("log").unwrap();
+                assert_eq!(ctx.state.get_json::<i64>("count"), Some(log.len() as i64));
+                // The same key as another type: the old value is written back first.
+                let as_value: &mut serde_json::Value = ctx.state.json_mut("log");
+                assert_eq!(as_value.as_array().map(Vec::len), Some(log.len()));
+                return Verdict::Skip;
+            }
+            let text = e.payload_str().unwrap_or_default().to_string();
+            ctx.state.json_mut::<Vec<String>>("log").push(text);
+            ctx.state.incr("count", 1);
+            Verdict::Ok
+        }
+    }
+
+    #[test]
+    fn json_mut_values_are_written_back_once_per_batch_and_seen_by_plain_reads() {
+        let mut h = Harness::<Appender>::new("{}").unwrap();
+        h.run_payloads(&["a", "b", "check", "c"]);
+        assert_eq!(
+            h.state_json::<Vec<String>>("log"),
+            Some(vec!["a".into(), "b".into(), "c".into()])
+        );
+        assert_eq!(h.state_json::<i64>("count"), Some(3));
+        let calls = h.recorded().host_calls;
+        // The next batch starts from the stored value; one get-many and one set-many.
+        h.run_payloads(&["d", "e"]);
+        assert_eq!(h.state_json::<i64>("count"), Some(5));
+        assert_eq!(h.state_json::<Vec<String>>("log").unwrap().len(), 5);
+        assert!(
+            h.recorded().host_calls - calls <= 3,
+            "{}",
+            h.recorded().host_calls - calls
+        );
     }
 
     #[test]
