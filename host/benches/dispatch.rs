@@ -52,7 +52,7 @@ fn main() -> anyhow::Result<()> {
                 e.partition,
                 e.offset,
                 e.key.as_deref(),
-                e.payload.clone(),
+                &e.payload,
             );
             n.timestamp_ms = e.timestamp_ms;
             n

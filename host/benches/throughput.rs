@@ -125,23 +125,15 @@ fn native_consumer<P: Plugin>(
     Ok(std::thread::spawn(move || {
         // Made on its thread: the harness's in-memory state is not `Send`.
         let mut harness = Harness::<P>::new(&config).map_err(anyhow::Error::msg)?;
-        let mut batch: Vec<Event> = Vec::with_capacity(MAX_BATCH);
         while handled.load(Relaxed) < total {
+            // The messages stay librdkafka's; the events borrow their bytes, as the SDK's
+            // events borrow from the batch the host hands over.
+            let mut batch = Vec::with_capacity(MAX_BATCH);
             let deadline = Instant::now() + LINGER;
             while batch.len() < MAX_BATCH {
                 let left = deadline.saturating_duration_since(Instant::now());
                 match consumer.poll(left) {
-                    Some(Ok(m)) => {
-                        let mut e = Event::new(
-                            m.topic(),
-                            m.partition(),
-                            m.offset(),
-                            m.key(),
-                            m.payload().unwrap_or_default(),
-                        );
-                        e.timestamp_ms = m.timestamp().to_millis();
-                        batch.push(e);
-                    }
+                    Some(Ok(m)) => batch.push(m),
                     Some(Err(e)) => anyhow::bail!("consume: {e}"),
                     None => break,
                 }
@@ -149,14 +141,27 @@ fn native_consumer<P: Plugin>(
             if batch.is_empty() {
                 continue;
             }
-            let verdicts = harness.run(&batch);
-            assert_eq!(verdicts.len(), batch.len());
+            let events: Vec<Event> = batch
+                .iter()
+                .map(|m| {
+                    let mut e = Event::new(
+                        m.topic(),
+                        m.partition(),
+                        m.offset(),
+                        m.key(),
+                        m.payload().unwrap_or_default(),
+                    );
+                    e.timestamp_ms = m.timestamp().to_millis();
+                    e
+                })
+                .collect();
+            let verdicts = harness.run(&events);
+            assert_eq!(verdicts.len(), events.len());
             harness.clear_outputs();
             for m in &batch {
-                consumer.store_offset(&m.topic, m.partition, m.offset)?;
+                consumer.store_offset(m.topic(), m.partition(), m.offset())?;
             }
             handled.fetch_add(batch.len() as u64, Relaxed);
-            batch.clear();
         }
         Ok(())
     }))

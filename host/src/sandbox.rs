@@ -28,8 +28,23 @@ mod bindings {
     });
 }
 
-pub use bindings::eddy::plugin::types::{Event, Header, OutputRecord, Verdict};
+use bindings::eddy::plugin::types::{Batch, Span};
+pub use bindings::eddy::plugin::types::{Header, OutputRecord, Verdict};
 use bindings::eddy::plugin::{logging, output, state, types};
+
+/// One Kafka record as the host holds it between consuming it and storing its offset. The
+/// sandbox packs a slice of them into the contract's `batch` for each call.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// Kafka's record timestamp in milliseconds since the Unix epoch, if it has one.
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub headers: Vec<Header>,
+    pub payload: Vec<u8>,
+}
 
 /// How often the engine's epoch advances; the granularity of the CPU deadline.
 const EPOCH_TICK: Duration = Duration::from_millis(5);
@@ -333,6 +348,15 @@ impl Program {
                 (component, false)
             }
         };
+        if let Some(version) = other_contract_version(engine, &component) {
+            return Err(LoadError::Contract {
+                path,
+                message: format!(
+                    "it was built against eddy:plugin@{version}, and this host speaks \
+                     eddy:plugin@{CONTRACT_VERSION}: rebuild it with the eddy-sdk of this release"
+                ),
+            });
+        }
         let contract = |e: wasmtime::Error| LoadError::Contract {
             path: path.clone(),
             message: error_chain(&e),
@@ -391,6 +415,20 @@ impl Program {
         let scratch = PluginState::in_memory(plugin.limits.state_mib << 20);
         Sandbox::start(engine, self.clone(), plugin, scratch).map(drop)
     }
+}
+
+/// The version of the `eddy:plugin` package in `wit/`, the one this host implements.
+pub const CONTRACT_VERSION: &str = "0.2.0";
+
+/// The `eddy:plugin` version a component imports, if it is not [`CONTRACT_VERSION`]: for a
+/// message that says "rebuild" rather than "no matching implementation".
+fn other_contract_version(engine: &Engine, component: &Component) -> Option<String> {
+    component
+        .component_type()
+        .imports(engine)
+        .filter_map(|(name, _)| name.strip_prefix("eddy:plugin/")?.split_once('@'))
+        .map(|(_, version)| version.to_string())
+        .find(|version| version != CONTRACT_VERSION)
 }
 
 fn compile_component(engine: &Engine, path: &Path, bytes: &[u8]) -> Result<Component, LoadError> {
@@ -482,6 +520,8 @@ pub struct Sandbox {
     probation_left: u32,
     /// Set when a version on probation trapped and the previous one was restored.
     rolled_back: Option<RolledBack>,
+    /// The buffers each call's events are packed into, kept between calls.
+    packed: Batch,
 }
 
 /// A version that was taken back because it trapped on probation.
@@ -529,6 +569,12 @@ impl Sandbox {
             previous: None,
             probation_left: 0,
             rolled_back: None,
+            packed: Batch {
+                topic: String::new(),
+                events: Vec::new(),
+                data: Vec::new(),
+                headers: Vec::new(),
+            },
         };
         sandbox.init()?;
         Ok(sandbox)
@@ -658,10 +704,22 @@ impl Sandbox {
     /// (or, on probation, the previous version restored) before this returns, so the sandbox
     /// is ready for the next call.
     pub fn call_batch(&mut self, events: &[Event]) -> Result<Vec<Verdict>, Trap> {
+        // A batch holds one topic. Eddy consumes one, but should events of several ever be
+        // mixed, each run of one topic is its own call.
+        let same_topic = events
+            .iter()
+            .take_while(|e| e.topic == events[0].topic)
+            .count();
+        if same_topic < events.len() {
+            let mut verdicts = self.call_batch(&events[..same_topic])?;
+            verdicts.extend(self.call_batch(&events[same_topic..])?);
+            return Ok(verdicts);
+        }
         let linked = self.linked.as_ref().ok_or_else(not_linked)?;
         self.store.set_epoch_deadline(deadline_ticks(&self.limits));
         self.store.data_mut().host.outputs_mark = self.store.data().host.outputs.len();
-        match linked.plugin.call_on_batch(&mut self.store, events) {
+        pack(&mut self.packed, events);
+        match linked.plugin.call_on_batch(&mut self.store, &self.packed) {
             Ok(verdicts) if verdicts.len() == events.len() => {
                 self.store.data_mut().host.state.end_call(true);
                 Ok(verdicts)
@@ -815,6 +873,45 @@ impl Sandbox {
     }
 }
 
+/// Packs `events` (all of one topic) into `batch`, reusing its buffers: after the first few
+/// calls, packing allocates nothing.
+fn pack(batch: &mut Batch, events: &[Event]) {
+    let topic = events.first().map_or("", |e| e.topic.as_str());
+    if batch.topic != topic {
+        batch.topic = topic.to_string();
+    }
+    batch.events.clear();
+    batch.data.clear();
+    batch.headers.clear();
+    // Spans are u32: a batch is cut well below 4 GiB (`max_batch_bytes`), and the guest's
+    // memory cap is lower still, so these conversions cannot fail for a batch that fits.
+    let span = |data: &mut Vec<u8>, bytes: &[u8]| {
+        let start = data.len() as u32;
+        data.extend_from_slice(bytes);
+        Span {
+            start,
+            len: bytes.len() as u32,
+        }
+    };
+    for e in events {
+        let key = e.key.as_deref().map(|k| span(&mut batch.data, k));
+        let payload = span(&mut batch.data, &e.payload);
+        let headers = Span {
+            start: batch.headers.len() as u32,
+            len: e.headers.len() as u32,
+        };
+        batch.headers.extend(e.headers.iter().cloned());
+        batch.events.push(types::Event {
+            partition: e.partition,
+            offset: e.offset,
+            timestamp_ms: e.timestamp_ms,
+            key,
+            payload,
+            headers,
+        });
+    }
+}
+
 fn not_linked() -> Trap {
     Trap {
         kind: crate::metrics::TrapKind::Trap,
@@ -929,4 +1026,70 @@ fn link(store: &mut Store<StoreData>, program: &Program) -> Result<Linked, Strin
         None
     };
     Ok(Linked { plugin, migrate })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_contract_version_is_the_wit_packages() {
+        let wit = include_str!("../../wit/eddy.wit");
+        assert!(
+            wit.contains(&format!("package eddy:plugin@{CONTRACT_VERSION};")),
+            "CONTRACT_VERSION {CONTRACT_VERSION} is not wit/eddy.wit's package version"
+        );
+    }
+
+    #[test]
+    fn packing_keeps_each_events_bytes_and_reuses_the_buffers() {
+        let event = |offset: i64, key: Option<&[u8]>, payload: &[u8], headers: usize| Event {
+            topic: "t".into(),
+            partition: 2,
+            offset,
+            timestamp_ms: Some(offset * 10),
+            key: key.map(<[u8]>::to_vec),
+            headers: (0..headers)
+                .map(|i| Header {
+                    key: format!("h{i}"),
+                    value: (i % 2 == 0).then(|| vec![i as u8]),
+                })
+                .collect(),
+            payload: payload.to_vec(),
+        };
+        let events = [
+            event(7, Some(b"k1"), b"{\"a\":1}", 0),
+            event(8, None, b"", 2),
+            event(9, Some(b""), b"xyz", 1),
+        ];
+        let mut batch = Batch {
+            topic: String::new(),
+            events: Vec::new(),
+            data: Vec::new(),
+            headers: Vec::new(),
+        };
+        for _ in 0..2 {
+            pack(&mut batch, &events);
+            assert_eq!(batch.topic, "t");
+            assert_eq!(batch.events.len(), 3);
+            let bytes = |s: Span| &batch.data[s.start as usize..(s.start + s.len) as usize];
+            for (packed, e) in batch.events.iter().zip(&events) {
+                assert_eq!(
+                    (packed.partition, packed.offset, packed.timestamp_ms),
+                    (e.partition, e.offset, e.timestamp_ms)
+                );
+                assert_eq!(packed.key.map(bytes), e.key.as_deref());
+                assert_eq!(bytes(packed.payload), e.payload.as_slice());
+                let h = &batch.headers[packed.headers.start as usize
+                    ..(packed.headers.start + packed.headers.len) as usize];
+                assert_eq!(
+                    h.iter().map(|h| (&h.key, &h.value)).collect::<Vec<_>>(),
+                    e.headers
+                        .iter()
+                        .map(|h| (&h.key, &h.value))
+                        .collect::<Vec<_>>()
+                );
+            }
+        }
+    }
 }

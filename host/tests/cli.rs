@@ -121,12 +121,14 @@ fn config_mistakes_name_the_file_the_key_and_the_fix() {
 #[test]
 fn bad_plugins_are_refused_at_start_and_by_check_with_the_cause() {
     // Not a component at all; a core module instead of a component; a component of some
-    // other contract (wrong exports); a plugin whose init rejects its config. All are
-    // reported together, by `eddy check` and by `eddy run`, which then exits.
+    // other contract (wrong exports); a plugin built against an older contract version; a
+    // plugin whose init rejects its config. All are reported together, by `eddy check` and
+    // by `eddy run`, which then exits.
     let text = format!(
         "{GOOD}\n[[plugin]]\nname = \"garbage\"\npath = \"garbage.wasm\"\n\
          \n[[plugin]]\nname = \"core\"\npath = \"core.wasm\"\n\
          \n[[plugin]]\nname = \"wrong\"\npath = \"wrong.wasm\"\n\
+         \n[[plugin]]\nname = \"old\"\npath = \"old.wasm\"\n\
          \n[[plugin]]\nname = \"alert\"\npath = \"alert.wasm\"\n[plugin.config]\nrules = []\n"
     );
     let dir = setup(&text);
@@ -137,6 +139,11 @@ fn bad_plugins_are_refused_at_start_and_by_check_with_the_cause() {
         dir.path().join("wrong.wasm"),
     )
     .unwrap();
+    std::fs::copy(
+        common::wasm("eddy_fixture_old_contract"),
+        dir.path().join("old.wasm"),
+    )
+    .unwrap();
     for command in ["check", "run"] {
         let out = eddy(&[command], dir.path());
         assert!(!out.status.success(), "{command} accepted bad plugins");
@@ -145,7 +152,13 @@ fn bad_plugins_are_refused_at_start_and_by_check_with_the_cause() {
 }
 
 fn check_bad_plugins_error(err: &str) {
-    assert!(err.contains("4 plugins failed to load"), "{err}");
+    assert!(err.contains("5 plugins failed to load"), "{err}");
+    assert!(
+        err.contains("plugin `old`")
+            && err.contains("built against eddy:plugin@0.1.0")
+            && err.contains("eddy:plugin@0.2.0: rebuild it"),
+        "an older contract version is named: {err}"
+    );
     assert!(
         err.contains("plugin `wrong`")
             && err.contains("does not implement the eddy:plugin world")

@@ -56,6 +56,8 @@ pub fn plugins_dir() -> &'static Path {
                 "eddy-fixture-misbehave",
                 "-p",
                 "eddy-fixture-wrong-world",
+                "-p",
+                "eddy-fixture-old-contract",
             ])
             .arg("--target-dir")
             .arg(&target)

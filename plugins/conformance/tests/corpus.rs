@@ -45,7 +45,7 @@ fn the_parser_refuses_each_malformed_payload_with_a_reason() {
     let mut failures = Vec::new();
     for case in load_corpus() {
         let parsed = catch_unwind(|| Activity::from_json(&case.payload));
-        let event = Event::new("user-activities", 0, 0, None, case.payload.clone());
+        let event = Event::new("user-activities", 0, 0, None, &case.payload);
         let via_event = catch_unwind(AssertUnwindSafe(|| {
             event.activity().map(|_| ()).map_err(|e| e.0.clone())
         }));

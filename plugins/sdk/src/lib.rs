@@ -136,35 +136,38 @@ pub enum Verdict {
 }
 
 /// One Kafka record as consumed by the host, with its payload parsed on demand (once).
+///
+/// It borrows its bytes from the batch the host handed over (one buffer for the whole
+/// batch), so making the events of a batch copies nothing.
 #[derive(Debug)]
-pub struct Event {
-    pub topic: String,
+pub struct Event<'a> {
+    pub topic: &'a str,
     pub partition: i32,
     pub offset: i64,
     pub timestamp_ms: Option<i64>,
-    pub key: Option<Vec<u8>>,
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
-    pub payload: Vec<u8>,
+    pub key: Option<&'a [u8]>,
+    pub headers: &'a [(String, Option<Vec<u8>>)],
+    pub payload: &'a [u8],
     parsed: OnceCell<Result<Activity, ParseError>>,
 }
 
-impl Event {
+impl<'a> Event<'a> {
     /// An event with these coordinates and payload (mainly for tests).
     pub fn new(
-        topic: &str,
+        topic: &'a str,
         partition: i32,
         offset: i64,
-        key: Option<&[u8]>,
-        payload: impl Into<Vec<u8>>,
-    ) -> Event {
+        key: Option<&'a [u8]>,
+        payload: &'a [u8],
+    ) -> Event<'a> {
         Event {
-            topic: topic.to_string(),
+            topic,
             partition,
             offset,
             timestamp_ms: None,
-            key: key.map(<[u8]>::to_vec),
-            headers: Vec::new(),
-            payload: payload.into(),
+            key,
+            headers: &[],
+            payload,
             parsed: OnceCell::new(),
         }
     }
@@ -172,13 +175,13 @@ impl Event {
     /// The payload as a typed activity event. Parsed the first time it is asked for.
     pub fn activity(&self) -> Result<&Activity, &ParseError> {
         self.parsed
-            .get_or_init(|| Activity::from_json(&self.payload))
+            .get_or_init(|| Activity::from_json(self.payload))
             .as_ref()
     }
 
     /// The payload as text, if it is UTF-8.
     pub fn payload_str(&self) -> Option<&str> {
-        std::str::from_utf8(&self.payload).ok()
+        std::str::from_utf8(self.payload).ok()
     }
 
     /// The event's time: the activity's own timestamp, else Kafka's record timestamp.
@@ -578,8 +581,17 @@ pub mod wasm {
             Ok(())
         }
 
-        fn on_batch(events: Vec<wit::Event>) -> Vec<wit::Verdict> {
-            let events: Vec<Event> = events.into_iter().map(from_wit).collect();
+        fn on_batch(batch: wit::Batch) -> Vec<wit::Verdict> {
+            let headers: Vec<(String, Option<Vec<u8>>)> = batch
+                .headers
+                .into_iter()
+                .map(|h| (h.key, h.value))
+                .collect();
+            let events: Vec<Event> = batch
+                .events
+                .iter()
+                .map(|e| unpack(e, &batch.topic, &batch.data, &headers))
+                .collect();
             let verdicts = with_plugin(|plugin: &mut P, ctx| run_batch(plugin, &events, ctx));
             match verdicts {
                 Ok(v) => v.into_iter().map(to_wit).collect(),
@@ -608,15 +620,31 @@ pub mod wasm {
         }
     }
 
-    fn from_wit(e: wit::Event) -> Event {
+    /// The event `e` of a batch, borrowing its bytes from the batch. The host packs spans
+    /// inside `data` and `headers`; should one ever be out of range, the event gets empty
+    /// bytes rather than the instance a panic.
+    fn unpack<'a>(
+        e: &wit::Event,
+        topic: &'a str,
+        data: &'a [u8],
+        headers: &'a [(String, Option<Vec<u8>>)],
+    ) -> Event<'a> {
+        let bytes = |s: wit::Span| {
+            data.get(s.start as usize..)
+                .and_then(|d| d.get(..s.len as usize))
+                .unwrap_or_default()
+        };
         Event {
-            topic: e.topic,
+            topic,
             partition: e.partition,
             offset: e.offset,
             timestamp_ms: e.timestamp_ms,
-            key: e.key,
-            headers: e.headers.into_iter().map(|h| (h.key, h.value)).collect(),
-            payload: e.payload,
+            key: e.key.map(bytes),
+            headers: headers
+                .get(e.headers.start as usize..)
+                .and_then(|h| h.get(..e.headers.len as usize))
+                .unwrap_or_default(),
+            payload: bytes(e.payload),
             parsed: OnceCell::new(),
         }
     }

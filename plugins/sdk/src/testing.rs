@@ -93,7 +93,7 @@ impl<P: Plugin> Harness<P> {
     }
 
     /// Makes an event on partition 0 with the next offset.
-    pub fn event(&mut self, payload: &[u8]) -> Event {
+    pub fn event<'p>(&mut self, payload: &'p [u8]) -> Event<'p> {
         self.next_offset += 1;
         Event::new("user-activities", 0, self.next_offset - 1, None, payload)
     }
