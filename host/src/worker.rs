@@ -349,7 +349,13 @@ impl Worker {
             let deadline =
                 tokio::time::Instant::now() + Duration::from_millis(self.plugin.batch_linger_ms);
             while events.len() < self.plugin.max_batch && bytes < max_bytes {
-                match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                // Take what librdkafka already holds without arming a timer per event; wait
+                // (up to the linger deadline) only when it has nothing.
+                let next = match ready_now(consumer.recv()) {
+                    Some(m) => Ok(m),
+                    None => tokio::time::timeout_at(deadline, consumer.recv()).await,
+                };
+                match next {
                     Ok(Ok(m)) => {
                         let e = to_event(&m);
                         bytes += event_size(&e);
@@ -919,6 +925,16 @@ fn event_size(e: &Event) -> usize {
             .iter()
             .map(|h| h.key.len() + h.value.as_ref().map_or(0, Vec::len))
             .sum::<usize>()
+}
+
+/// `future`'s output if it is ready at the first poll.
+fn ready_now<F: std::future::Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(output) => Some(output),
+        std::task::Poll::Pending => None,
+    }
 }
 
 fn to_event(m: &BorrowedMessage<'_>) -> Event {

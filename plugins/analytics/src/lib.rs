@@ -6,7 +6,9 @@
 //! `page:<url>` (page views), `user:<id>` (events per user), `journey:<id>` (funnel stages the
 //! user reached, a bit set), `funnel:<stage>` (users that reached the stage),
 //! `revenue:<YYYY-MM-DDTHH>` and `revenue_total`, `product:<name>` (units purchased),
-//! `country:<code>`, `snapshot_at` (the `total` of the last snapshot).
+//! `country:<code>`, `snapshot_at` (the `total` of the last snapshot), and `top:users`,
+//! `top:pages`, `top:products`: the largest of those counters, kept as they grow, so that a
+//! snapshot reads three keys instead of scanning every user.
 
 use eddy_sdk::{Activity, Context, Event, EventType, Plugin, Verdict};
 use serde::{Deserialize, Serialize};
@@ -35,6 +37,65 @@ impl Default for Config {
             output: "snapshots".into(),
         }
     }
+}
+
+/// The counters with a "top" list in the snapshot: their key prefix and their list's key.
+const TOPS: [(&str, &str); 3] = [
+    ("user:", "top:users"),
+    ("page:", "top:pages"),
+    ("product:", "top:products"),
+];
+
+/// The `keep` largest counters under one prefix, largest first (ties by name), kept up to
+/// date as they grow. Counters only grow, so a counter outside the list can enter it only
+/// when it grows itself: updating the list then keeps it exact without ever scanning.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Top {
+    keep: usize,
+    entries: Vec<(String, i64)>,
+}
+
+impl Top {
+    /// Rebuilt from every counter under `prefix` (once: when the list is missing, e.g. state
+    /// from an older version, or `top_n` grew beyond what was kept).
+    fn scan(s: &mut eddy_sdk::State, prefix: &str, keep: usize) -> Top {
+        let mut entries: Vec<(String, i64)> = s
+            .scan_prefix(prefix, u32::MAX)
+            .into_iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    k[prefix.len()..].to_string(),
+                    serde_json::from_slice(&v).ok()?,
+                ))
+            })
+            .collect();
+        entries.sort_by(by_count);
+        entries.truncate(keep);
+        Top { keep, entries }
+    }
+
+    /// `name`'s counter is now `count`.
+    fn grew(&mut self, name: &str, count: i64) {
+        if let Some(entry) = self.entries.iter_mut().find(|(n, _)| n == name) {
+            entry.1 = count;
+        } else if self.entries.len() < self.keep
+            || self
+                .entries
+                .last()
+                .is_some_and(|last| by_count(&(name.to_string(), count), last).is_lt())
+        {
+            self.entries.push((name.to_string(), count));
+        } else {
+            return;
+        }
+        self.entries.sort_by(by_count);
+        self.entries.truncate(self.keep);
+    }
+}
+
+/// Largest count first, then by name.
+fn by_count(a: &(String, i64), b: &(String, i64)) -> std::cmp::Ordering {
+    b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0))
 }
 
 /// Funnel stages, in order, with the bit each sets in `journey:<user>`.
@@ -95,6 +156,7 @@ impl Plugin for Analytics {
     fn state_keys(&self, event: &Event, keys: &mut Vec<String>) {
         if keys.is_empty() {
             keys.extend(["total", "malformed", "users", "revenue_total"].map(String::from));
+            keys.extend(TOPS.map(|(_, list)| list.to_string()));
         }
         let Ok(a) = event.activity() else { return };
         keys.push(format!("type:{}", a.event_type));
@@ -121,7 +183,9 @@ impl Plugin for Analytics {
     fn on_event(&mut self, event: &Event, ctx: &mut Context) -> Verdict {
         let s = &mut ctx.state;
         if self.total_at_batch_start.is_none() {
-            self.total_at_batch_start = Some(s.get_json("total").unwrap_or(0));
+            let total = s.get_json("total").unwrap_or(0);
+            self.total_at_batch_start = Some(total);
+            self.check_top_lists(s, total);
         }
         s.incr("total", 1);
         let a = match event.activity() {
@@ -132,9 +196,11 @@ impl Plugin for Analytics {
             }
         };
         s.incr(&format!("type:{}", a.event_type), 1);
-        if s.incr(&format!("user:{}", a.user_id), 1) == 1 {
+        let count = s.incr(&format!("user:{}", a.user_id), 1);
+        if count == 1 {
             s.incr("users", 1);
         }
+        s.json_mut::<Top>("top:users").grew(&a.user_id, count);
         if let Some((_, bit, stage)) = FUNNEL.iter().find(|(t, _, _)| *t == a.event_type) {
             let reached: &mut u8 = s.json_mut(&format!("journey:{}", a.user_id));
             if *reached & bit == 0 {
@@ -145,7 +211,8 @@ impl Plugin for Analytics {
         if a.event_type == EventType::PageView
             && let Some(page) = &a.page_url
         {
-            s.incr(&format!("page:{page}"), 1);
+            let count = s.incr(&format!("page:{page}"), 1);
+            s.json_mut::<Top>("top:pages").grew(page, count);
         }
         if let Some(c) = a.country() {
             s.incr(&format!("country:{c}"), 1);
@@ -157,10 +224,11 @@ impl Plugin for Analytics {
                 s.add_f64(&format!("revenue:{h}"), amount);
             }
             if let Some(p) = product_of(a) {
-                s.incr(
+                let count = s.incr(
                     &format!("product:{p}"),
                     i64::from(a.properties.quantity.unwrap_or(1).max(1)),
                 );
+                s.json_mut::<Top>("top:products").grew(p, count);
             }
         }
         Verdict::Ok
@@ -187,7 +255,29 @@ impl Plugin for Analytics {
 }
 
 impl Analytics {
+    /// Makes sure each top list exists and keeps at least `top_n` entries, rebuilding it
+    /// from its counters if not. Called once per batch, before its first event counts, with
+    /// the events counted so far (none: nothing to scan).
+    fn check_top_lists(&self, s: &mut eddy_sdk::State, total: i64) {
+        let keep = self.config.top_n;
+        for (prefix, list) in TOPS {
+            let ok = s.get_json::<Top>(list).is_some_and(|t| t.keep >= keep);
+            if !ok {
+                let top = if total == 0 {
+                    Top {
+                        keep,
+                        entries: Vec::new(),
+                    }
+                } else {
+                    Top::scan(s, prefix, keep)
+                };
+                s.set_json(list, &top);
+            }
+        }
+    }
+
     fn emit_snapshot(&self, ctx: &mut Context, total: i64) {
+        self.check_top_lists(&mut ctx.state, total);
         let snapshot = snapshot(&mut ctx.state, self.config.top_n, self.config.revenue_hours);
         ctx.state.set_json("snapshot_at", &total);
         ctx.emit_json(&self.config.output, None, &snapshot);
@@ -207,10 +297,10 @@ pub fn snapshot(s: &mut eddy_sdk::State, top_n: usize, revenue_hours: usize) -> 
             })
             .collect()
     };
-    let top = |mut v: Vec<(String, i64)>| {
-        v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        v.truncate(top_n);
-        v
+    let top = |s: &mut eddy_sdk::State, list: &str| {
+        let mut entries = s.get_json::<Top>(list).unwrap_or_default().entries;
+        entries.truncate(top_n);
+        entries
     };
     let funnel: BTreeMap<String, i64> = counts(s, "funnel:").into_iter().collect();
     let viewed = funnel.get("page_view").copied().unwrap_or(0);
@@ -239,9 +329,9 @@ pub fn snapshot(s: &mut eddy_sdk::State, top_n: usize, revenue_hours: usize) -> 
             0.0
         },
         funnel,
-        top_pages: top(counts(s, "page:")),
-        top_products: top(counts(s, "product:")),
-        top_users: top(counts(s, "user:")),
+        top_pages: top(s, "top:pages"),
+        top_products: top(s, "top:products"),
+        top_users: top(s, "top:users"),
         countries: counts(s, "country:").into_iter().collect(),
         revenue_total: cents(s.get_json("revenue_total").unwrap_or(0.0)),
         revenue_by_hour,
@@ -338,6 +428,73 @@ mod tests {
         h.tick(2);
         h.tick(3);
         assert_eq!(h.outputs_json("snapshots").len(), 1);
+    }
+
+    #[test]
+    fn top_lists_kept_as_counters_grow_match_a_full_scan() {
+        let mut h = Harness::<Analytics>::new(r#"{"snapshot_every": 50, "top_n": 3}"#).unwrap();
+        // Uneven traffic over 40 users, 9 pages and 6 products, in batches of 25.
+        let mut seed = 7u64;
+        let mut next = |n: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        for _ in 0..16 {
+            let batch: Vec<Vec<u8>> = (0..25)
+                .map(|_| {
+                    let user = format!("u{}", next(40) * next(40) / 40);
+                    if next(2) == 0 {
+                        ev(
+                            &user,
+                            "page_view",
+                            &format!(r#","page_url":"/p{}""#, next(9)),
+                        )
+                    } else {
+                        let extra = format!(
+                            r#","properties":{{"product_name":"x{}","price":5,"quantity":{}}}"#,
+                            next(6),
+                            next(3) + 1
+                        );
+                        ev(&user, "purchase", &extra)
+                    }
+                })
+                .collect();
+            h.run_payloads(&batch);
+        }
+        let full_scan = |h: &Harness<Analytics>, prefix: &str, n: usize| {
+            let mut all: Vec<(String, i64)> = h
+                .recorded()
+                .state
+                .iter()
+                .filter_map(|(k, v)| {
+                    let name = k.strip_prefix(prefix)?;
+                    Some((name.to_string(), serde_json::from_slice(v).unwrap()))
+                })
+                .collect();
+            all.sort_by(by_count);
+            all.truncate(n);
+            all
+        };
+        let last = |h: &Harness<Analytics>| -> Snapshot {
+            serde_json::from_value(h.outputs_json("snapshots").pop().unwrap()).unwrap()
+        };
+        let snap = last(&h);
+        assert_eq!(snap.total_events, 400);
+        assert_eq!(snap.top_users, full_scan(&h, "user:", 3));
+        assert_eq!(snap.top_pages, full_scan(&h, "page:", 3));
+        assert_eq!(snap.top_products, full_scan(&h, "product:", 3));
+
+        // A larger top_n than was kept: the lists are rebuilt from the counters once.
+        h.restart(r#"{"snapshot_every": 50, "top_n": 5}"#).unwrap();
+        h.tick(1);
+        h.run_payloads(&[ev("u1", "click", "")]);
+        h.tick(2);
+        let snap = last(&h);
+        assert_eq!(snap.top_users, full_scan(&h, "user:", 5));
+        assert_eq!(snap.top_pages.len(), 5);
+        assert_eq!(snap.top_pages, full_scan(&h, "page:", 5));
     }
 
     #[test]
