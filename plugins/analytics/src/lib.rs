@@ -82,7 +82,7 @@ impl Top {
             || self
                 .entries
                 .last()
-                .is_some_and(|last| by_count(&(name.to_string(), count), last).is_lt())
+                .is_some_and(|(n, c)| count > *c || (count == *c && name < n.as_str()))
         {
             self.entries.push((name.to_string(), count));
         } else {
