@@ -6,7 +6,7 @@
 PLUGINS := eddy-logger eddy-analytics eddy-alert eddy-fraud eddy-fixture-misbehave eddy-fixture-wrong-world eddy-fixture-old-contract eddy-fixture-noop
 CARGO ?= cargo
 
-.PHONY: run test plugins target check lint bench-reload bench-state bench-throughput bench-dispatch bench-memory fuzz
+.PHONY: run test plugins target check lint bench-reload bench-state bench-throughput bench-dispatch bench-plugins bench-memory fuzz
 
 run: plugins
 	$(CARGO) run --release -p eddy -- run --config plugins.toml
@@ -44,6 +44,11 @@ bench-throughput: plugins
 # Per-event cost of the sandbox: a no-op plugin against the same code natively.
 bench-dispatch: plugins
 	$(CARGO) bench -p eddy --bench dispatch
+
+# Each shipped plugin's own cost in the sandbox against natively, without Kafka
+# (EDDY_BENCH_PLUGIN=<name> for one, e.g. under perf with EDDY_PERFMAP=1).
+bench-plugins: plugins
+	$(CARGO) bench -p eddy --bench plugins
 
 # Resident memory of the host with the four plugins, and per additional plugin.
 bench-memory: plugins
