@@ -66,6 +66,9 @@ fn sandboxed(engine: &wasmtime::Engine, toml: &str, events: &[Event]) -> anyhow:
     Ok(started.elapsed().as_secs_f64() * 1e9 / events.len() as f64)
 }
 
+/// [`native`] for one plugin type.
+type NativeRun = fn(&str, &[Event]) -> anyhow::Result<f64>;
+
 /// Nanoseconds per event natively. Each batch's events are made from the host's inside the
 /// timed loop, as a native consumer makes them from Kafka's messages (and because an SDK
 /// event keeps its parsed payload, so reusing them would skip the parsing).
@@ -97,7 +100,7 @@ fn main() -> anyhow::Result<()> {
     let events = events();
     let engine = eddy::sandbox::engine()?;
     let dir = common::plugins_dir();
-    let plugins: [(&str, &str, &str, fn(&str, &[Event]) -> anyhow::Result<f64>); 4] = [
+    let plugins: [(&str, &str, &str, NativeRun); 4] = [
         (
             "logger",
             "log",

@@ -94,7 +94,7 @@ impl Plugin for Logger {
                 }
                 Err(e) => line.error = Some(e.to_string()),
             }
-            ctx.emit_json(&self.config.output, event.key.as_deref(), &line);
+            ctx.emit_json(&self.config.output, event.key, &line);
         }
         match activity {
             Ok(_) if sampled => Verdict::Ok,

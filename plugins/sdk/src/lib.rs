@@ -45,6 +45,8 @@ use std::cell::OnceCell;
 use std::collections::HashMap;
 
 #[doc(hidden)]
+// The generated export glue takes a packed batch as flattened core-wasm arguments.
+#[allow(clippy::too_many_arguments)]
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../../wit",
