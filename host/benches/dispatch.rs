@@ -46,20 +46,7 @@ fn main() -> anyhow::Result<()> {
             payload: g.payload.clone(),
         })
         .collect();
-    let native_events: Vec<eddy_sdk::Event> = events
-        .iter()
-        .map(|e| {
-            let mut n = eddy_sdk::Event::new(
-                &e.topic,
-                e.partition,
-                e.offset,
-                e.key.as_deref(),
-                &e.payload,
-            );
-            n.timestamp_ms = e.timestamp_ms;
-            n
-        })
-        .collect();
+    let native_events: Vec<eddy_sdk::Event> = events.iter().map(common::sdk_event).collect();
 
     let engine = eddy::sandbox::engine()?;
     let text = format!(

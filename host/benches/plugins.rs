@@ -76,20 +76,7 @@ fn native<P: Plugin>(config: &str, events: &[Event]) -> anyhow::Result<f64> {
     let mut harness = Harness::<P>::new(config).map_err(anyhow::Error::msg)?;
     let started = Instant::now();
     for batch in events.chunks(BATCH) {
-        let batch: Vec<eddy_sdk::Event> = batch
-            .iter()
-            .map(|e| {
-                let mut n = eddy_sdk::Event::new(
-                    &e.topic,
-                    e.partition,
-                    e.offset,
-                    e.key.as_deref(),
-                    e.payload.as_slice(),
-                );
-                n.timestamp_ms = e.timestamp_ms;
-                n
-            })
-            .collect();
+        let batch: Vec<eddy_sdk::Event> = batch.iter().map(common::sdk_event).collect();
         harness.run(&batch);
         harness.clear_outputs();
     }

@@ -32,6 +32,20 @@ pub fn plugin_toml(
     ))
 }
 
+/// The SDK's view of a host event, as the SDK makes it inside the sandbox: for running the
+/// same events natively.
+pub fn sdk_event(e: &eddy::sandbox::Event) -> eddy_sdk::Event<'_> {
+    let mut n = eddy_sdk::Event::new(
+        &e.topic,
+        e.partition,
+        e.offset,
+        e.key.as_deref(),
+        &e.payload,
+    );
+    n.timestamp_ms = e.timestamp_ms;
+    n
+}
+
 /// Where `make plugins` left the `.wasm` files.
 pub fn plugins_dir() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
