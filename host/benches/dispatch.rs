@@ -15,8 +15,7 @@
 mod common;
 
 use eddy::generator::{Generator, GeneratorOptions};
-use eddy::sandbox::{Event, Sandbox};
-use eddy::state::PluginState;
+use eddy::sandbox::Event;
 use eddy_sdk::testing::Harness;
 use std::time::{Duration, Instant};
 
@@ -57,12 +56,7 @@ fn main() -> anyhow::Result<()> {
     );
     let config = eddy::config::Config::parse(&text, std::path::Path::new("plugins.toml"))?;
     let plugin = &config.plugins[0];
-    let mut sandbox = Sandbox::load(
-        &engine,
-        plugin,
-        PluginState::in_memory(plugin.limits.state_mib << 20),
-        None,
-    )?;
+    let mut sandbox = common::sandbox(&engine, plugin)?;
     let mut harness = Harness::<eddy_fixture_noop::Noop>::new("{}").map_err(anyhow::Error::msg)?;
 
     println!("dispatch, no-op plugin, per event ({EVENTS} events per figure):");
@@ -118,12 +112,7 @@ fn main() -> anyhow::Result<()> {
     ];
     let mut per_event = Vec::new();
     for (engine, plugin) in runs {
-        let mut sandbox = Sandbox::load(
-            engine,
-            plugin,
-            PluginState::in_memory(plugin.limits.state_mib << 20),
-            None,
-        )?;
+        let mut sandbox = common::sandbox(engine, plugin)?;
         let rounds = 100_000 / 512;
         let mut best = f64::MAX;
         for _ in 0..3 {

@@ -10,8 +10,7 @@
 mod common;
 
 use eddy::generator::{Generator, GeneratorOptions};
-use eddy::sandbox::{Event, Sandbox};
-use eddy::state::PluginState;
+use eddy::sandbox::Event;
 use eddy_sdk::Plugin;
 use eddy_sdk::testing::Harness;
 use std::time::Instant;
@@ -47,12 +46,7 @@ fn events() -> Vec<Event> {
 fn sandboxed(engine: &wasmtime::Engine, toml: &str, events: &[Event]) -> anyhow::Result<f64> {
     let config = eddy::config::Config::parse(toml, std::path::Path::new("plugins.toml"))?;
     let plugin = &config.plugins[0];
-    let mut sandbox = Sandbox::load(
-        engine,
-        plugin,
-        PluginState::in_memory(plugin.limits.state_mib << 20),
-        None,
-    )?;
+    let mut sandbox = common::sandbox(engine, plugin)?;
     let started = Instant::now();
     for batch in events.chunks(BATCH) {
         sandbox

@@ -32,6 +32,15 @@ pub fn plugin_toml(
     ))
 }
 
+/// `plugin` in a sandbox on `engine`, with state in memory and no compile cache.
+pub fn sandbox(
+    engine: &wasmtime::Engine,
+    plugin: &eddy::config::PluginConfig,
+) -> anyhow::Result<eddy::sandbox::Sandbox> {
+    let state = eddy::state::PluginState::in_memory(plugin.limits.state_mib << 20);
+    Ok(eddy::sandbox::Sandbox::load(engine, plugin, state, None)?)
+}
+
 /// The SDK's view of a host event, as the SDK makes it inside the sandbox: for running the
 /// same events natively.
 pub fn sdk_event(e: &eddy::sandbox::Event) -> eddy_sdk::Event<'_> {
