@@ -348,12 +348,22 @@ impl Worker {
             let max_bytes = self.plugin.max_batch_bytes();
             let deadline =
                 tokio::time::Instant::now() + Duration::from_millis(self.plugin.batch_linger_ms);
+            // A swap (or removal) that arrives while the batch fills cuts it short: the new
+            // version should not wait for the linger deadline and a batch of the old one.
+            let mut control = None;
             while events.len() < self.plugin.max_batch && bytes < max_bytes {
                 // Take what librdkafka already holds without arming a timer per event; wait
                 // (up to the linger deadline) only when it has nothing.
                 let next = match ready_now(consumer.recv()) {
                     Some(m) => Ok(m),
-                    None => tokio::time::timeout_at(deadline, consumer.recv()).await,
+                    None => tokio::select! {
+                        biased;
+                        c = self.control.recv() => {
+                            control = Some(c);
+                            break;
+                        }
+                        next = tokio::time::timeout_at(deadline, consumer.recv()) => next,
+                    },
                 };
                 match next {
                     Ok(Ok(m)) => {
@@ -367,6 +377,19 @@ impl Worker {
                     }
                     Err(_) => break,
                 }
+            }
+            match control {
+                // The events already taken go to the new version.
+                Some(Some(Control::Swap {
+                    program,
+                    plugin,
+                    done,
+                })) => {
+                    let _ = done.send(self.swap(program, *plugin).await);
+                }
+                // Removed: this batch is still handled and committed; the loop ends after it
+                // (the closed channel is seen again at the top).
+                Some(None) | None => {}
             }
             let mut batch = events;
             loop {
