@@ -283,7 +283,7 @@ pub fn check_plugins(config: &Config) -> anyhow::Result<()> {
         .filter_map(|p| {
             sandbox::Program::compile(&engine, &p.path, None)
                 .map(Arc::new)
-                .and_then(|program| program.validate(&engine, p))
+                .and_then(|program| program.validate(p))
                 .err()
                 .map(|e| format!("plugin `{}`: {e}", p.name))
         })

@@ -129,6 +129,8 @@ pub struct Version {
     pub compile_seconds: f64,
     /// Whether its code came from the compile cache.
     pub precompiled: bool,
+    /// Whether its code is the baseline compiler's, until the optimized code is ready.
+    pub baseline: bool,
 }
 
 /// Upper bounds of the batch-latency histogram buckets, in seconds.
@@ -489,7 +491,7 @@ impl Metrics {
             &mut out,
             "eddy_plugin_info",
             "gauge",
-            "The running version of each plugin (content digest of its .wasm; code compiled at load or precompiled).",
+            "The running version of each plugin (content digest of its .wasm; code compiled at load, precompiled, or baseline code until the optimized compile is done).",
         );
         for (plugin, m) in &plugins {
             let v = m.version();
@@ -498,7 +500,9 @@ impl Metrics {
                 out,
                 "eddy_plugin_info{{plugin=\"{plugin}\",digest=\"{}\",path=\"{path}\",code=\"{}\"}} 1",
                 v.digest,
-                if v.precompiled {
+                if v.baseline {
+                    "baseline"
+                } else if v.precompiled {
                     "precompiled"
                 } else {
                     "compiled"

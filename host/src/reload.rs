@@ -116,6 +116,18 @@ pub struct Supervisor {
     /// The id the host gave its own embedded broker, if it runs one.
     embedded_cluster: Option<String>,
     running: BTreeMap<String, Running>,
+    /// Winch, for new versions that have no precompiled code; made at the first such swap.
+    baseline_engine: Option<Engine>,
+    /// Optimized compiles finished in the background, to replace baseline code.
+    optimized_tx: mpsc::UnboundedSender<Optimized>,
+    optimized_rx: Option<mpsc::UnboundedReceiver<Optimized>>,
+}
+
+/// The optimized compile of a version that runs on baseline code for now.
+struct Optimized {
+    plugin: String,
+    digest: String,
+    program: Result<Program, crate::sandbox::LoadError>,
 }
 
 impl Supervisor {
@@ -131,6 +143,7 @@ impl Supervisor {
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
     ) -> Supervisor {
+        let (optimized_tx, optimized_rx) = mpsc::unbounded_channel();
         let mut s = Supervisor {
             engine,
             config,
@@ -140,6 +153,9 @@ impl Supervisor {
             shutdown,
             embedded_cluster,
             running: BTreeMap::new(),
+            baseline_engine: None,
+            optimized_tx,
+            optimized_rx: Some(optimized_rx),
         };
         for (plugin, sandbox) in s.config.plugins.clone().into_iter().zip(sandboxes) {
             s.spawn(plugin, sandbox);
@@ -343,18 +359,34 @@ impl Supervisor {
         } else {
             let (engine, path) = (self.engine.clone(), plugin.path.clone());
             let cache = self.config.state.compiled_dir();
-            let compiled =
-                tokio::task::spawn_blocking(move || Program::compile(&engine, &path, Some(&cache)))
-                    .await
-                    .expect("compile task");
+            // Without precompiled code, run the new version on quickly compiled baseline code
+            // now, and switch to optimized code when Cranelift is done (`tier_up`).
+            let baseline = if Program::is_cached(&engine, &cache, &digest) {
+                None
+            } else {
+                self.baseline_engine()
+            };
+            let compiled = tokio::task::spawn_blocking(move || {
+                if let Some(baseline) = baseline {
+                    match Program::compile_baseline(&baseline, &path) {
+                        Err(crate::sandbox::LoadError::Compile { message, .. }) => {
+                            warn!(path = %path.display(), "the baseline compiler cannot compile it ({message}); compiling optimized code instead");
+                        }
+                        done => return done,
+                    }
+                }
+                Program::compile(&engine, &path, Some(&cache))
+            })
+            .await
+            .expect("compile task");
             match compiled {
                 Ok(p) => Arc::new(p),
                 Err(e) => return Err(self.refuse(plugin, &digest, e.to_string())),
             }
         };
         // Try init with the new config in a scratch sandbox, off the event path.
-        let (engine, p, prog) = (self.engine.clone(), plugin.clone(), program.clone());
-        let validated = tokio::task::spawn_blocking(move || prog.validate(&engine, &p))
+        let (p, prog) = (plugin.clone(), program.clone());
+        let validated = tokio::task::spawn_blocking(move || prog.validate(&p))
             .await
             .expect("validate task");
         if let Err(e) = validated {
@@ -372,6 +404,10 @@ impl Supervisor {
         }
         match answer.await {
             Ok(Ok(())) => {
+                if program.baseline {
+                    self.compile_optimized(&plugin.name, &program);
+                }
+                let running = self.running.get_mut(&plugin.name).expect("caller checked");
                 running.previous = Some(std::mem::replace(&mut running.program, program));
                 running.plugin = plugin.clone();
                 running.refused = None;
@@ -384,6 +420,75 @@ impl Supervisor {
                 Err(e)
             }
             Err(_) => Err("its worker stopped during the switch".into()),
+        }
+    }
+
+    /// The baseline compiler's engine, made on first use. `None` (and a warning) if it
+    /// cannot be made: swaps then wait for the optimizing compiler.
+    fn baseline_engine(&mut self) -> Option<Engine> {
+        if self.baseline_engine.is_none() {
+            match sandbox::baseline_engine() {
+                Ok(e) => self.baseline_engine = Some(e),
+                Err(e) => {
+                    warn!("no baseline compiler ({e:#}): hot swaps compile optimized code first")
+                }
+            }
+        }
+        self.baseline_engine.clone()
+    }
+
+    /// Compiles `program`'s file with the optimizing compiler in the background (into the
+    /// compile cache); [`Supervisor::tier_up`] switches to it when done.
+    fn compile_optimized(&self, plugin: &str, program: &Program) {
+        let (engine, path) = (self.engine.clone(), program.path().to_path_buf());
+        let cache = self.config.state.compiled_dir();
+        let (tx, plugin, digest) = (
+            self.optimized_tx.clone(),
+            plugin.to_string(),
+            program.digest().to_string(),
+        );
+        tokio::task::spawn_blocking(move || {
+            let program = Program::compile(&engine, &path, Some(&cache));
+            let _ = tx.send(Optimized {
+                plugin,
+                digest,
+                program,
+            });
+        });
+    }
+
+    /// Switches a plugin from baseline code to the optimized code of the same version (same
+    /// file, same settings, same state: not a reload). Does nothing if the plugin moved on
+    /// to another version or was removed meanwhile.
+    async fn tier_up(&mut self, optimized: Optimized) {
+        let Some(running) = self.running.get_mut(&optimized.plugin) else {
+            return;
+        };
+        if !running.program.baseline || running.program.digest() != optimized.digest {
+            return;
+        }
+        let program = match optimized.program {
+            // The same bytes may have changed on disk since: then a reload is coming anyway.
+            Ok(p) if p.digest() == optimized.digest => Arc::new(p),
+            Ok(_) => return,
+            Err(e) => {
+                warn!(plugin = %optimized.plugin, "optimized compile failed, it keeps running on baseline code: {e}");
+                return;
+            }
+        };
+        let (done, answer) = oneshot::channel();
+        let swap = Control::Swap {
+            program: program.clone(),
+            plugin: Box::new(running.plugin.clone()),
+            done,
+        };
+        if running.control.send(swap).await.is_err() {
+            return;
+        }
+        if let Ok(Ok(())) = answer.await
+            && let Some(running) = self.running.get_mut(&optimized.plugin)
+        {
+            running.program = program;
         }
     }
 
@@ -423,6 +528,7 @@ pub fn supervise(
     mut shutdown: watch::Receiver<bool>,
 ) -> impl std::future::Future<Output = ()> + Send {
     let (changes_tx, mut changes) = mpsc::unbounded_channel::<Change>();
+    let mut optimized = supervisor.optimized_rx.take().expect("supervised once");
     let debounce = Duration::from_millis(supervisor.config.reload.debounce_ms);
     let mut watcher = if supervisor.config.reload.watch {
         FileWatcher::new(changes_tx)
@@ -459,6 +565,7 @@ pub fn supervise(
                     info!(files = ?touched, "files changed: reloading");
                     supervisor.reload().await;
                 }
+                Some(ready) = optimized.recv() => supervisor.tier_up(ready).await,
                 _ = sighup => {
                     info!("SIGHUP: reloading");
                     supervisor.reload().await;

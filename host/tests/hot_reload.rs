@@ -329,5 +329,37 @@ async fn unchanged_plugins_are_not_recompiled_and_precompiled_versions_swap_in()
     assert!(v.precompiled, "the swap used the precompiled code");
     let page = http_get(host.http_addr(), "/metrics").await;
     assert!(page.contains("code=\"precompiled\""), "{page}");
+
+    // A new version nobody precompiled: it runs at once on baseline (Winch) code, then on
+    // optimized code compiled in the background, which also lands in the cache. The switch
+    // to optimized code is not another reload.
+    let v3 = with_custom_section(&original, "eddy-test", b"v3");
+    let ok_before = m.reloads(ReloadOutcome::Ok);
+    replace_file(&wasm_path, &v3);
+    let m2 = m.clone();
+    wait_async(Duration::from_secs(30), "the swap to v3", move || {
+        m2.reloads(ReloadOutcome::Ok) > ok_before
+    })
+    .await;
+    let v = m.version();
+    assert_eq!(v.digest, eddy::sandbox::digest(&v3));
+    assert!(v.baseline, "v3 runs on baseline code first");
+    let m2 = m.clone();
+    wait_async(
+        Duration::from_secs(60),
+        "optimized code for v3",
+        move || !m2.version().baseline,
+    )
+    .await;
+    let v = m.version();
+    assert_eq!(v.digest, eddy::sandbox::digest(&v3));
+    assert!(!v.precompiled);
+    assert_eq!(m.reloads(ReloadOutcome::Ok), ok_before + 1);
+    let page = http_get(host.http_addr(), "/metrics").await;
+    assert!(page.contains("code=\"compiled\""), "{page}");
+    assert!(
+        eddy::sandbox::Program::is_cached(&engine, &cache, &eddy::sandbox::digest(&v3)),
+        "the optimized code of v3 was cached"
+    );
     host.stop().await.unwrap();
 }
