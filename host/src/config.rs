@@ -136,6 +136,14 @@ pub struct StateConfig {
     /// Directory of the state files (relative to this file's directory).
     #[serde(default = "default_state_dir")]
     pub dir: PathBuf,
+    /// Several hosts share the plugins' consumer groups (scale-out: each host gets some of
+    /// the partitions). Each host's state then covers only the events it handled, and a
+    /// partition it is assigned starts after whatever the group already handled (the later of
+    /// the offset saved with this host's state and the group's committed offset), so no
+    /// event is counted by two hosts. A host without a state file joins where the group is,
+    /// rather than recomputing from `start_from` as a single host does.
+    #[serde(default)]
+    pub shared_group: bool,
 }
 
 impl StateConfig {
@@ -151,6 +159,7 @@ impl Default for StateConfig {
         StateConfig {
             durable: default_durable(),
             dir: default_state_dir(),
+            shared_group: false,
         }
     }
 }

@@ -153,6 +153,10 @@ pub struct PluginMetrics {
     pub consumer_lag: AtomicI64,
     /// 1 while the plugin is loaded and consuming.
     pub up: AtomicI64,
+    /// Whether the plugin's consumer has a connection to a Kafka broker: 1 yes, 2 no (all
+    /// brokers down: it reconnects meanwhile), 0 not known yet. From librdkafka's
+    /// statistics, once a second.
+    pub kafka: AtomicI64,
     /// 0 closed, 1 open (paused), 2 half-open (on trial after a pause).
     pub breaker_state: AtomicI64,
     /// Times the breaker opened.
@@ -273,11 +277,12 @@ impl Metrics {
         plugins.keys().cloned().collect()
     }
 
-    /// `/healthz`: `{"status":"ok"|"degraded","plugins":{"name":{"up":true,…}}}`. Degraded
-    /// when a plugin is not consuming or its breaker is open.
+    /// `/healthz`: `{"status":"ok"|"degraded","kafka":"up"|"down"|"unknown","plugins":{"name":{"up":true,…}}}`.
+    /// Degraded when a plugin is not consuming, its breaker is open, or Kafka is unreachable.
     pub fn health_json(&self) -> String {
         let plugins = self.plugins.lock().expect("metrics lock");
         let mut all_up = true;
+        let mut kafka = "unknown";
         let entries: serde_json::Map<String, serde_json::Value> = plugins
             .iter()
             .map(|(name, m)| {
@@ -288,8 +293,20 @@ impl Metrics {
                     _ => "closed",
                 };
                 all_up &= up && breaker != "open";
+                let plugin_kafka = match m.kafka.load(Relaxed) {
+                    1 => "up",
+                    2 => "down",
+                    _ => "unknown",
+                };
+                // Down if any consumer lost it; up if one has it and none lost it.
+                kafka = match (kafka, plugin_kafka) {
+                    ("down", _) | (_, "down") => "down",
+                    ("up", _) | (_, "up") => "up",
+                    _ => "unknown",
+                };
                 let v = serde_json::json!({
                     "up": up,
+                    "kafka": plugin_kafka,
                     "breaker": breaker,
                     "events": m.events_handled(),
                     "consumer_lag": m.consumer_lag.load(Relaxed),
@@ -297,8 +314,13 @@ impl Metrics {
                 (name.clone(), v)
             })
             .collect();
-        let status = if all_up { "ok" } else { "degraded" };
-        serde_json::json!({ "status": status, "plugins": entries }).to_string() + "\n"
+        let status = if all_up && kafka != "down" {
+            "ok"
+        } else {
+            "degraded"
+        };
+        serde_json::json!({ "status": status, "kafka": kafka, "plugins": entries }).to_string()
+            + "\n"
     }
 
     /// The Prometheus text exposition of everything.
@@ -436,6 +458,20 @@ impl Metrics {
             "gauge",
             "1 while the plugin is loaded and consuming.",
             &|m| m.up.load(Relaxed).to_string(),
+        );
+        per_plugin(
+            &mut out,
+            "eddy_kafka_connected",
+            "gauge",
+            "1 while the plugin's consumer is connected to a Kafka broker, 0 while no broker is reachable (-1: not known yet).",
+            &|m| {
+                match m.kafka.load(Relaxed) {
+                    1 => "1",
+                    2 => "0",
+                    _ => "-1",
+                }
+                .to_string()
+            },
         );
 
         header(

@@ -209,6 +209,11 @@ pub fn replay(
         store.clear()?;
     }
     store.set_offsets(&offsets)?;
+    // With `[state] shared_group` the group's committed offsets count when they are later
+    // than the saved ones: move them too.
+    if config.state.shared_group {
+        commit_group(config, plugin, &offsets)?;
+    }
     let mut out = format!("plugin {plugin} will start from:\n");
     for ((topic, partition), next) in &offsets {
         let _ = writeln!(out, "  {topic}/{partition}: {next}");
@@ -219,6 +224,35 @@ pub fn replay(
         "its state was dropped"
     });
     Ok(out)
+}
+
+/// Sets `plugin`'s consumer group's committed offsets to `offsets` (the host must be stopped:
+/// a running member would overwrite them).
+fn commit_group(config: &Config, plugin: &str, offsets: &Offsets) -> Result<(), OpsError> {
+    use rdkafka::consumer::{CommitMode, Consumer};
+    let group = config
+        .plugins
+        .iter()
+        .find(|p| p.name == plugin)
+        .map(|p| p.group_id())
+        .unwrap_or_default();
+    let kafka = |e: rdkafka::error::KafkaError| {
+        OpsError::Kafka(format!(
+            "setting the committed offsets of group `{group}` ({}): {e}. Every host sharing the \
+             group must be stopped (a killed one counts until its session times out)",
+            config.kafka.brokers
+        ))
+    };
+    let consumer: BaseConsumer = crate::broker::client_config(&config.kafka, &config.kafka.brokers)
+        .set("group.id", &group)
+        .create()
+        .map_err(kafka)?;
+    let mut tpl = TopicPartitionList::new();
+    for ((topic, partition), next) in offsets {
+        tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))
+            .map_err(kafka)?;
+    }
+    consumer.commit(&tpl, CommitMode::Sync).map_err(kafka)
 }
 
 /// The offset of `from` on each partition of the input topic.

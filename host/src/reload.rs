@@ -53,7 +53,13 @@ pub fn load_plugin(
     let cap = plugin.limits.state_mib << 20;
     let plugin_state = if state.durable {
         let path = crate::store::path_for(&state.dir, &plugin.name);
-        if !path.exists() && cluster.group_has_committed(&plugin.group_id()) {
+        if state.shared_group && !path.exists() {
+            tracing::info!(
+                plugin = %plugin.name,
+                "no state file here: joining consumer group `{}` where it is (shared_group), with fresh state for the partitions this host is given",
+                plugin.group_id()
+            );
+        } else if !path.exists() && cluster.group_has_committed(&plugin.group_id()) {
             tracing::warn!(
                 plugin = %plugin.name,
                 path = %path.display(),
@@ -175,7 +181,8 @@ impl Supervisor {
             self.metrics.plugin(&plugin.name),
             self.shutdown.clone(),
             control_rx,
-        );
+        )
+        .sharing_the_group(self.config.state.shared_group);
         let name = plugin.name.clone();
         let task = tokio::spawn(async move {
             if let Err(e) = worker.run().await {

@@ -47,11 +47,16 @@ struct Callbacks {
     /// where Kafka's committed offsets say). `None`: state is not durable, Kafka's committed
     /// offsets rule.
     saved: Option<Arc<std::sync::Mutex<Offsets>>>,
+    /// `[state] shared_group`: other hosts may have handled partitions this one is assigned.
+    shared_group: bool,
     start_from: crate::config::StartFrom,
+    /// When the consumer lost its last broker connection, for the log line when it is back.
+    kafka_down_since: std::sync::Mutex<Option<Instant>>,
 }
 
 impl ClientContext for Callbacks {
     fn stats(&self, stats: Statistics) {
+        self.note_kafka_connection(&stats);
         let Some(topic) = stats.topics.get(&self.topic) else {
             return;
         };
@@ -78,9 +83,65 @@ impl ClientContext for Callbacks {
     }
 }
 
+impl Callbacks {
+    /// Records whether any broker connection is up, and says so in the log when that
+    /// changes: while Kafka is unreachable the consumer only waits and reconnects, so this
+    /// is the line that tells the user why nothing moves.
+    fn note_kafka_connection(&self, stats: &Statistics) {
+        let up = stats.brokers.values().any(|b| b.state == "UP");
+        let was = self.metrics.kafka.swap(if up { 1 } else { 2 }, Relaxed);
+        let mut down_since = self.kafka_down_since.lock().expect("down-since lock");
+        match (was, up) {
+            (2, true) => {
+                let down_for = down_since.take().map(|t| t.elapsed());
+                info!(plugin = %self.plugin, ?down_for, "Kafka is reachable again: consuming resumes");
+            }
+            (1 | 0, false) => {
+                *down_since = Some(Instant::now());
+                let brokers = stats
+                    .brokers
+                    .values()
+                    .map(|b| format!("{} {}", b.name, b.state))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                warn!(plugin = %self.plugin, %brokers, "no Kafka broker reachable: the plugin waits (nothing is lost) and reconnects; /healthz says kafka \"down\" meanwhile");
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Callbacks {
+    /// The group's committed offsets for the partitions of `tpl` (those that have one). On
+    /// error, none: the saved offsets alone decide, as with one host.
+    fn committed(
+        &self,
+        base: &rdkafka::consumer::BaseConsumer<Self>,
+        tpl: &TopicPartitionList,
+    ) -> Offsets {
+        match base.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+            Ok(list) => list
+                .elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    rdkafka::Offset::Offset(o) if o >= 0 => {
+                        Some(((e.topic().to_string(), e.partition()), o))
+                    }
+                    _ => None,
+                })
+                .collect(),
+            Err(e) => {
+                warn!(plugin = %self.plugin, "cannot read the group's committed offsets ({e}): starting from the offsets saved with the state");
+                Offsets::new()
+            }
+        }
+    }
+}
+
 impl ConsumerContext for Callbacks {
     /// librdkafka's default rebalance, except that with durable state an assigned partition
-    /// starts at the offset saved with the state (or at `start_from` if none is saved).
+    /// starts at the offset saved with the state (or at `start_from` if none is saved); with
+    /// `shared_group`, at the later of that and the group's committed offset.
     fn rebalance(
         &self,
         base: &rdkafka::consumer::BaseConsumer<Self>,
@@ -93,6 +154,13 @@ impl ConsumerContext for Callbacks {
         match err {
             RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 if let Some(saved) = &self.saved {
+                    // One host: its saved offsets are the truth (Kafka's committed ones
+                    // trail them). Sharing the group: another host may be further.
+                    let committed = if self.shared_group {
+                        self.committed(base, tpl)
+                    } else {
+                        Offsets::new()
+                    };
                     let saved = saved.lock().expect("offsets lock");
                     let assigned: Vec<(String, i32)> = tpl
                         .elements()
@@ -100,13 +168,18 @@ impl ConsumerContext for Callbacks {
                         .map(|e| (e.topic().to_string(), e.partition()))
                         .collect();
                     for (topic, partition) in assigned {
-                        let start = match (saved.get(&(topic.clone(), partition)), self.start_from)
-                        {
-                            (Some(next), _) => rdkafka::Offset::Offset(*next),
-                            (None, crate::config::StartFrom::Earliest) => {
-                                rdkafka::Offset::Beginning
-                            }
-                            (None, crate::config::StartFrom::Latest) => rdkafka::Offset::End,
+                        let key = (topic.clone(), partition);
+                        let start = match (saved.get(&key), committed.get(&key)) {
+                            // The state saw up to `s`; another host sharing the group may
+                            // have gone further (it had the partition meanwhile): continue
+                            // after what either handled, so no event is counted twice.
+                            (Some(s), Some(c)) => rdkafka::Offset::Offset((*s).max(*c)),
+                            (Some(s), None) => rdkafka::Offset::Offset(*s),
+                            (None, Some(c)) => rdkafka::Offset::Offset(*c),
+                            (None, None) => match self.start_from {
+                                crate::config::StartFrom::Earliest => rdkafka::Offset::Beginning,
+                                crate::config::StartFrom::Latest => rdkafka::Offset::End,
+                            },
                         };
                         let _ = tpl.set_partition_offset(&topic, partition, start);
                     }
@@ -208,6 +281,8 @@ pub struct Worker {
     control: mpsc::Receiver<Control>,
     /// The offsets saved with durable state, shared with the rebalance callback.
     saved: Option<Arc<std::sync::Mutex<Offsets>>>,
+    /// `[state] shared_group`.
+    shared_group: bool,
     breaker: Breaker,
 }
 
@@ -240,8 +315,15 @@ impl Worker {
             shutdown,
             control,
             saved,
+            shared_group: false,
             breaker: Breaker::new(plugin_breaker),
         }
+    }
+
+    /// `[state] shared_group`: other hosts share this plugin's consumer group.
+    pub fn sharing_the_group(mut self, shared: bool) -> Worker {
+        self.shared_group = shared;
+        self
     }
 
     fn sandbox(&mut self) -> &mut Sandbox {
@@ -271,7 +353,9 @@ impl Worker {
             topic: self.topic.clone(),
             metrics: self.metrics.clone(),
             saved: self.saved.clone(),
+            shared_group: self.shared_group,
             start_from: self.plugin.start_from,
+            kafka_down_since: Default::default(),
         };
         let consumer: StreamConsumer<Callbacks> =
             c.create_with_context(callbacks).map_err(|e| {
