@@ -6,13 +6,27 @@
 PLUGINS := eddy-logger eddy-analytics eddy-alert eddy-fraud eddy-fixture-misbehave eddy-fixture-wrong-world eddy-fixture-old-contract eddy-fixture-noop
 CARGO ?= cargo
 
-.PHONY: run test plugins target check lint bench-reload bench-state bench-throughput bench-dispatch bench-plugins bench-memory fuzz
+.PHONY: run test tansu plugins target check lint bench-reload bench-state bench-throughput bench-dispatch bench-plugins bench-memory fuzz
 
 run: plugins
 	$(CARGO) run --release -p eddy -- run --config plugins.toml
 
-test: target
-	$(CARGO) test --workspace
+test: target tansu
+	EDDY_TANSU=$(TANSU) $(CARGO) test --workspace
+
+# tansu, a Kafka-protocol broker that stores in SQLite, for the real-broker tests
+# (host/tests/real_broker.rs). Built once (~25 min on 2 cores) into a directory outside the
+# clone that later runs reuse; TANSU=/path/to/tansu uses another build.
+TANSU_VERSION := 0.6.0
+TANSU_ROOT ?= $(HOME)/.cache/eddy/tansu-$(TANSU_VERSION)
+TANSU ?= $(TANSU_ROOT)/bin/tansu
+
+tansu:
+	@if [ -x "$(TANSU)" ]; then echo "tansu: $(TANSU)"; else \
+	  echo "building tansu $(TANSU_VERSION) for the real-broker tests (once; ~25 min on 2 cores) into $(TANSU_ROOT)"; \
+	  $(CARGO) install tansu --version $(TANSU_VERSION) --locked --features libsql,dynostore \
+	    --root $(TANSU_ROOT) --target-dir $(TANSU_ROOT)/build && rm -rf $(TANSU_ROOT)/build; \
+	fi
 
 # The plugins, as WebAssembly components, in target/wasm32-wasip2/plugin/.
 plugins: target

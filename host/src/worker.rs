@@ -30,6 +30,7 @@ use crate::store::Offsets;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{ClientConfig, ClientContext, Statistics, TopicPartitionList};
+use std::collections::BTreeSet;
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -49,6 +50,8 @@ struct Callbacks {
     saved: Option<Arc<std::sync::Mutex<Offsets>>>,
     /// `[state] shared_group`: other hosts may have handled partitions this one is assigned.
     shared_group: bool,
+    /// The partitions this consumer holds now, kept by the rebalance callback.
+    assigned: Arc<std::sync::Mutex<BTreeSet<(String, i32)>>>,
     start_from: crate::config::StartFrom,
     /// When the consumer lost its last broker connection, for the log line when it is back.
     kafka_down_since: std::sync::Mutex<Option<Instant>>,
@@ -184,6 +187,11 @@ impl ConsumerContext for Callbacks {
                         let _ = tpl.set_partition_offset(&topic, partition, start);
                     }
                 }
+                self.assigned.lock().expect("assigned lock").extend(
+                    tpl.elements()
+                        .iter()
+                        .map(|e| (e.topic().to_string(), e.partition())),
+                );
                 info!(plugin = %self.plugin, partitions = %partitions(tpl), "partitions assigned");
                 let result = if cooperative {
                     base.incremental_assign(tpl)
@@ -196,6 +204,24 @@ impl ConsumerContext for Callbacks {
             }
             RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 info!(plugin = %self.plugin, partitions = %partitions(tpl), "partitions revoked");
+                {
+                    let mut assigned = self.assigned.lock().expect("assigned lock");
+                    for e in tpl.elements() {
+                        assigned.remove(&(e.topic().to_string(), e.partition()));
+                    }
+                }
+                // Hand over exactly: the offsets of everything handled so far are committed
+                // before the partitions go (callbacks run only between batches, so nothing
+                // of these partitions is in flight). The next owner starts there.
+                match base.commit_consumer_state(CommitMode::Sync) {
+                    Ok(())
+                    | Err(rdkafka::error::KafkaError::ConsumerCommit(
+                        rdkafka::types::RDKafkaErrorCode::NoOffset,
+                    )) => {}
+                    Err(e) => {
+                        warn!(plugin = %self.plugin, "committing before the partitions go: {e}")
+                    }
+                }
                 let result = if cooperative {
                     base.incremental_unassign(tpl)
                 } else {
@@ -283,6 +309,8 @@ pub struct Worker {
     saved: Option<Arc<std::sync::Mutex<Offsets>>>,
     /// `[state] shared_group`.
     shared_group: bool,
+    /// The partitions the consumer holds now (see [`Callbacks::assigned`]).
+    assigned: Arc<std::sync::Mutex<BTreeSet<(String, i32)>>>,
     breaker: Breaker,
 }
 
@@ -316,6 +344,7 @@ impl Worker {
             control,
             saved,
             shared_group: false,
+            assigned: Default::default(),
             breaker: Breaker::new(plugin_breaker),
         }
     }
@@ -354,6 +383,7 @@ impl Worker {
             metrics: self.metrics.clone(),
             saved: self.saved.clone(),
             shared_group: self.shared_group,
+            assigned: self.assigned.clone(),
             start_from: self.plugin.start_from,
             kafka_down_since: Default::default(),
         };
@@ -462,6 +492,12 @@ impl Worker {
                     }
                     Err(_) => break,
                 }
+            }
+            if self.shared_group {
+                // Taken before a rebalance moved their partition to another host, which
+                // starts at the offset committed on revoke: they are its to handle now.
+                let assigned = self.assigned.lock().expect("assigned lock");
+                events.retain(|e| assigned.contains(&(e.topic.clone(), e.partition)));
             }
             match control {
                 // The events already taken go to the new version.

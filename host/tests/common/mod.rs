@@ -2,7 +2,9 @@
 //! produce, read topics back, and look at committed offsets.
 #![allow(dead_code)]
 
+pub mod host_process;
 pub mod misbehaving;
+pub mod tansu;
 
 use eddy::broker::EmbeddedBroker;
 use eddy::generator::{Generated, Generator, GeneratorOptions};

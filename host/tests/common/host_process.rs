@@ -1,0 +1,120 @@
+//! The real `eddy` binary as a child process: a `plugins.toml` for it, start, SIGINT, and
+//! its `/healthz` read over plain TCP.
+
+use super::wasm;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `plugins.toml` in `dir` for `plugins` against `bootstrap`, with metrics on `port`.
+pub fn write_config(dir: &Path, bootstrap: &str, port: u16, plugins: &str) {
+    let text = format!(
+        "[kafka]\nbrokers = \"{bootstrap}\"\n[kafka.settings]\n\"session.timeout.ms\" = \"3000\"\n\
+         \"heartbeat.interval.ms\" = \"500\"\n\"fetch.wait.max.ms\" = \"20\"\n\
+         \"max.poll.interval.ms\" = \"10000\"\n{debug}\
+         [http]\naddress = \"127.0.0.1:{port}\"\n[reload]\nwatch = false\n{plugins}",
+        // librdkafka's own trace, when chasing a problem: EDDY_TEST_RDKAFKA_DEBUG=consumer,cgrp,fetch
+        debug = std::env::var("EDDY_TEST_RDKAFKA_DEBUG")
+            .map(|d| format!("\"debug\" = \"{d}\"\n"))
+            .unwrap_or_default(),
+    );
+    std::fs::write(dir.join("plugins.toml"), text).unwrap();
+}
+
+pub fn analytics(name: &str) -> String {
+    format!(
+        "\n[[plugin]]\nname = \"{name}\"\npath = \"{}\"\nmax_batch = 100\ntick_interval_ms = 0\n\
+         [plugin.outputs]\nsnapshots = \"discard\"\n[plugin.config]\nsnapshot_every = 1000000\n",
+        wasm("eddy_analytics")
+    )
+}
+
+pub fn start(dir: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_eddy"))
+        .arg("run")
+        .current_dir(dir)
+        .env(
+            "EDDY_LOG",
+            std::env::var("EDDY_TEST_LOG")
+                .unwrap_or_else(|_| "info,librdkafka=warn,rdkafka=warn".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::File::options()
+                .create(true)
+                .append(true)
+                .open(dir.join("host.log"))
+                .unwrap(),
+        )
+        .spawn()
+        .unwrap()
+}
+
+/// The raw `/healthz` response of the host on `port` (status line, headers, body), if it
+/// answers.
+pub fn metrics(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+/// Waits until every plugin of the host on `port` is up with no lag.
+pub fn wait_caught_up(dir: &Path, port: u16, plugins: &[&str], timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let health: Option<serde_json::Value> = metrics(port).and_then(|h| {
+            h.split_once("\r\n\r\n")
+                .and_then(|(_, b)| serde_json::from_str(b).ok())
+        });
+        if let Some(h) = health
+            && plugins
+                .iter()
+                .all(|p| h["plugins"][p]["up"] == true && h["plugins"][p]["consumer_lag"] == 0)
+        {
+            return;
+        }
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(dir.join("host.log")).unwrap_or_default();
+            panic!(
+                "not caught up after {timeout:?}: {:?}\nhost log:\n{log}",
+                metrics(port)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+pub fn stop(mut child: Child) {
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+/// The host's `/healthz` body, parsed, if it answers.
+pub fn health(port: u16) -> Option<serde_json::Value> {
+    metrics(port).and_then(|h| {
+        h.split_once("\r\n\r\n")
+            .and_then(|(_, b)| serde_json::from_str(b).ok())
+    })
+}
+
+/// A number in `plugin`'s durable state (the host must be stopped: it locks the files).
+pub fn state_value(dir: &Path, plugin: &str, key: &str) -> Option<i64> {
+    let config = eddy::config::Config::load(&dir.join("plugins.toml")).unwrap();
+    eddy::ops::get(&config, plugin, key)
+        .unwrap()
+        .map(|v| String::from_utf8(v).unwrap().parse().unwrap())
+}

@@ -1,0 +1,310 @@
+//! The delivery and recovery claims, against a real broker: tansu with SQLite storage, as
+//! its own process (see `common/tansu.rs`), and the real `eddy` binary. The embedded broker
+//! keeps nothing on disk and re-delivers around rebalances; these are the scenarios it
+//! cannot stand in for: restarts that resume from committed offsets, two hosts splitting a
+//! consumer group, and the broker itself going away under a running host.
+
+mod common;
+
+use common::host_process::*;
+use common::tansu::Tansu;
+use common::*;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const PARTITIONS: i32 = 6;
+
+/// The four shipped plugins, each in its own consumer group; outputs discarded (what they
+/// emit is checked against the embedded broker in `end_to_end.rs`).
+fn four_plugins() -> String {
+    format!(
+        r#"
+[[plugin]]
+name = "logger"
+path = "{logger}"
+[plugin.outputs]
+log = "discard"
+
+[[plugin]]
+name = "analytics"
+path = "{analytics}"
+tick_interval_ms = 0
+[plugin.outputs]
+snapshots = "discard"
+[plugin.config]
+snapshot_every = 1000000
+
+[[plugin]]
+name = "alert"
+path = "{alert}"
+[plugin.outputs]
+alerts = "discard"
+
+[[plugin]]
+name = "fraud"
+path = "{fraud}"
+[plugin.outputs]
+alerts = "discard"
+"#,
+        logger = wasm("eddy_logger"),
+        analytics = wasm("eddy_analytics"),
+        alert = wasm("eddy_alert"),
+        fraud = wasm("eddy_fraud"),
+    )
+}
+
+/// Events each plugin of the host on `port` handled since that process started.
+fn handled(port: u16) -> BTreeMap<String, u64> {
+    let Some(h) = health(port) else {
+        return BTreeMap::new();
+    };
+    h["plugins"]
+        .as_object()
+        .map(|plugins| {
+            plugins
+                .iter()
+                .map(|(name, p)| (name.clone(), p["events"].as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until the hosts on `ports` together handled `total` events per plugin of
+/// `plugins`, and every one of them is caught up.
+fn wait_handled(dirs: &[&Path], ports: &[u16], plugins: &[&str], total: u64, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let sums: Vec<u64> = plugins
+            .iter()
+            .map(|p| {
+                ports
+                    .iter()
+                    .map(|port| handled(*port).get(*p).copied().unwrap_or(0))
+                    .sum()
+            })
+            .collect();
+        if sums.iter().all(|s| *s >= total) {
+            for (dir, port) in dirs.iter().zip(ports) {
+                wait_caught_up(dir, *port, plugins, Duration::from_secs(60));
+            }
+            return;
+        }
+        if Instant::now() > deadline {
+            let logs: Vec<String> = dirs
+                .iter()
+                .map(|d| std::fs::read_to_string(d.join("host.log")).unwrap_or_default())
+                .collect();
+            panic!(
+                "handled {sums:?} of {total} ({plugins:?}) after {timeout:?}\nhost logs:\n{}",
+                logs.join("\n----\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn by_type(events: &[eddy::generator::Generated]) -> BTreeMap<String, i64> {
+    let mut m = BTreeMap::new();
+    for g in events {
+        let v: serde_json::Value = serde_json::from_slice(&g.payload).unwrap();
+        *m.entry(v["event_type"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    m
+}
+
+#[test]
+fn four_plugins_count_exactly_and_a_restart_resumes_from_committed_offsets() {
+    let tansu = Tansu::start();
+    tansu.create_topic(PARTITIONS);
+    let bootstrap = tansu.bootstrap();
+    let first = generate(3000, &generator_options(31, 400));
+    produce_generated(&bootstrap, &first);
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    write_config(dir.path(), &bootstrap, port, &four_plugins());
+    let names = ["logger", "analytics", "alert", "fraud"];
+    let host = start(dir.path());
+    wait_handled(
+        &[dir.path()],
+        &[port],
+        &names,
+        3000,
+        Duration::from_secs(120),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let counts = handled(port);
+    stop(host);
+    for name in names {
+        assert_eq!(counts[name], 3000, "{name} handled each event once");
+        assert_eq!(
+            committed_total(&bootstrap, &format!("eddy-{name}"), PARTITIONS),
+            3000,
+            "{name}'s group committed past every event"
+        );
+    }
+    assert_eq!(state_value(dir.path(), "analytics", "total"), Some(3000));
+
+    // More events while the host is down; the next run handles those and only those.
+    let second = generate(1000, &generator_options(32, 400));
+    produce_generated(&bootstrap, &second);
+    let host = start(dir.path());
+    wait_handled(
+        &[dir.path()],
+        &[port],
+        &names,
+        1000,
+        Duration::from_secs(120),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let counts = handled(port);
+    stop(host);
+    for name in names {
+        assert_eq!(counts[name], 1000, "{name} resumed where it was");
+        assert_eq!(
+            committed_total(&bootstrap, &format!("eddy-{name}"), PARTITIONS),
+            4000
+        );
+    }
+    let all: Vec<_> = first.into_iter().chain(second).collect();
+    assert_eq!(state_value(dir.path(), "analytics", "total"), Some(4000));
+    for (kind, n) in by_type(&all) {
+        assert_eq!(
+            state_value(dir.path(), "analytics", &format!("type:{kind}")),
+            Some(n),
+            "{kind}"
+        );
+    }
+}
+
+#[test]
+fn two_hosts_share_a_group_split_its_partitions_and_count_each_event_once() {
+    let tansu = Tansu::start();
+    tansu.create_topic(PARTITIONS);
+    let bootstrap = tansu.bootstrap();
+    let first = generate(4000, &generator_options(41, 0));
+    produce_generated(&bootstrap, &first);
+
+    let plugins = format!("[state]\nshared_group = true\n{}", analytics("analytics"));
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (pa, pb) = (free_port(), free_port());
+    write_config(a.path(), &bootstrap, pa, &plugins);
+    write_config(b.path(), &bootstrap, pb, &plugins);
+    let host_a = start(a.path());
+    let host_b = start(b.path());
+    let dirs = [a.path(), b.path()];
+    wait_handled(
+        &dirs,
+        &[pa, pb],
+        &["analytics"],
+        4000,
+        Duration::from_secs(120),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let (ha, hb) = (handled(pa)["analytics"], handled(pb)["analytics"]);
+    assert_eq!(ha + hb, 4000, "each event handled by one host: {ha} + {hb}");
+    let log_a = std::fs::read_to_string(a.path().join("host.log")).unwrap();
+    let log_b = std::fs::read_to_string(b.path().join("host.log")).unwrap();
+    assert!(
+        log_a.contains("partitions assigned") && log_b.contains("partitions assigned"),
+        "both hosts took part:\n{log_a}\n----\n{log_b}"
+    );
+
+    // One host leaves: the other takes its partitions over, from where the group is.
+    stop(host_b);
+    let second = generate(2000, &generator_options(42, 0));
+    produce_generated(&bootstrap, &second);
+    wait_handled(
+        &[a.path()],
+        &[pa],
+        &["analytics"],
+        ha + 2000,
+        Duration::from_secs(120),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    stop(host_a);
+    assert_eq!(
+        committed_total(&bootstrap, "eddy-analytics", PARTITIONS),
+        6000
+    );
+
+    // Each host's state covers the events it handled: together, every event once.
+    let total = |d: &Path| state_value(d, "analytics", "total").unwrap_or(0);
+    let (ta, tb) = (total(a.path()), total(b.path()));
+    assert!(ta > 0 && tb > 0, "both hosts counted some: {ta} and {tb}");
+    assert_eq!(ta + tb, 6000, "{ta} + {tb}");
+    let all: Vec<_> = first.into_iter().chain(second).collect();
+    for (kind, n) in by_type(&all) {
+        let key = format!("type:{kind}");
+        let both = state_value(a.path(), "analytics", &key).unwrap_or(0)
+            + state_value(b.path(), "analytics", &key).unwrap_or(0);
+        assert_eq!(both, n, "{kind}");
+    }
+}
+
+#[test]
+fn the_host_rides_out_a_broker_restart_and_loses_nothing() {
+    let mut tansu = Tansu::start();
+    tansu.create_topic(PARTITIONS);
+    let bootstrap = tansu.bootstrap();
+    let first = generate(2000, &generator_options(51, 0));
+    produce_generated(&bootstrap, &first);
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    write_config(dir.path(), &bootstrap, port, &analytics("analytics"));
+    let mut host = start(dir.path());
+    wait_handled(
+        &[dir.path()],
+        &[port],
+        &["analytics"],
+        2000,
+        Duration::from_secs(120),
+    );
+    assert_eq!(health(port).unwrap()["kafka"], "up");
+
+    // The broker goes away: the host stays up and says so.
+    tansu.kill();
+    wait_for(
+        Duration::from_secs(30),
+        "/healthz to report Kafka down",
+        || health(port).is_some_and(|h| h["kafka"] == "down" && h["status"] == "degraded"),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        host.try_wait().unwrap().is_none(),
+        "the host is still running"
+    );
+    let log = std::fs::read_to_string(dir.path().join("host.log")).unwrap();
+    assert!(log.contains("no Kafka broker reachable"), "{log}");
+
+    // It comes back; events produced afterwards are handled, none twice.
+    tansu.restart();
+    wait_for(
+        Duration::from_secs(60),
+        "/healthz to report Kafka up",
+        || health(port).is_some_and(|h| h["kafka"] == "up"),
+    );
+    let second = generate(1000, &generator_options(52, 0));
+    produce_generated(&bootstrap, &second);
+    wait_handled(
+        &[dir.path()],
+        &[port],
+        &["analytics"],
+        3000,
+        Duration::from_secs(120),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(handled(port)["analytics"], 3000);
+    assert!(host.try_wait().unwrap().is_none());
+    stop(host);
+    let log = std::fs::read_to_string(dir.path().join("host.log")).unwrap();
+    assert!(log.contains("Kafka is reachable again"), "{log}");
+    assert_eq!(state_value(dir.path(), "analytics", "total"), Some(3000));
+    assert_eq!(
+        committed_total(&bootstrap, "eddy-analytics", PARTITIONS),
+        3000
+    );
+}
