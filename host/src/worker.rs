@@ -66,10 +66,14 @@ impl ClientContext for Callbacks {
         // Lag = log end - the position of the plugin: what this process handled (stored),
         // else what is committed in Kafka, else where fetching resumed (e.g. the offsets
         // saved with durable state, when there was nothing new to handle).
+        // Only the partitions held now: librdkafka keeps reporting partitions a rebalance
+        // took away, with the position they had then.
+        let assigned = self.assigned.lock().expect("assigned lock");
         let lags: Vec<i64> = topic
             .partitions
             .values()
             .filter(|p| p.partition >= 0 && p.hi_offset >= 0)
+            .filter(|p| assigned.contains(&(self.topic.clone(), p.partition)))
             .filter_map(|p| {
                 let position = [p.stored_offset, p.committed_offset, p.next_offset]
                     .into_iter()

@@ -40,6 +40,10 @@ name = "alert"
 path = "{alert}"
 [plugin.outputs]
 alerts = "discard"
+[[plugin.config.rules]]
+name = "big-purchase"
+event_type = "purchase"
+min_amount = 500.0
 
 [[plugin]]
 name = "fraud"

@@ -66,14 +66,13 @@ impl Tansu {
             .append(true)
             .open(self.dir.path().join("tansu.log"))
             .unwrap();
+        // tansu takes the path of a `sqlite://` URL as relative to its working directory
+        // (`sqlite:///tmp/x.db` opens `./tmp/x.db`): run it in the broker's directory.
         let child = Command::new(binary())
+            .current_dir(self.dir.path())
             .arg("broker")
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
-            .arg("--storage-engine")
-            .arg(format!(
-                "sqlite://{}",
-                self.dir.path().join("tansu.db").display()
-            ))
+            .args(["--storage-engine", "sqlite://tansu.db"])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log)
