@@ -372,15 +372,7 @@ impl Program {
     /// [`baseline_engine`]), checking the contract like [`Program::compile`]. Never cached:
     /// its code only bridges the time until the optimized compile is done.
     pub fn compile_baseline(engine: &Engine, path: &Path) -> Result<Program, LoadError> {
-        let started = std::time::Instant::now();
-        let path = path.to_path_buf();
-        let bytes = std::fs::read(&path).map_err(|source| LoadError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        let digest = digest(&bytes);
-        let component = compile_component(engine, &path, &bytes)?;
-        let mut program = Program::link(engine, path, digest, component, started, false)?;
+        let mut program = Program::compile(engine, path, None)?;
         program.baseline = true;
         Ok(program)
     }

@@ -7,23 +7,12 @@ mod common;
 use common::host_process::*;
 use common::*;
 use eddy::generator::Rng;
-use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 const PARTITIONS: i32 = 3;
-
-fn by_type(events: &[eddy::generator::Generated]) -> BTreeMap<String, i64> {
-    let mut m = BTreeMap::new();
-    for g in events {
-        let v: serde_json::Value = serde_json::from_slice(&g.payload).unwrap();
-        *m.entry(v["event_type"].as_str().unwrap().to_string())
-            .or_default() += 1;
-    }
-    m
-}
 
 #[test]
 fn sigkill_at_random_moments_under_load_leaves_exact_counts() {

@@ -108,16 +108,6 @@ fn wait_handled(dirs: &[&Path], ports: &[u16], plugins: &[&str], total: u64, tim
     }
 }
 
-fn by_type(events: &[eddy::generator::Generated]) -> BTreeMap<String, i64> {
-    let mut m = BTreeMap::new();
-    for g in events {
-        let v: serde_json::Value = serde_json::from_slice(&g.payload).unwrap();
-        *m.entry(v["event_type"].as_str().unwrap().to_string())
-            .or_default() += 1;
-    }
-    m
-}
-
 #[test]
 fn four_plugins_count_exactly_and_a_restart_resumes_from_committed_offsets() {
     let tansu = Tansu::start();

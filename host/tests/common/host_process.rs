@@ -2,6 +2,7 @@
 //! its `/healthz` read over plain TCP.
 
 use super::wasm;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -117,4 +118,15 @@ pub fn state_value(dir: &Path, plugin: &str, key: &str) -> Option<i64> {
     eddy::ops::get(&config, plugin, key)
         .unwrap()
         .map(|v| String::from_utf8(v).unwrap().parse().unwrap())
+}
+
+/// How many events of each `event_type` there are in `events`.
+pub fn by_type(events: &[eddy::generator::Generated]) -> BTreeMap<String, i64> {
+    let mut m = BTreeMap::new();
+    for g in events {
+        let v: serde_json::Value = serde_json::from_slice(&g.payload).unwrap();
+        *m.entry(v["event_type"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    m
 }
