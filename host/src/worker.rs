@@ -50,8 +50,8 @@ struct Callbacks {
     saved: Option<Arc<std::sync::Mutex<Offsets>>>,
     /// `[state] shared_group`: other hosts may have handled partitions this one is assigned.
     shared_group: bool,
-    /// The partitions this consumer holds now, kept by the rebalance callback.
-    assigned: Arc<std::sync::Mutex<BTreeSet<(String, i32)>>>,
+    /// The partitions of `topic` this consumer holds now, kept by the rebalance callback.
+    assigned: Arc<std::sync::Mutex<BTreeSet<i32>>>,
     start_from: crate::config::StartFrom,
     /// When the consumer lost its last broker connection, for the log line when it is back.
     kafka_down_since: std::sync::Mutex<Option<Instant>>,
@@ -73,7 +73,7 @@ impl ClientContext for Callbacks {
             .partitions
             .values()
             .filter(|p| p.partition >= 0 && p.hi_offset >= 0)
-            .filter(|p| assigned.contains(&(self.topic.clone(), p.partition)))
+            .filter(|p| assigned.contains(&p.partition))
             .filter_map(|p| {
                 let position = [p.stored_offset, p.committed_offset, p.next_offset]
                     .into_iter()
@@ -194,7 +194,8 @@ impl ConsumerContext for Callbacks {
                 self.assigned.lock().expect("assigned lock").extend(
                     tpl.elements()
                         .iter()
-                        .map(|e| (e.topic().to_string(), e.partition())),
+                        .filter(|e| e.topic() == self.topic)
+                        .map(|e| e.partition()),
                 );
                 info!(plugin = %self.plugin, partitions = %partitions(tpl), "partitions assigned");
                 let result = if cooperative {
@@ -210,8 +211,8 @@ impl ConsumerContext for Callbacks {
                 info!(plugin = %self.plugin, partitions = %partitions(tpl), "partitions revoked");
                 {
                     let mut assigned = self.assigned.lock().expect("assigned lock");
-                    for e in tpl.elements() {
-                        assigned.remove(&(e.topic().to_string(), e.partition()));
+                    for e in tpl.elements().iter().filter(|e| e.topic() == self.topic) {
+                        assigned.remove(&e.partition());
                     }
                 }
                 // Hand over exactly: the offsets of everything handled so far are committed
@@ -314,7 +315,7 @@ pub struct Worker {
     /// `[state] shared_group`.
     shared_group: bool,
     /// The partitions the consumer holds now (see [`Callbacks::assigned`]).
-    assigned: Arc<std::sync::Mutex<BTreeSet<(String, i32)>>>,
+    assigned: Arc<std::sync::Mutex<BTreeSet<i32>>>,
     breaker: Breaker,
 }
 
@@ -501,7 +502,7 @@ impl Worker {
                 // Taken before a rebalance moved their partition to another host, which
                 // starts at the offset committed on revoke: they are its to handle now.
                 let assigned = self.assigned.lock().expect("assigned lock");
-                events.retain(|e| assigned.contains(&(e.topic.clone(), e.partition)));
+                events.retain(|e| assigned.contains(&e.partition));
             }
             match control {
                 // The events already taken go to the new version.
