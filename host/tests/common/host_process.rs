@@ -38,8 +38,35 @@ pub fn analytics(name: &str) -> String {
     )
 }
 
-pub fn start(dir: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_eddy"))
+/// A running `eddy` process, killed when dropped: a test that fails half-way must not leave
+/// hosts running (holding ports and CPU) after it.
+pub struct HostProcess(Child);
+
+impl std::ops::Deref for HostProcess {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for HostProcess {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for HostProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Starts `eddy run` in `dir` (its `plugins.toml`), logging to `dir/host.log`.
+pub fn start(dir: &Path) -> HostProcess {
+    let child = Command::new(env!("CARGO_BIN_EXE_eddy"))
         .arg("run")
         .current_dir(dir)
         .env(
@@ -56,7 +83,8 @@ pub fn start(dir: &Path) -> Child {
                 .unwrap(),
         )
         .spawn()
-        .unwrap()
+        .unwrap();
+    HostProcess(child)
 }
 
 /// The raw `/healthz` response of the host on `port` (status line, headers, body), if it
@@ -96,7 +124,8 @@ pub fn wait_caught_up(dir: &Path, port: u16, plugins: &[&str], timeout: Duration
     }
 }
 
-pub fn stop(mut child: Child) {
+/// Stops the host as Ctrl-C would, and checks that it exited cleanly.
+pub fn stop(mut child: HostProcess) {
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
