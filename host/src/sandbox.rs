@@ -28,7 +28,7 @@ mod bindings {
     });
 }
 
-use bindings::eddy::plugin::types::{Batch, Span};
+use bindings::eddy::plugin::types::Batch;
 pub use bindings::eddy::plugin::types::{Header, OutputRecord, Verdict};
 use bindings::eddy::plugin::{logging, output, state, types};
 
@@ -462,7 +462,7 @@ impl Program {
 }
 
 /// The version of the `eddy:plugin` package in `wit/`, the one this host implements.
-pub const CONTRACT_VERSION: &str = "0.2.0";
+pub const CONTRACT_VERSION: &str = "0.3.0";
 
 /// The `eddy:plugin` version a component imports, if it is not [`CONTRACT_VERSION`]: for a
 /// message that says "rebuild" rather than "no matching implementation".
@@ -611,12 +611,7 @@ impl Sandbox {
             previous: None,
             probation_left: 0,
             rolled_back: None,
-            packed: Batch {
-                topic: String::new(),
-                events: Vec::new(),
-                data: Vec::new(),
-                headers: Vec::new(),
-            },
+            packed: empty_batch(),
         };
         sandbox.init()?;
         Ok(sandbox)
@@ -918,42 +913,54 @@ impl Sandbox {
     }
 }
 
-/// Packs `events` (all of one topic) into `batch`, reusing its buffers: after the first few
-/// calls, packing allocates nothing.
+fn empty_batch() -> Batch {
+    Batch {
+        topic: String::new(),
+        partitions: Vec::new(),
+        offsets: Vec::new(),
+        timestamps_ms: Vec::new(),
+        key_lens: Vec::new(),
+        payload_lens: Vec::new(),
+        header_counts: Vec::new(),
+        data: Vec::new(),
+        headers: Vec::new(),
+    }
+}
+
+/// Packs `events` (all of one topic) into `batch`, column by column (see `batch` in
+/// `wit/eddy.wit`), reusing its buffers: after the first few calls, packing allocates
+/// nothing.
 fn pack(batch: &mut Batch, events: &[Event]) {
     let topic = events.first().map_or("", |e| e.topic.as_str());
     if batch.topic != topic {
         batch.topic = topic.to_string();
     }
-    batch.events.clear();
+    batch.partitions.clear();
+    batch.offsets.clear();
+    batch.timestamps_ms.clear();
+    batch.key_lens.clear();
+    batch.payload_lens.clear();
+    batch.header_counts.clear();
     batch.data.clear();
     batch.headers.clear();
-    // Spans are u32: a batch is cut well below 4 GiB (`max_batch_bytes`), and the guest's
-    // memory cap is lower still, so these conversions cannot fail for a batch that fits.
-    let span = |data: &mut Vec<u8>, bytes: &[u8]| {
-        let start = data.len() as u32;
-        data.extend_from_slice(bytes);
-        Span {
-            start,
-            len: bytes.len() as u32,
-        }
-    };
+    // Lengths are 32-bit: a batch is cut well below 4 GiB (`max_batch_bytes`), and the
+    // guest's memory cap is lower still, so these conversions cannot truncate a batch that
+    // fits. -1 is Kafka's own "none" for a timestamp and a key.
     for e in events {
-        let key = e.key.as_deref().map(|k| span(&mut batch.data, k));
-        let payload = span(&mut batch.data, &e.payload);
-        let headers = Span {
-            start: batch.headers.len() as u32,
-            len: e.headers.len() as u32,
-        };
+        batch.partitions.push(e.partition);
+        batch.offsets.push(e.offset);
+        batch.timestamps_ms.push(e.timestamp_ms.unwrap_or(-1));
+        match &e.key {
+            Some(key) => {
+                batch.key_lens.push(key.len() as i32);
+                batch.data.extend_from_slice(key);
+            }
+            None => batch.key_lens.push(-1),
+        }
+        batch.payload_lens.push(e.payload.len() as u32);
+        batch.data.extend_from_slice(&e.payload);
+        batch.header_counts.push(e.headers.len() as u32);
         batch.headers.extend(e.headers.iter().cloned());
-        batch.events.push(types::Event {
-            partition: e.partition,
-            offset: e.offset,
-            timestamp_ms: e.timestamp_ms,
-            key,
-            payload,
-            headers,
-        });
     }
 }
 
@@ -1107,34 +1114,35 @@ mod tests {
             event(8, None, b"", 2),
             event(9, Some(b""), b"xyz", 1),
         ];
-        let mut batch = Batch {
-            topic: String::new(),
-            events: Vec::new(),
-            data: Vec::new(),
-            headers: Vec::new(),
-        };
+        let mut batch = empty_batch();
         for _ in 0..2 {
             pack(&mut batch, &events);
             assert_eq!(batch.topic, "t");
-            assert_eq!(batch.events.len(), 3);
-            let bytes = |s: Span| &batch.data[s.start as usize..(s.start + s.len) as usize];
-            for (packed, e) in batch.events.iter().zip(&events) {
-                assert_eq!(
-                    (packed.partition, packed.offset, packed.timestamp_ms),
-                    (e.partition, e.offset, e.timestamp_ms)
-                );
-                assert_eq!(packed.key.map(bytes), e.key.as_deref());
-                assert_eq!(bytes(packed.payload), e.payload.as_slice());
-                let h = &batch.headers[packed.headers.start as usize
-                    ..(packed.headers.start + packed.headers.len) as usize];
-                assert_eq!(
-                    h.iter().map(|h| (&h.key, &h.value)).collect::<Vec<_>>(),
-                    e.headers
-                        .iter()
-                        .map(|h| (&h.key, &h.value))
-                        .collect::<Vec<_>>()
-                );
-            }
+            assert_eq!(batch.partitions, [2, 2, 2]);
+            assert_eq!(batch.offsets, [7, 8, 9]);
+            assert_eq!(batch.timestamps_ms, [70, 80, 90]);
+            // No key is -1, an empty key 0.
+            assert_eq!(batch.key_lens, [2, -1, 0]);
+            assert_eq!(batch.payload_lens, [7, 0, 3]);
+            assert_eq!(batch.data, b"k1{\"a\":1}xyz");
+            assert_eq!(batch.header_counts, [0, 2, 1]);
+            let headers: Vec<_> = events.iter().flat_map(|e| e.headers.clone()).collect();
+            assert_eq!(
+                batch
+                    .headers
+                    .iter()
+                    .map(|h| (&h.key, &h.value))
+                    .collect::<Vec<_>>(),
+                headers
+                    .iter()
+                    .map(|h| (&h.key, &h.value))
+                    .collect::<Vec<_>>()
+            );
         }
+        // A record without a timestamp is -1, Kafka's own encoding.
+        let mut untimed = events[0].clone();
+        untimed.timestamp_ms = None;
+        pack(&mut batch, &[untimed]);
+        assert_eq!(batch.timestamps_ms, [-1]);
     }
 }

@@ -60,6 +60,8 @@ pub fn plugins_dir() -> &'static Path {
                 "eddy-fixture-wrong-world",
                 "-p",
                 "eddy-fixture-old-contract",
+                "-p",
+                "eddy-fixture-echo",
             ])
             .arg("--target-dir")
             .arg(&target)

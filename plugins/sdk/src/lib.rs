@@ -583,17 +583,12 @@ pub mod wasm {
             Ok(())
         }
 
-        fn on_batch(batch: wit::Batch) -> Vec<wit::Verdict> {
-            let headers: Vec<(String, Option<Vec<u8>>)> = batch
-                .headers
+        fn on_batch(mut batch: wit::Batch) -> Vec<wit::Verdict> {
+            let headers: Vec<(String, Option<Vec<u8>>)> = std::mem::take(&mut batch.headers)
                 .into_iter()
                 .map(|h| (h.key, h.value))
                 .collect();
-            let events: Vec<Event> = batch
-                .events
-                .iter()
-                .map(|e| unpack(e, &batch.topic, &batch.data, &headers))
-                .collect();
+            let events = unpack(&batch, &headers);
             let verdicts = with_plugin(|plugin: &mut P, ctx| run_batch(plugin, &events, ctx));
             match verdicts {
                 Ok(v) => v.into_iter().map(to_wit).collect(),
@@ -622,33 +617,44 @@ pub mod wasm {
         }
     }
 
-    /// The event `e` of a batch, borrowing its bytes from the batch. The host packs spans
-    /// inside `data` and `headers`; should one ever be out of range, the event gets empty
-    /// bytes rather than the instance a panic.
+    /// The events of a batch, borrowing their bytes from it (see `batch` in
+    /// `wit/eddy.wit`: one list per field, keys and payloads back to back in `data`). The
+    /// host packs the lists consistently; should one ever be short or a length out of
+    /// range, the event gets empty bytes rather than the instance a panic.
     fn unpack<'a>(
-        e: &wit::Event,
-        topic: &'a str,
-        data: &'a [u8],
+        batch: &'a wit::Batch,
         headers: &'a [(String, Option<Vec<u8>>)],
-    ) -> Event<'a> {
-        let bytes = |s: wit::Span| {
-            data.get(s.start as usize..)
-                .and_then(|d| d.get(..s.len as usize))
-                .unwrap_or_default()
+    ) -> Vec<Event<'a>> {
+        let mut data: &[u8] = &batch.data;
+        let mut headers = headers;
+        let mut take = |len: usize| {
+            let (taken, rest) = data.split_at(len.min(data.len()));
+            data = rest;
+            taken
         };
-        Event {
-            topic,
-            partition: e.partition,
-            offset: e.offset,
-            timestamp_ms: e.timestamp_ms,
-            key: e.key.map(bytes),
-            headers: headers
-                .get(e.headers.start as usize..)
-                .and_then(|h| h.get(..e.headers.len as usize))
-                .unwrap_or_default(),
-            payload: bytes(e.payload),
-            parsed: OnceCell::new(),
-        }
+        let column = |list: &[u32], i: usize| list.get(i).copied().unwrap_or(0) as usize;
+        (0..batch.partitions.len())
+            .map(|i| {
+                let key = match batch.key_lens.get(i) {
+                    Some(&len) if len >= 0 => Some(take(len as usize)),
+                    _ => None,
+                };
+                let payload = take(column(&batch.payload_lens, i));
+                let (own, rest) =
+                    headers.split_at(column(&batch.header_counts, i).min(headers.len()));
+                headers = rest;
+                Event {
+                    topic: &batch.topic,
+                    partition: batch.partitions[i],
+                    offset: batch.offsets.get(i).copied().unwrap_or(-1),
+                    timestamp_ms: batch.timestamps_ms.get(i).copied().filter(|&t| t != -1),
+                    key,
+                    headers: own,
+                    payload,
+                    parsed: OnceCell::new(),
+                }
+            })
+            .collect()
     }
 
     fn to_wit(v: Verdict) -> wit::Verdict {
