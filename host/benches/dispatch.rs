@@ -11,6 +11,9 @@
 //! batches: the CPU deadline (an engine with the epoch checks against one without) and the
 //! memory cap (the default cap against one no guest reaches). The third knob, durable state,
 //! is `make bench-state`.
+//!
+//! For profiling: `EDDY_BENCH_SIZES=64` measures only those batch sizes, and
+//! `EDDY_BENCH_DISPATCH_ONLY=1` skips the safety knobs.
 
 mod common;
 
@@ -20,7 +23,7 @@ use eddy_sdk::testing::Harness;
 use std::time::{Duration, Instant};
 
 /// Events per measurement (per batch size and side).
-const EVENTS: usize = 256_000;
+const EVENTS: usize = 1_000_000;
 const SIZES: [usize; 3] = [1, 64, 512];
 
 fn main() -> anyhow::Result<()> {
@@ -61,7 +64,11 @@ fn main() -> anyhow::Result<()> {
 
     println!("dispatch, no-op plugin, per event ({EVENTS} events per figure):");
     println!("  batch   sandboxed    native   sandboxed - native");
-    for size in SIZES {
+    let sizes: Vec<usize> = match std::env::var("EDDY_BENCH_SIZES") {
+        Ok(list) => list.split(',').map(|s| s.trim().parse()).collect::<Result<_, _>>()?,
+        Err(_) => SIZES.to_vec(),
+    };
+    for size in sizes {
         let rounds = EVENTS / size;
         let per_event = |d: Duration| d.as_secs_f64() * 1e9 / (rounds * size) as f64;
         // Warm up both, then measure each twice and keep the faster.
@@ -91,6 +98,9 @@ fn main() -> anyhow::Result<()> {
         );
     }
 
+    if std::env::var_os("EDDY_BENCH_DISPATCH_ONLY").is_some() {
+        return Ok(());
+    }
     // What the CPU deadline costs on real work: analytics on 512-event batches, compiled
     // with and without the epoch checks.
     let text = format!(
