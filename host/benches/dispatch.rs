@@ -65,7 +65,10 @@ fn main() -> anyhow::Result<()> {
     println!("dispatch, no-op plugin, per event ({EVENTS} events per figure):");
     println!("  batch   sandboxed    native   sandboxed - native");
     let sizes: Vec<usize> = match std::env::var("EDDY_BENCH_SIZES") {
-        Ok(list) => list.split(',').map(|s| s.trim().parse()).collect::<Result<_, _>>()?,
+        Ok(list) => list
+            .split(',')
+            .map(|s| s.trim().parse())
+            .collect::<Result<_, _>>()?,
         Err(_) => SIZES.to_vec(),
     };
     for size in sizes {
