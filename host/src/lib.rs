@@ -99,8 +99,9 @@ impl Host {
         if broker.is_some() && !config.kafka.settings.contains_key("fetch.wait.max.ms") {
             // The embedded broker answers a fetch only after `fetch.wait.max.ms` (500 ms by
             // default) even while data flows, which would hand plugins events in 500 ms
-            // bursts. A real broker answers as soon as data is there.
-            consumer_client.set("fetch.wait.max.ms", "20");
+            // bursts. A real broker answers as soon as data is there. 10 ms keeps what an
+            // event waits for its fetch short, for ~2% of a core while the host is idle.
+            consumer_client.set("fetch.wait.max.ms", "10");
         }
 
         let engine = sandbox::engine()?;

@@ -346,6 +346,17 @@ impl Program {
         path: &Path,
         cache: Option<&Path>,
     ) -> Result<Program, LoadError> {
+        Program::compile_and_release(engine, path, cache, true)
+    }
+
+    /// [`Program::compile`], handing the memory the compile freed back to the OS
+    /// afterwards if `release` (a few milliseconds).
+    fn compile_and_release(
+        engine: &Engine,
+        path: &Path,
+        cache: Option<&Path>,
+        release: bool,
+    ) -> Result<Program, LoadError> {
         let started = std::time::Instant::now();
         let path = path.to_path_buf();
         let bytes = std::fs::read(&path).map_err(|source| LoadError::Read {
@@ -362,7 +373,9 @@ impl Program {
                 if let Some(file) = &cached {
                     store_cached(&component, file);
                 }
-                release_compile_memory();
+                if release {
+                    release_compile_memory();
+                }
                 (component, false)
             }
         };
@@ -371,9 +384,10 @@ impl Program {
 
     /// Compiles the component at `path` with the baseline compiler (`engine` is a
     /// [`baseline_engine`]), checking the contract like [`Program::compile`]. Never cached:
-    /// its code only bridges the time until the optimized compile is done.
+    /// its code only bridges the time until the optimized compile is done, so it does not
+    /// spend time giving memory back either: the optimized compile right after does.
     pub fn compile_baseline(engine: &Engine, path: &Path) -> Result<Program, LoadError> {
-        let mut program = Program::compile(engine, path, None)?;
+        let mut program = Program::compile_and_release(engine, path, None, false)?;
         program.baseline = true;
         Ok(program)
     }

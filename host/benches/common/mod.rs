@@ -76,7 +76,7 @@ pub fn plugins_dir() -> PathBuf {
 /// embedded broker (see `Host::start`).
 pub fn kafka_section(bootstrap: &str) -> String {
     format!(
-        "[kafka]\nbrokers = \"{bootstrap}\"\n[kafka.settings]\n\"fetch.wait.max.ms\" = \"20\"\n"
+        "[kafka]\nbrokers = \"{bootstrap}\"\n[kafka.settings]\n\"fetch.wait.max.ms\" = \"10\"\n"
     )
 }
 
