@@ -6,7 +6,7 @@
 //! - **native**: the four shipped plugins' logic compiled natively (the very crates that
 //!   build the `.wasm` files, run through the SDK's native harness with in-memory state),
 //!   each in its own consumer group and thread, in batches like the host's (500 events or
-//!   20 ms);
+//!   5 ms, the host's defaults);
 //! - **eddy**: the host with the four `.wasm` plugins, each in its own group, with the CPU
 //!   deadline, memory cap and durable state on (the defaults).
 //!
@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 const TOPIC: &str = "user-activities";
 const MAX_BATCH: usize = 500;
-const LINGER: Duration = Duration::from_millis(20);
+const LINGER: Duration = Duration::from_millis(5);
 
 fn events_to_run() -> u64 {
     std::env::var("EDDY_BENCH_EVENTS")
