@@ -22,7 +22,7 @@ mod config;
 mod store {
     use std::path::{Path, PathBuf};
 
-    /// Same as `eddy::store::path_for`.
+    /// Same as `eddy::state::path_for`.
     pub fn path_for(dir: &Path, plugin: &str) -> PathBuf {
         dir.join(format!("{plugin}.redb"))
     }

@@ -17,8 +17,8 @@
 
 mod common;
 
+use eddy::event::Event;
 use eddy::generator::{Generator, GeneratorOptions};
-use eddy::sandbox::Event;
 use eddy_sdk::testing::Harness;
 use std::time::{Duration, Instant};
 
@@ -50,7 +50,7 @@ fn main() -> anyhow::Result<()> {
         .collect();
     let native_events: Vec<eddy_sdk::Event> = events.iter().map(common::sdk_event).collect();
 
-    let engine = eddy::sandbox::engine()?;
+    let engine = eddy::wasm::engine()?;
     let text = format!(
         "[kafka]\nbrokers = \"embedded\"\n[[plugin]]\nname = \"noop\"\npath = \"{}\"\n",
         common::plugins_dir()
@@ -117,10 +117,10 @@ fn main() -> anyhow::Result<()> {
     // (a cap no guest reaches) shows what the check costs.
     let mut uncapped = analytics.clone();
     uncapped.limits.memory_mib = 1 << 20;
-    let with_deadline = eddy::sandbox::engine()?;
+    let with_deadline = eddy::wasm::engine()?;
     let runs = [
         (&with_deadline, analytics),
-        (&eddy::sandbox::engine_without_deadline()?, analytics),
+        (&eddy::wasm::engine_without_deadline()?, analytics),
         (&with_deadline, &uncapped),
     ];
     let mut per_event = Vec::new();

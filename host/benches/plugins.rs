@@ -9,8 +9,8 @@
 
 mod common;
 
+use eddy::event::Event;
 use eddy::generator::{Generator, GeneratorOptions};
-use eddy::sandbox::Event;
 use eddy_sdk::Plugin;
 use eddy_sdk::testing::Harness;
 use std::time::Instant;
@@ -79,7 +79,7 @@ fn native<P: Plugin>(config: &str, events: &[Event]) -> anyhow::Result<f64> {
 
 fn main() -> anyhow::Result<()> {
     let events = events();
-    let engine = eddy::sandbox::engine()?;
+    let engine = eddy::wasm::engine()?;
     let dir = common::plugins_dir();
     let plugins: [(&str, &str, &str, NativeRun); 4] = [
         (

@@ -12,8 +12,8 @@ mod common;
 
 use common::{ms, percentile, plugins_dir};
 use eddy::Host;
-use eddy::broker::EmbeddedBroker;
 use eddy::generator::{GeneratorOptions, ProduceOptions};
+use eddy::kafka::EmbeddedBroker;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -94,7 +94,7 @@ log = "discard"
     let producer = {
         let (stop, client) = (
             stop.clone(),
-            eddy::broker::client_config(
+            eddy::kafka::client_config(
                 &eddy::config::KafkaConfig {
                     brokers: broker.bootstrap_servers().into(),
                     topic: "user-activities".into(),
@@ -113,7 +113,7 @@ log = "discard"
                 generator: GeneratorOptions {
                     seed: 1,
                     fraud_every: 0,
-                    start_ms: eddy::generator::now_ms(),
+                    start_ms: eddy::clock::now_ms(),
                     spacing_ms: 1,
                 },
             };
@@ -133,7 +133,7 @@ log = "discard"
     let cache = eddy::config::Config::load(&config_path)?
         .state
         .compiled_dir();
-    let engine = eddy::sandbox::engine()?;
+    let engine = eddy::wasm::engine()?;
     let mut latencies = Vec::new();
     let mut precompiled_latencies = Vec::new();
     let mut stalls = Vec::new();
@@ -157,11 +157,11 @@ log = "discard"
             longest_stall(move || logger.events_handled(), Duration::from_millis(1500))
         });
         let bytes = new_version(&original, n);
-        let digest = eddy::sandbox::digest(&bytes);
+        let digest = eddy::wasm::digest(&bytes);
         let tmp = analytics.with_extension("tmp");
         std::fs::write(&tmp, &bytes)?;
         if precompile {
-            eddy::sandbox::Program::precompile(&engine, &tmp, &cache)?;
+            eddy::wasm::Program::precompile(&engine, &tmp, &cache)?;
         }
         let written = Instant::now();
         std::fs::rename(&tmp, &analytics)?;

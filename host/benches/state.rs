@@ -10,8 +10,8 @@
 mod common;
 
 use eddy::Host;
-use eddy::broker::EmbeddedBroker;
 use eddy::generator::{GeneratorOptions, ProduceOptions};
+use eddy::kafka::EmbeddedBroker;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::{Duration, Instant};
 
@@ -97,7 +97,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let broker = EmbeddedBroker::start()?;
     broker.create_topic("user-activities", PARTITIONS)?;
-    let client = eddy::broker::client_config(
+    let client = eddy::kafka::client_config(
         &eddy::config::KafkaConfig {
             brokers: broker.bootstrap_servers().into(),
             topic: "user-activities".into(),

@@ -22,8 +22,8 @@
 mod common;
 
 use eddy::Host;
-use eddy::broker::EmbeddedBroker;
 use eddy::generator::{GeneratorOptions, ProduceOptions};
+use eddy::kafka::EmbeddedBroker;
 use eddy_sdk::testing::Harness;
 use eddy_sdk::{Event, Plugin};
 use rdkafka::ClientConfig;
@@ -273,7 +273,7 @@ fn main() -> anyhow::Result<()> {
     let broker = EmbeddedBroker::start()?;
     broker.create_topic(TOPIC, partitions)?;
     let bootstrap = broker.bootstrap_servers().to_string();
-    let client = eddy::broker::client_config(
+    let client = eddy::kafka::client_config(
         &eddy::config::KafkaConfig {
             brokers: bootstrap.clone(),
             topic: TOPIC.into(),

@@ -138,11 +138,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 files
             };
-            let engine = eddy::sandbox::engine()?;
+            let engine = eddy::wasm::engine()?;
             let cache = c.state.compiled_dir();
             for file in files {
                 let started = std::time::Instant::now();
-                let artifact = eddy::sandbox::Program::precompile(&engine, &file, &cache)?;
+                let artifact = eddy::wasm::Program::precompile(&engine, &file, &cache)?;
                 println!(
                     "{} → {} ({:.0} ms)",
                     file.display(),
@@ -226,7 +226,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 connect_timeout_ms: 30_000,
                 settings: settings.into_iter().collect(),
             };
-            let client = eddy::broker::client_config(&kafka, &brokers);
+            let client = eddy::kafka::client_config(&kafka, &brokers);
             let opts = eddy::generator::ProduceOptions {
                 topic,
                 events,
@@ -234,7 +234,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 generator: eddy::generator::GeneratorOptions {
                     seed,
                     fraud_every,
-                    start_ms: start_ms.unwrap_or_else(eddy::generator::now_ms),
+                    start_ms: start_ms.unwrap_or_else(eddy::clock::now_ms),
                     spacing_ms: if rate > 0 {
                         (1000 / i64::from(rate)).max(1)
                     } else {

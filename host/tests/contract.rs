@@ -6,7 +6,8 @@
 
 mod common;
 
-use eddy::sandbox::{Event, Header, Sandbox, Verdict};
+use eddy::event::{Event, Header};
+use eddy::wasm::{Sandbox, Verdict};
 use serde_json::{Value, json};
 use std::path::Path;
 
@@ -18,7 +19,7 @@ fn echo() -> Sandbox {
     );
     let config = eddy::config::Config::parse(&text, Path::new("plugins.toml")).unwrap();
     let plugin = &config.plugins[0];
-    let engine = eddy::sandbox::engine().unwrap();
+    let engine = eddy::wasm::engine().unwrap();
     let state = eddy::state::PluginState::in_memory(plugin.limits.state_mib << 20);
     Sandbox::load(&engine, plugin, state, None).unwrap()
 }

@@ -66,7 +66,7 @@ async fn swapping_a_plugin_under_load_loses_nothing_duplicates_nothing_and_keeps
 
     // Five new versions while events flow, with a broken file and a version that traps on
     // its first batch in between.
-    let mut last_good = eddy::sandbox::digest(&original);
+    let mut last_good = eddy::wasm::digest(&original);
     for step in 1..=7 {
         tokio::time::sleep(Duration::from_millis(700)).await;
         let ok_before = m.reloads(ReloadOutcome::Ok);
@@ -113,7 +113,7 @@ async fn swapping_a_plugin_under_load_loses_nothing_duplicates_nothing_and_keeps
             _ => {
                 let version = with_custom_section(&original, "eddy-test-version", &[step as u8]);
                 replace_file(&wasm_path, &version);
-                last_good = eddy::sandbox::digest(&version);
+                last_good = eddy::wasm::digest(&version);
                 let (m2, want) = (m.clone(), last_good.clone());
                 wait_async(
                     Duration::from_secs(10),
@@ -315,8 +315,8 @@ async fn unchanged_plugins_are_not_recompiled_and_precompiled_versions_swap_in()
     let new = with_custom_section(&original, "eddy-test", b"v2");
     let staged = dir.path().join("staged.wasm");
     std::fs::write(&staged, &new).unwrap();
-    let engine = eddy::sandbox::engine().unwrap();
-    eddy::sandbox::Program::precompile(&engine, &staged, &cache).unwrap();
+    let engine = eddy::wasm::engine().unwrap();
+    eddy::wasm::Program::precompile(&engine, &staged, &cache).unwrap();
     let ok_before = m.reloads(ReloadOutcome::Ok);
     replace_file(&wasm_path, &new);
     let m2 = m.clone();
@@ -325,7 +325,7 @@ async fn unchanged_plugins_are_not_recompiled_and_precompiled_versions_swap_in()
     })
     .await;
     let v = m.version();
-    assert_eq!(v.digest, eddy::sandbox::digest(&new));
+    assert_eq!(v.digest, eddy::wasm::digest(&new));
     assert!(v.precompiled, "the swap used the precompiled code");
     let page = http_get(host.http_addr(), "/metrics").await;
     assert!(page.contains("code=\"precompiled\""), "{page}");
@@ -342,7 +342,7 @@ async fn unchanged_plugins_are_not_recompiled_and_precompiled_versions_swap_in()
     })
     .await;
     let v = m.version();
-    assert_eq!(v.digest, eddy::sandbox::digest(&v3));
+    assert_eq!(v.digest, eddy::wasm::digest(&v3));
     assert!(v.baseline, "v3 runs on baseline code first");
     let m2 = m.clone();
     wait_async(
@@ -352,13 +352,13 @@ async fn unchanged_plugins_are_not_recompiled_and_precompiled_versions_swap_in()
     )
     .await;
     let v = m.version();
-    assert_eq!(v.digest, eddy::sandbox::digest(&v3));
+    assert_eq!(v.digest, eddy::wasm::digest(&v3));
     assert!(!v.precompiled);
     assert_eq!(m.reloads(ReloadOutcome::Ok), ok_before + 1);
     let page = http_get(host.http_addr(), "/metrics").await;
     assert!(page.contains("code=\"compiled\""), "{page}");
     assert!(
-        eddy::sandbox::Program::is_cached(&engine, &cache, &eddy::sandbox::digest(&v3)),
+        eddy::wasm::Program::is_cached(&engine, &cache, &eddy::wasm::digest(&v3)),
         "the optimized code of v3 was cached"
     );
     host.stop().await.unwrap();

@@ -36,14 +36,14 @@ pub fn plugin_toml(
 pub fn sandbox(
     engine: &wasmtime::Engine,
     plugin: &eddy::config::PluginConfig,
-) -> anyhow::Result<eddy::sandbox::Sandbox> {
+) -> anyhow::Result<eddy::wasm::Sandbox> {
     let state = eddy::state::PluginState::in_memory(plugin.limits.state_mib << 20);
-    Ok(eddy::sandbox::Sandbox::load(engine, plugin, state, None)?)
+    Ok(eddy::wasm::Sandbox::load(engine, plugin, state, None)?)
 }
 
 /// The SDK's view of a host event, as the SDK makes it inside the sandbox: for running the
 /// same events natively.
-pub fn sdk_event(e: &eddy::sandbox::Event) -> eddy_sdk::Event<'_> {
+pub fn sdk_event(e: &eddy::event::Event) -> eddy_sdk::Event<'_> {
     let mut n = eddy_sdk::Event::new(
         &e.topic,
         e.partition,

@@ -6,8 +6,8 @@ pub mod host_process;
 pub mod misbehaving;
 pub mod tansu;
 
-use eddy::broker::EmbeddedBroker;
 use eddy::generator::{Generated, Generator, GeneratorOptions};
+use eddy::kafka::EmbeddedBroker;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -249,7 +249,7 @@ pub fn header(m: &OwnedMessage, key: &str) -> Option<String> {
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes())
         .await
         .unwrap();
     let mut body = String::new();

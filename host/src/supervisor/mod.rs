@@ -9,7 +9,7 @@
 //!   and leaves its group;
 //! - `.wasm` content or settings changed: compile the new version here, off the event path,
 //!   try its `init` in a scratch sandbox, then hand it to the worker, which switches between
-//!   two batches, keeping the state (see [`crate::sandbox::Sandbox::swap`]). If any step
+//!   two batches, keeping the state (see [`crate::wasm::Sandbox::swap`]). If any step
 //!   fails, the old version keeps running. A changed `group` or `start_from` means a new
 //!   consumer group: the plugin is removed and added back, with fresh state;
 //! - unchanged: nothing, not even a recompile.
@@ -17,71 +17,28 @@
 //! A version that failed, or trapped on probation and was rolled back, is not tried again
 //! until its file changes again.
 
+mod load;
+mod watch;
+
+pub use load::{StartError, load_all, load_errors, load_plugin};
+
 use crate::config::{Config, PluginConfig};
+use crate::kafka::ClusterView;
 use crate::metrics::{Metrics, ReloadOutcome};
-use crate::outputs::Outputs;
-use crate::sandbox::{self, Program, Sandbox};
-use crate::worker::{Control, Worker};
+use crate::pipeline::{Control, Worker};
+use crate::sinks::Outputs;
+use crate::wasm::{self, Program, Sandbox};
 use rdkafka::ClientConfig;
 use rdkafka::producer::FutureProducer;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 use wasmtime::Engine;
-
-/// Why a plugin could not be started.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Load(#[from] crate::sandbox::LoadError),
-    #[error(transparent)]
-    State(#[from] crate::store::StoreError),
-}
-
-/// Opens `plugin`'s state as `[state]` says (checking saved offsets against `cluster`) and
-/// loads the plugin on it. Blocking.
-pub fn load_plugin(
-    engine: &Engine,
-    state: &crate::config::StateConfig,
-    plugin: &PluginConfig,
-    cluster: &crate::store::ClusterView,
-) -> Result<Sandbox, StartError> {
-    let cap = plugin.limits.state_mib << 20;
-    let plugin_state = if state.durable {
-        let path = crate::store::path_for(&state.dir, &plugin.name);
-        if state.shared_group && !path.exists() {
-            tracing::info!(
-                plugin = %plugin.name,
-                "no state file here: joining consumer group `{}` where it is (shared_group), with fresh state for the partitions this host is given",
-                plugin.group_id()
-            );
-        } else if !path.exists() && cluster.group_has_committed(&plugin.group_id()) {
-            tracing::warn!(
-                plugin = %plugin.name,
-                path = %path.display(),
-                "no state file, but consumer group `{}` has committed offsets, so this plugin ran before: its state \
-                 is gone (deleted or moved?). It starts with fresh state from `start_from` ({}). To undo, stop the \
-                 host and put the file back",
-                plugin.group_id(),
-                plugin.start_from.as_kafka()
-            );
-        }
-        let store = crate::store::open_checked(&state.dir, &plugin.name, cluster)?;
-        crate::state::PluginState::durable(store, cap)?
-    } else {
-        crate::state::PluginState::in_memory(cap)
-    };
-    Ok(Sandbox::load(
-        engine,
-        plugin,
-        plugin_state,
-        Some(&state.compiled_dir()),
-    )?)
-}
+use watch::{FileWatcher, settle};
 
 /// What one reload did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -118,7 +75,7 @@ pub struct Supervisor {
     client: ClientConfig,
     producer: FutureProducer,
     metrics: Arc<Metrics>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
     /// The id the host gave its own embedded broker, if it runs one.
     embedded_cluster: Option<String>,
     running: BTreeMap<String, Running>,
@@ -133,7 +90,7 @@ pub struct Supervisor {
 struct Optimized {
     plugin: String,
     digest: String,
-    program: Result<Program, crate::sandbox::LoadError>,
+    program: Result<Program, crate::wasm::LoadError>,
 }
 
 impl Supervisor {
@@ -147,7 +104,7 @@ impl Supervisor {
         client: ClientConfig,
         producer: FutureProducer,
         metrics: Arc<Metrics>,
-        shutdown: watch::Receiver<bool>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Supervisor {
         let (optimized_tx, optimized_rx) = mpsc::unbounded_channel();
         let mut s = Supervisor {
@@ -260,6 +217,9 @@ impl Supervisor {
         for name in gone {
             info!(plugin = %name, "removed from plugins.toml: stopping it");
             self.remove(&name).await;
+            // Its series leave /metrics and its entry /healthz: a removed plugin is not a
+            // plugin that is down.
+            self.metrics.remove_plugin(&name);
             report.removed.push(name);
         }
 
@@ -314,7 +274,7 @@ impl Supervisor {
         let (client, topic) = (self.client.clone(), self.config.kafka.topic.clone());
         let embedded = self.embedded_cluster.clone();
         let loaded = tokio::task::spawn_blocking(move || {
-            let mut cluster = crate::store::ClusterView::probe(&client, &topic);
+            let mut cluster = ClusterView::probe(&client, &topic);
             if embedded.is_some() {
                 cluster.id = embedded;
             }
@@ -354,7 +314,7 @@ impl Supervisor {
             Ok(b) => b,
             Err(e) => return Err(format!("{}: cannot read: {e}", plugin.path.display())),
         };
-        let digest = sandbox::digest(&bytes);
+        let digest = wasm::digest(&bytes);
         let same_settings = *plugin == running.plugin;
         if same_settings
             && (digest == running.program.digest() || running.refused.as_deref() == Some(&digest))
@@ -376,7 +336,7 @@ impl Supervisor {
             let compiled = tokio::task::spawn_blocking(move || {
                 if let Some(baseline) = baseline {
                     match Program::compile_baseline(&baseline, &path) {
-                        Err(crate::sandbox::LoadError::Compile { message, .. }) => {
+                        Err(crate::wasm::LoadError::Compile { message, .. }) => {
                             warn!(path = %path.display(), "the baseline compiler cannot compile it ({message}); compiling optimized code instead");
                         }
                         done => return done,
@@ -434,7 +394,7 @@ impl Supervisor {
     /// cannot be made: swaps then wait for the optimizing compiler.
     fn baseline_engine(&mut self) -> Option<Engine> {
         if self.baseline_engine.is_none() {
-            match sandbox::baseline_engine() {
+            match wasm::baseline_engine() {
                 Ok(e) => self.baseline_engine = Some(e),
                 Err(e) => {
                     warn!("no baseline compiler ({e:#}): hot swaps compile optimized code first")
@@ -532,9 +492,9 @@ pub enum Request {
 pub fn supervise(
     mut supervisor: Supervisor,
     mut requests: mpsc::Receiver<Request>,
-    mut shutdown: watch::Receiver<bool>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> impl std::future::Future<Output = ()> + Send {
-    let (changes_tx, mut changes) = mpsc::unbounded_channel::<Change>();
+    let (changes_tx, mut changes) = mpsc::unbounded_channel();
     let mut optimized = supervisor.optimized_rx.take().expect("supervised once");
     let debounce = Duration::from_millis(supervisor.config.reload.debounce_ms);
     let mut watcher = if supervisor.config.reload.watch {
@@ -583,204 +543,5 @@ pub fn supervise(
             }
         }
         supervisor.stop().await;
-    }
-}
-
-/// A watched file changed.
-#[derive(Debug)]
-struct Change {
-    path: PathBuf,
-    /// The change finished the file: its writer closed it, or it was renamed into place.
-    written: bool,
-}
-
-/// How long to wait after a change that finished its file, for the other events of the same
-/// step (a rename reports the old and the new name, a copy several files).
-const SETTLE: Duration = Duration::from_millis(5);
-
-/// Collects the changes that belong to one reload, starting from `first`, and returns the
-/// files touched. A build writes a file in several steps, so while any touched file's last
-/// change left it unfinished (written to but not closed yet), this waits for `debounce` of
-/// quiet; once every file was last closed or renamed into place, [`SETTLE`] is enough. That
-/// makes a `cp` or an atomic rename take effect within milliseconds without risking a
-/// reload of a half-written file.
-async fn settle(
-    first: Change,
-    changes: &mut mpsc::UnboundedReceiver<Change>,
-    debounce: Duration,
-) -> Vec<PathBuf> {
-    // Each touched file, and whether its last change left it unfinished.
-    let mut unfinished = BTreeMap::from([(first.path, !first.written)]);
-    loop {
-        let wait = if unfinished.values().any(|&u| u) {
-            debounce
-        } else {
-            SETTLE.min(debounce)
-        };
-        match tokio::time::timeout(wait, changes.recv()).await {
-            Ok(Some(c)) => {
-                unfinished.insert(c.path, !c.written);
-            }
-            _ => break,
-        }
-    }
-    unfinished.into_keys().collect()
-}
-
-/// Watches the directories of the given files (a file that is replaced, as builds do, is a
-/// new inode: watching the file itself would miss the next change) and reports changes to
-/// exactly those files.
-struct FileWatcher {
-    watcher: notify::RecommendedWatcher,
-    files: Arc<std::sync::Mutex<BTreeSet<PathBuf>>>,
-    dirs: BTreeSet<PathBuf>,
-}
-
-impl FileWatcher {
-    fn new(changes: mpsc::UnboundedSender<Change>) -> Option<FileWatcher> {
-        let files: Arc<std::sync::Mutex<BTreeSet<PathBuf>>> = Arc::default();
-        let wanted = files.clone();
-        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
-            let Ok(event) = event else { return };
-            let written = match event.kind {
-                // The writer closed the file, or a finished file was renamed into place.
-                EventKind::Access(AccessKind::Close(AccessMode::Write))
-                | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both)) => true,
-                EventKind::Access(_) => return,
-                _ => false,
-            };
-            let wanted = wanted.lock().expect("watch list");
-            for path in event.paths {
-                if wanted.contains(&path) {
-                    let _ = changes.send(Change { path, written });
-                }
-            }
-        });
-        match watcher {
-            Ok(watcher) => Some(FileWatcher {
-                watcher,
-                files,
-                dirs: BTreeSet::new(),
-            }),
-            Err(e) => {
-                warn!("cannot watch files ({e}): reload with SIGHUP instead");
-                None
-            }
-        }
-    }
-
-    /// Makes the watch list exactly `files`.
-    fn watch(&mut self, files: &[PathBuf]) {
-        use notify::Watcher;
-        let absolute: BTreeSet<PathBuf> = files.iter().map(|f| absolute(f)).collect();
-        let dirs: BTreeSet<PathBuf> = absolute
-            .iter()
-            .filter_map(|f| f.parent().map(Path::to_path_buf))
-            .collect();
-        for gone in self.dirs.difference(&dirs) {
-            let _ = self.watcher.unwatch(gone);
-        }
-        for new in dirs.difference(&self.dirs) {
-            if let Err(e) = self.watcher.watch(new, notify::RecursiveMode::NonRecursive) {
-                warn!(dir = %new.display(), "cannot watch: {e}");
-            }
-        }
-        self.dirs = dirs;
-        *self.files.lock().expect("watch list") = absolute;
-    }
-}
-
-/// `path` made absolute and free of `.`/`..`, with its directory's symlinks resolved, so
-/// it compares equal to the paths the watcher reports.
-fn absolute(path: &Path) -> PathBuf {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-        return path.to_path_buf();
-    };
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    match std::fs::canonicalize(dir) {
-        Ok(d) => d.join(name),
-        Err(_) => std::env::current_dir()
-            .map(|c| c.join(path))
-            .unwrap_or_else(|_| path.to_path_buf()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Instant;
-
-    fn change(path: &str, written: bool) -> Change {
-        Change {
-            path: PathBuf::from(path),
-            written,
-        }
-    }
-
-    #[tokio::test]
-    async fn a_finished_file_is_reloaded_without_waiting_out_the_debounce() {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        tx.send(change("a.wasm", true)).unwrap();
-        let started = Instant::now();
-        let touched = settle(change("a.wasm", false), &mut rx, Duration::from_secs(10)).await;
-        assert_eq!(touched, vec![PathBuf::from("a.wasm")]);
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "{:?}",
-            started.elapsed()
-        );
-    }
-
-    #[tokio::test]
-    async fn a_file_still_being_written_waits_for_the_debounce() {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        // plugins.toml is finished, the .wasm is not: wait for the .wasm.
-        tx.send(change("plugins.toml", true)).unwrap();
-        let started = Instant::now();
-        let touched = settle(change("a.wasm", false), &mut rx, Duration::from_millis(300)).await;
-        assert!(started.elapsed() >= Duration::from_millis(300));
-        assert_eq!(
-            touched,
-            vec![PathBuf::from("a.wasm"), PathBuf::from("plugins.toml")]
-        );
-    }
-
-    /// What the file watcher reports for the two ways users replace a plugin: a copy (the
-    /// writer closes the file) and an atomic rename.
-    #[tokio::test]
-    async fn the_watcher_reports_copies_and_renames_as_finished() {
-        let dir = tempfile::tempdir().unwrap();
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut watcher = FileWatcher::new(tx).expect("inotify");
-        let target = dir.path().join("plugin.wasm");
-        watcher.watch(std::slice::from_ref(&target));
-        let finished = |rx: &mut mpsc::UnboundedReceiver<Change>| {
-            let mut seen = Vec::new();
-            while let Ok(c) = rx.try_recv() {
-                assert_eq!(c.path, absolute(&target));
-                seen.push(c.written);
-            }
-            seen
-        };
-
-        std::fs::write(&target, b"copied").unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(finished(&mut rx).last(), Some(&true), "copy");
-
-        let tmp = dir.path().join("plugin.tmp");
-        std::fs::write(&tmp, b"renamed").unwrap();
-        std::fs::rename(&tmp, &target).unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(finished(&mut rx).last(), Some(&true), "rename");
-
-        // Other files in the directory are not reported.
-        std::fs::write(dir.path().join("other.wasm"), b"x").unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(finished(&mut rx).is_empty());
     }
 }

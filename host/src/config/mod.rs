@@ -4,10 +4,14 @@
 //! every error names the file, the key and what was expected. Relative paths are resolved
 //! against the directory of `plugins.toml`, so the host can be started from anywhere.
 
-use serde::de::{self, Deserializer, MapAccess, Visitor};
+mod outputs;
+mod plugin;
+
+pub use outputs::OutputTarget;
+pub use plugin::{BreakerPolicy, Limits, MAX_BREAKER_PAUSE_MS, PluginConfig, StartFrom};
+
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -88,14 +92,22 @@ pub struct HttpConfig {
     /// Address to listen on; port 0 picks a free port (printed at start).
     #[serde(default = "default_http_address")]
     pub address: SocketAddr,
+    /// Most connections served at once; more wait until one closes.
+    #[serde(default = "default_http_max_connections")]
+    pub max_connections: usize,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             address: default_http_address(),
+            max_connections: default_http_max_connections(),
         }
     }
+}
+
+fn default_http_max_connections() -> usize {
+    64
 }
 
 /// `[generator]`: synthetic traffic produced by the host itself, so `run` shows live output
@@ -201,210 +213,6 @@ fn default_debounce_ms() -> u64 {
     200
 }
 
-/// One `[[plugin]]` entry.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct PluginConfig {
-    /// Unique name: labels its metrics and logs, and derives its defaults.
-    pub name: String,
-    /// The plugin's `.wasm` component.
-    pub path: PathBuf,
-    /// Kafka consumer group; `eddy-<name>` by default. Each plugin has its own group, so each
-    /// sees every event with its own offsets.
-    #[serde(default)]
-    pub group: Option<String>,
-    /// Where a group with no committed offset starts: `"earliest"` or `"latest"`.
-    #[serde(default)]
-    pub start_from: StartFrom,
-    /// Most events handed to the plugin in one call.
-    #[serde(default = "default_max_batch")]
-    pub max_batch: usize,
-    /// How long to wait for more events before handing over a partial batch. What
-    /// librdkafka already holds is taken without waiting; the linger only adds latency when
-    /// events trickle in, so it is short: every event of a batch waits for its last.
-    #[serde(default = "default_batch_linger_ms")]
-    pub batch_linger_ms: u64,
-    /// How often the plugin's `on-tick` is called; 0 for never.
-    #[serde(default = "default_tick_interval_ms")]
-    pub tick_interval_ms: u64,
-    /// Topic that dead-lettered events go to; `<name>-dlq` by default.
-    #[serde(default)]
-    pub dead_letter_topic: Option<String>,
-    #[serde(default)]
-    pub limits: Limits,
-    #[serde(default)]
-    pub breaker: BreakerPolicy,
-    /// Output name (as the plugin emits it) → destination.
-    #[serde(default)]
-    pub outputs: BTreeMap<String, OutputTarget>,
-    /// Handed to the plugin's `init` as JSON. Its keys are the plugin's business.
-    #[serde(default)]
-    pub config: toml::Table,
-}
-
-/// `[plugin.limits]`: the sandbox.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct Limits {
-    /// Linear memory cap of one instance, in MiB.
-    #[serde(default = "default_memory_mib")]
-    pub memory_mib: u64,
-    /// CPU deadline of one call (a batch, a tick, init), in milliseconds. A plugin that runs
-    /// longer is interrupted and its events are isolated and dead-lettered.
-    #[serde(default = "default_cpu_ms")]
-    pub cpu_ms: u64,
-    /// How many times an event the plugin answered `retry` is handed again before it is
-    /// dead-lettered.
-    #[serde(default = "default_max_retries")]
-    pub max_retries: u32,
-    /// First retry delay; doubled on each further attempt.
-    #[serde(default = "default_retry_backoff_ms")]
-    pub retry_backoff_ms: u64,
-    /// Most state the plugin may keep (keys + values), in MiB. A write past it fails the
-    /// call, and its events are dead-lettered with the reason.
-    #[serde(default = "default_state_mib")]
-    pub state_mib: u64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            memory_mib: default_memory_mib(),
-            cpu_ms: default_cpu_ms(),
-            max_retries: default_max_retries(),
-            retry_backoff_ms: default_retry_backoff_ms(),
-            state_mib: default_state_mib(),
-        }
-    }
-}
-
-/// `[plugin.breaker]`: when a plugin keeps failing, stop feeding it for a while (see
-/// `breaker.rs` for the whole story).
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct BreakerPolicy {
-    /// Open the breaker when this many of the last `window` events failed (trapped, hit a
-    /// limit or ran out of retries; a `dead-letter` verdict is a decision, not a failure).
-    /// 0 turns the breaker off: every failing event is dead-lettered and the plugin goes on.
-    #[serde(default = "default_breaker_failures")]
-    pub failures: u32,
-    /// How many recent events `failures` is counted over.
-    #[serde(default = "default_breaker_window")]
-    pub window: u32,
-    /// The first pause, in milliseconds; doubled each time the plugin fails again right
-    /// after a pause.
-    #[serde(default = "default_breaker_pause_ms")]
-    pub pause_ms: u64,
-    /// The longest pause. The plugin's consumer is not polled while paused, so this stays
-    /// well below Kafka's `max.poll.interval.ms` (5 minutes by default).
-    #[serde(default = "default_breaker_max_pause_ms")]
-    pub max_pause_ms: u64,
-}
-
-impl Default for BreakerPolicy {
-    fn default() -> Self {
-        BreakerPolicy {
-            failures: default_breaker_failures(),
-            window: default_breaker_window(),
-            pause_ms: default_breaker_pause_ms(),
-            max_pause_ms: default_breaker_max_pause_ms(),
-        }
-    }
-}
-
-fn default_breaker_failures() -> u32 {
-    5
-}
-fn default_breaker_window() -> u32 {
-    100
-}
-fn default_breaker_pause_ms() -> u64 {
-    1_000
-}
-fn default_breaker_max_pause_ms() -> u64 {
-    60_000
-}
-
-/// The longest breaker pause allowed: below librdkafka's default `max.poll.interval.ms`
-/// (300 s), after which an unpolled consumer is thrown out of its group.
-pub const MAX_BREAKER_PAUSE_MS: u64 = 240_000;
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum StartFrom {
-    #[default]
-    Earliest,
-    Latest,
-}
-
-impl StartFrom {
-    pub fn as_kafka(self) -> &'static str {
-        match self {
-            StartFrom::Earliest => "earliest",
-            StartFrom::Latest => "latest",
-        }
-    }
-}
-
-/// Where an output's records go: `"stdout"`, `"discard"` or `{ topic = "name" }`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub enum OutputTarget {
-    /// One line per record on the host's standard output: `[plugin/output] payload`.
-    Stdout,
-    /// Dropped (counted in metrics).
-    Discard,
-    /// Produced to this Kafka topic with the record's key.
-    Topic(String),
-}
-
-impl<'de> Deserialize<'de> for OutputTarget {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        const EXPECTED: &str = r#""stdout", "discard" or { topic = "name" }"#;
-        impl<'de> Visitor<'de> for V {
-            type Value = OutputTarget;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str(EXPECTED)
-            }
-            fn visit_str<E: de::Error>(self, s: &str) -> Result<OutputTarget, E> {
-                match s {
-                    "stdout" => Ok(OutputTarget::Stdout),
-                    "discard" => Ok(OutputTarget::Discard),
-                    other => Err(E::custom(format!(
-                        "unknown output `{other}`, expected {EXPECTED}"
-                    ))),
-                }
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<OutputTarget, A::Error> {
-                let mut topic = None;
-                while let Some(key) = map.next_key::<String>()? {
-                    match key.as_str() {
-                        "topic" => topic = Some(map.next_value::<String>()?),
-                        other => return Err(de::Error::unknown_field(other, &["topic"])),
-                    }
-                }
-                match topic {
-                    Some(t) if !t.is_empty() => Ok(OutputTarget::Topic(t)),
-                    _ => Err(de::Error::custom(format!(
-                        "missing `topic`, expected {EXPECTED}"
-                    ))),
-                }
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-impl fmt::Display for OutputTarget {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            OutputTarget::Stdout => f.write_str("stdout"),
-            OutputTarget::Discard => f.write_str("discard"),
-            OutputTarget::Topic(t) => write!(f, "topic {t}"),
-        }
-    }
-}
-
 fn default_topic() -> String {
     "user-activities".into()
 }
@@ -420,31 +228,6 @@ fn default_seed() -> u64 {
 fn default_fraud_every() -> u64 {
     500
 }
-fn default_max_batch() -> usize {
-    500
-}
-fn default_batch_linger_ms() -> u64 {
-    5
-}
-fn default_tick_interval_ms() -> u64 {
-    10_000
-}
-fn default_memory_mib() -> u64 {
-    64
-}
-fn default_cpu_ms() -> u64 {
-    500
-}
-fn default_max_retries() -> u32 {
-    3
-}
-fn default_retry_backoff_ms() -> u64 {
-    100
-}
-fn default_state_mib() -> u64 {
-    64
-}
-
 /// Names must be usable in consumer groups, topics and metric labels.
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -546,6 +329,12 @@ impl Config {
             return Err(self.invalid(
                 "kafka.partitions",
                 format!("must be 1 to 1024, not {}", k.partitions),
+            ));
+        }
+        if !(1..=10_000).contains(&self.http.max_connections) {
+            return Err(self.invalid(
+                "http.max_connections",
+                format!("must be 1 to 10000, not {}", self.http.max_connections),
             ));
         }
         for reserved in ["group.id", "bootstrap.servers", "enable.auto.offset.store"] {
@@ -691,7 +480,7 @@ impl Config {
 
     /// Where `plugin`'s state file is (when state is durable).
     pub fn state_file(&self, plugin: &str) -> PathBuf {
-        crate::store::path_for(&self.state.dir, plugin)
+        crate::state::path_for(&self.state.dir, plugin)
     }
 
     /// Whether the host must start its own broker.
@@ -708,31 +497,6 @@ fn valid_topic(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-}
-
-impl PluginConfig {
-    pub fn group_id(&self) -> String {
-        self.group
-            .clone()
-            .unwrap_or_else(|| format!("eddy-{}", self.name))
-    }
-
-    /// A batch is cut when its events' bytes reach a quarter of the memory cap: the batch is
-    /// copied into the plugin's memory and parsed there.
-    pub fn max_batch_bytes(&self) -> usize {
-        ((self.limits.memory_mib as usize) << 20) / 4
-    }
-
-    pub fn dead_letter_topic(&self) -> String {
-        self.dead_letter_topic
-            .clone()
-            .unwrap_or_else(|| format!("{}-dlq", self.name))
-    }
-
-    /// The plugin's `config` table as the JSON text `init` receives.
-    pub fn config_json(&self) -> String {
-        serde_json::to_string(&self.config).expect("a TOML table is valid JSON")
-    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! One plugin's durable state: an embedded [redb] database file per plugin, holding the
+//! The durable store behind [`DurableStore`](super::DurableStore): an embedded [redb]
+//! database file per plugin, holding the
 //! plugin's keys and values, the input offsets its state reflects, and a little metadata.
 //!
 //! Why redb: pure Rust (nothing to build beyond cargo), one file per database, ACID
@@ -32,8 +33,9 @@ pub const META_CLUSTER: &str = "kafka.cluster_id";
 /// The plugin version (content digest) that last committed.
 pub const META_WRITER: &str = "plugin.digest";
 
-/// Offsets by (topic, partition): the next offset to consume.
-pub type Offsets = BTreeMap<(String, i32), i64>;
+use super::{Changes, DurableStore, Offsets};
+use crate::kafka::ClusterView;
+use crate::kafka::cluster::EMBEDDED_PREFIX;
 
 /// Why the store cannot be used. Each says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -126,7 +128,7 @@ impl StateStore {
     /// deletes) and the offsets the batch advanced, plus metadata.
     pub fn commit(
         &self,
-        changes: &BTreeMap<String, Option<Vec<u8>>>,
+        changes: &Changes,
         offsets: &Offsets,
         meta: &[(&str, &str)],
     ) -> Result<(), StoreError> {
@@ -275,6 +277,76 @@ pub fn count_keys(store: &StateStore) -> Result<u64, StoreError> {
     })
 }
 
+impl DurableStore for StateStore {
+    fn load(&self) -> Result<Snapshot, StoreError> {
+        StateStore::load(self)
+    }
+
+    fn commit(
+        &self,
+        changes: &Changes,
+        offsets: &Offsets,
+        meta: &[(&str, &str)],
+    ) -> Result<(), StoreError> {
+        StateStore::commit(self, changes, offsets, meta)
+    }
+
+    fn path(&self) -> &Path {
+        StateStore::path(self)
+    }
+}
+
+/// Opens `plugin`'s state file in `dir` and checks it against `cluster`. If its offsets
+/// cannot belong to this cluster (the embedded broker forgets everything when the host
+/// exits; a topic was re-created), they would be misapplied: the file is moved aside as a
+/// backup, with a warning, and the plugin starts with fresh state.
+pub fn open_checked(
+    dir: &Path,
+    plugin: &str,
+    cluster: &ClusterView,
+) -> Result<StateStore, StoreError> {
+    let path = path_for(dir, plugin);
+    let store = StateStore::open(&path, plugin)?;
+    let snapshot = store.load()?;
+    let saved_cluster = snapshot.meta.get(META_CLUSTER).map(String::as_str);
+    let store = match cluster.mismatch(saved_cluster, &snapshot.offsets) {
+        None => store,
+        Some(why) if saved_cluster.is_some_and(|id| id.starts_with(EMBEDDED_PREFIX)) => {
+            // Written against an embedded broker of an earlier run: that broker and its
+            // offsets are gone for good, so there is nothing to keep.
+            store.clear()?;
+            tracing::info!(
+                plugin,
+                "starting with fresh state: {why} (the embedded broker forgets its topics and offsets when the host exits, and so does the state)"
+            );
+            store
+        }
+        Some(why) => {
+            drop(store);
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let backup = path.with_extension(format!("redb.{stamp}.bak"));
+            std::fs::rename(&path, &backup).map_err(|e| StoreError::Io {
+                path: path.clone(),
+                source: Box::new(redb::Error::Io(e)),
+            })?;
+            tracing::warn!(
+                plugin,
+                backup = %backup.display(),
+                "saved state does not match the Kafka cluster: {why}. Its offsets mean nothing here, so the \
+                 plugin starts with fresh state (from `start_from`); the old file is kept as the backup"
+            );
+            StateStore::open(&path, plugin)?
+        }
+    };
+    if let Some(id) = &cluster.id {
+        store.commit(&BTreeMap::new(), &Offsets::new(), &[(META_CLUSTER, id)])?;
+    }
+    Ok(store)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,172 +406,4 @@ mod tests {
         assert!(err.contains(&path.display().to_string()), "{err}");
         assert!(err.contains("eddy reset analytics"), "{err}");
     }
-}
-
-/// Cluster ids the host gives its own embedded broker start with this.
-pub const EMBEDDED_PREFIX: &str = "embedded:";
-
-/// A cluster id for an embedded broker started now: unique per start, because its topics
-/// and offsets do not outlive the process (librdkafka's mock cluster reports the same id
-/// every time).
-pub fn embedded_cluster_id() -> String {
-    format!(
-        "{EMBEDDED_PREFIX}{}-{}",
-        std::process::id(),
-        crate::generator::now_ms()
-    )
-}
-
-/// What the host knows of the Kafka cluster it is connected to, to check saved offsets
-/// against.
-#[derive(Debug, Default, Clone)]
-pub struct ClusterView {
-    /// The cluster id, if the broker could be asked.
-    pub id: Option<String>,
-    /// High watermark (log end) of each partition of the input topic.
-    pub log_ends: Offsets,
-    /// Client settings, to ask about consumer groups.
-    client: Option<rdkafka::ClientConfig>,
-}
-
-impl ClusterView {
-    /// Asks the cluster (blocking; a few round trips).
-    pub fn probe(client: &rdkafka::ClientConfig, topic: &str) -> ClusterView {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        let timeout = std::time::Duration::from_secs(5);
-        let consumer: BaseConsumer = match client.create() {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(
-                    "cannot ask the Kafka cluster for its id ({e}): saved offsets are not checked"
-                );
-                return ClusterView::default();
-            }
-        };
-        let id = consumer.client().fetch_cluster_id(timeout);
-        let mut log_ends = Offsets::new();
-        if let Ok(md) = consumer.fetch_metadata(Some(topic), timeout) {
-            let partitions: Vec<i32> = md
-                .topics()
-                .iter()
-                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                .collect();
-            for p in partitions {
-                if let Ok((_, high)) = consumer.fetch_watermarks(topic, p, timeout) {
-                    log_ends.insert((topic.to_string(), p), high);
-                }
-            }
-        }
-        if id.is_none() {
-            tracing::warn!(
-                "the Kafka cluster did not say its id: saved offsets are checked against log ends only"
-            );
-        }
-        ClusterView {
-            id,
-            log_ends,
-            client: Some(client.clone()),
-        }
-    }
-
-    /// Whether consumer group `group` has committed offsets on the input topic (blocking).
-    pub fn group_has_committed(&self, group: &str) -> bool {
-        use rdkafka::consumer::{BaseConsumer, Consumer};
-        let Some(client) = &self.client else {
-            return false;
-        };
-        let Ok(consumer) = client
-            .clone()
-            .set("group.id", group)
-            .create::<BaseConsumer>()
-        else {
-            return false;
-        };
-        let mut tpl = rdkafka::TopicPartitionList::new();
-        for (topic, partition) in self.log_ends.keys() {
-            tpl.add_partition(topic, *partition);
-        }
-        let committed = match consumer.committed_offsets(tpl, std::time::Duration::from_secs(5)) {
-            Ok(c) => c
-                .elements()
-                .iter()
-                .any(|e| e.offset().to_raw().is_some_and(|o| o >= 0)),
-            Err(_) => false,
-        };
-        // (The list is dropped before the consumer: librdkafka 2.12 can hang otherwise.)
-        drop(consumer);
-        committed
-    }
-
-    /// Why offsets saved with `meta` cannot belong to this cluster, if they cannot.
-    fn mismatch(&self, snapshot: &Snapshot) -> Option<String> {
-        if let (Some(saved), Some(now)) = (snapshot.meta.get(META_CLUSTER), &self.id)
-            && saved != now
-        {
-            return Some(format!(
-                "it was written against Kafka cluster `{saved}`, and the broker now is cluster `{now}`"
-            ));
-        }
-        snapshot.offsets.iter().find_map(|((topic, partition), next)| {
-            let end = self.log_ends.get(&(topic.clone(), *partition))?;
-            (next > end).then(|| {
-                format!("its saved offset {next} for {topic}/{partition} is past the end of that partition's log ({end})")
-            })
-        })
-    }
-}
-
-/// Opens `plugin`'s state file in `dir` and checks it against `cluster`. If its offsets
-/// cannot belong to this cluster (the embedded broker forgets everything when the host
-/// exits; a topic was re-created), they would be misapplied: the file is moved aside as a
-/// backup, with a warning, and the plugin starts with fresh state.
-pub fn open_checked(
-    dir: &Path,
-    plugin: &str,
-    cluster: &ClusterView,
-) -> Result<StateStore, StoreError> {
-    let path = path_for(dir, plugin);
-    let store = StateStore::open(&path, plugin)?;
-    let snapshot = store.load()?;
-    let store = match cluster.mismatch(&snapshot) {
-        None => store,
-        Some(why)
-            if snapshot
-                .meta
-                .get(META_CLUSTER)
-                .is_some_and(|id| id.starts_with(EMBEDDED_PREFIX)) =>
-        {
-            // Written against an embedded broker of an earlier run: that broker and its
-            // offsets are gone for good, so there is nothing to keep.
-            store.clear()?;
-            tracing::info!(
-                plugin,
-                "starting with fresh state: {why} (the embedded broker forgets its topics and offsets when the host exits, and so does the state)"
-            );
-            store
-        }
-        Some(why) => {
-            drop(store);
-            let stamp = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0);
-            let backup = path.with_extension(format!("redb.{stamp}.bak"));
-            std::fs::rename(&path, &backup).map_err(|e| StoreError::Io {
-                path: path.clone(),
-                source: Box::new(redb::Error::Io(e)),
-            })?;
-            tracing::warn!(
-                plugin,
-                backup = %backup.display(),
-                "saved state does not match the Kafka cluster: {why}. Its offsets mean nothing here, so the \
-                 plugin starts with fresh state (from `start_from`); the old file is kept as the backup"
-            );
-            StateStore::open(&path, plugin)?
-        }
-    };
-    if let Some(id) = &cluster.id {
-        store.commit(&BTreeMap::new(), &Offsets::new(), &[(META_CLUSTER, id)])?;
-    }
-    Ok(store)
 }

@@ -5,7 +5,7 @@
 //! failed call leaves nothing half-applied and its events can be re-run one by one. Once the
 //! batch's outputs are delivered, the host commits `batch` together with the offsets the
 //! batch advanced ([`PluginState::commit_batch`]): to the state file in one transaction when
-//! state is durable (see [`crate::store`]), then in memory. If that cannot happen, `batch`
+//! state is durable (see [`super::store`]), then in memory. If that cannot happen, `batch`
 //! is dropped and the events are consumed again.
 //!
 //! Reads are served from memory (the committed map mirrors the file), so they never wait on
@@ -14,7 +14,7 @@
 //! Keeping state here (not in the instance's memory) is what lets the host throw an instance
 //! away after a trap, or swap it for a new version, without losing anything.
 
-use crate::store::{Offsets, StateStore, StoreError};
+use super::{DurableStore, Offsets, StoreError};
 use std::collections::BTreeMap;
 
 /// The longest key a plugin may use.
@@ -47,7 +47,7 @@ pub struct PluginState {
     /// Most bytes the committed state may take (`limits.state_mib`).
     cap_bytes: i64,
     /// The durable copy, if state is durable.
-    store: Option<StateStore>,
+    store: Option<Box<dyn DurableStore>>,
     /// Offsets the committed state reflects (the next offset to consume per partition).
     offsets: Offsets,
 }
@@ -73,7 +73,10 @@ impl PluginState {
     }
 
     /// State read from `store`, written back to it on every commit.
-    pub fn durable(store: StateStore, cap_bytes: u64) -> Result<PluginState, StoreError> {
+    pub fn durable(
+        store: impl DurableStore + 'static,
+        cap_bytes: u64,
+    ) -> Result<PluginState, StoreError> {
         let snapshot = store.load()?;
         let mut state = PluginState::in_memory(cap_bytes);
         state.committed_bytes = snapshot
@@ -83,7 +86,7 @@ impl PluginState {
             .sum();
         state.committed = snapshot.state;
         state.offsets = snapshot.offsets;
-        state.store = Some(store);
+        state.store = Some(Box::new(store));
         Ok(state)
     }
 
@@ -91,8 +94,8 @@ impl PluginState {
         self.store.is_some()
     }
 
-    pub fn store(&self) -> Option<&StateStore> {
-        self.store.as_ref()
+    pub fn store(&self) -> Option<&dyn DurableStore> {
+        self.store.as_deref()
     }
 
     /// The offsets the committed state reflects.
@@ -266,6 +269,7 @@ impl PluginState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::StateStore;
 
     fn kv(k: &str, v: &str) -> (String, Vec<u8>) {
         (k.to_string(), v.as_bytes().to_vec())
@@ -359,7 +363,7 @@ mod tests {
     #[test]
     fn durable_commits_reach_the_file_with_their_offsets() {
         let dir = tempfile::tempdir().unwrap();
-        let path = crate::store::path_for(dir.path(), "p");
+        let path = crate::state::path_for(dir.path(), "p");
         let mut s = PluginState::durable(StateStore::open(&path, "p").unwrap(), 1 << 20).unwrap();
         s.set_many(vec![kv("n", "1")]).unwrap();
         let offsets: Offsets = [(("t".to_string(), 2), 41)].into_iter().collect();

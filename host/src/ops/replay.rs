@@ -1,159 +1,14 @@
-//! Operations on a plugin's durable state, for the `eddy state`, `eddy reset` and
-//! `eddy replay` commands. They need the host stopped: it holds each state file locked
-//! while it runs (the error says so). `state` only reads.
+//! `eddy replay`: point one plugin at an earlier (or later) position of the input topic,
+//! dropping its state unless told to keep it.
 
+use super::{OpsError, state_file};
 use crate::config::Config;
-use crate::store::{self, Offsets, StateStore, StoreError};
+use crate::kafka::Offsets;
+use crate::state::StateStore;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use std::fmt::Write;
 use std::time::Duration;
-
-/// Why an operation could not be done.
-#[derive(Debug, thiserror::Error)]
-pub enum OpsError {
-    #[error("no plugin `{name}` in {config} (plugins: {known})")]
-    UnknownPlugin {
-        name: String,
-        config: String,
-        known: String,
-    },
-    #[error("state is not durable ([state] durable = false): there is no state file to work on")]
-    NotDurable,
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error("{0}")]
-    Kafka(String),
-    #[error(
-        "`{0}` is not `earliest`, `latest`, an offset or an RFC 3339 time like 2024-01-15T10:00:00Z"
-    )]
-    BadPosition(String),
-}
-
-fn state_file(config: &Config, plugin: &str) -> Result<std::path::PathBuf, OpsError> {
-    if !config.state.durable {
-        return Err(OpsError::NotDurable);
-    }
-    if !config.plugins.iter().any(|p| p.name == plugin) {
-        return Err(OpsError::UnknownPlugin {
-            name: plugin.to_string(),
-            config: config.source.display().to_string(),
-            known: config
-                .plugins
-                .iter()
-                .map(|p| p.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-        });
-    }
-    Ok(config.state_file(plugin))
-}
-
-/// What to show of the state.
-#[derive(Debug, Default)]
-pub struct Show {
-    /// Only keys starting with this.
-    pub prefix: String,
-    /// At most this many keys.
-    pub limit: usize,
-}
-
-/// A readable summary: file, size, offsets, metadata and keys with a preview of each value.
-pub fn describe(config: &Config, plugin: &str, show: &Show) -> Result<String, OpsError> {
-    let path = state_file(config, plugin)?;
-    let snap = store::read_only_snapshot(&path, plugin)?;
-    let bytes: usize = snap.state.iter().map(|(k, v)| k.len() + v.len()).sum();
-    let mut out = String::new();
-    let _ = writeln!(out, "plugin {plugin}: {}", path.display());
-    let _ = writeln!(out, "  {} keys, {} bytes", snap.state.len(), bytes);
-    for (k, v) in &snap.meta {
-        let _ = writeln!(out, "  {k}: {v}");
-    }
-    let _ = writeln!(out, "  offsets (next to consume):");
-    if snap.offsets.is_empty() {
-        let _ = writeln!(out, "    none yet: starts from `start_from`");
-    }
-    for ((topic, partition), next) in &snap.offsets {
-        let _ = writeln!(out, "    {topic}/{partition}: {}", position(*next));
-    }
-    let keys: Vec<_> = snap
-        .state
-        .iter()
-        .filter(|(k, _)| k.starts_with(&show.prefix))
-        .collect();
-    let _ = writeln!(
-        out,
-        "  keys{}:",
-        if show.prefix.is_empty() {
-            String::new()
-        } else {
-            format!(" starting with `{}`", show.prefix)
-        }
-    );
-    for (k, v) in keys.iter().take(show.limit) {
-        let _ = writeln!(out, "    {k} = {}", preview(v));
-    }
-    if keys.len() > show.limit {
-        let _ = writeln!(
-            out,
-            "    … {} more (--limit, --prefix)",
-            keys.len() - show.limit
-        );
-    }
-    Ok(out)
-}
-
-/// The value of one key, as stored.
-pub fn get(config: &Config, plugin: &str, key: &str) -> Result<Option<Vec<u8>>, OpsError> {
-    let path = state_file(config, plugin)?;
-    Ok(store::read_only_snapshot(&path, plugin)?.state.remove(key))
-}
-
-fn position(next: i64) -> String {
-    match Offset::from_raw(next) {
-        Offset::Beginning => "the beginning".into(),
-        Offset::End => "the end".into(),
-        _ => next.to_string(),
-    }
-}
-
-fn preview(v: &[u8]) -> String {
-    match std::str::from_utf8(v) {
-        Ok(s) if s.chars().count() > 80 => format!(
-            "{}… ({} bytes)",
-            s.chars().take(80).collect::<String>(),
-            v.len()
-        ),
-        Ok(s) => s.to_string(),
-        Err(_) => format!("<{} bytes of binary>", v.len()),
-    }
-}
-
-/// Drops a plugin's state and offsets: at its next start it begins again from `start_from`.
-/// Works on a damaged file too (it is removed).
-pub fn reset(config: &Config, plugin: &str) -> Result<String, OpsError> {
-    let path = state_file(config, plugin)?;
-    if !path.exists() {
-        return Ok(format!(
-            "plugin {plugin} has no state yet ({})",
-            path.display()
-        ));
-    }
-    match StateStore::open(&path, plugin) {
-        Ok(s) => s.clear()?,
-        Err(StoreError::Damaged { .. }) => {
-            std::fs::remove_file(&path).map_err(|e| StoreError::Io {
-                path: path.clone(),
-                source: Box::new(redb::Error::Io(e)),
-            })?
-        }
-        Err(e) => return Err(e.into()),
-    }
-    Ok(format!(
-        "dropped the state and offsets of plugin {plugin} ({}): at its next start it begins again from `start_from`",
-        path.display()
-    ))
-}
 
 /// Where a replay starts.
 #[derive(Debug, Clone, PartialEq)]
@@ -177,9 +32,12 @@ impl std::str::FromStr for From {
                 {
                     return Ok(From::Offset(n));
                 }
-                crate::generator::parse_rfc3339_ms(s)
+                crate::clock::parse_rfc3339_ms(s)
                     .map(From::Time)
-                    .ok_or_else(|| OpsError::BadPosition(s.to_string()))
+                    .map_err(|reason| OpsError::BadPosition {
+                        position: s.to_string(),
+                        reason,
+                    })
             }
         }
     }
@@ -243,7 +101,7 @@ fn commit_group(config: &Config, plugin: &str, offsets: &Offsets) -> Result<(), 
             config.kafka.brokers
         ))
     };
-    let consumer: BaseConsumer = crate::broker::client_config(&config.kafka, &config.kafka.brokers)
+    let consumer: BaseConsumer = crate::kafka::client_config(&config.kafka, &config.kafka.brokers)
         .set("group.id", &group)
         .create()
         .map_err(kafka)?;
@@ -261,7 +119,7 @@ fn positions(config: &Config, from: &From) -> Result<Offsets, OpsError> {
         OpsError::Kafka(format!("asking Kafka ({}): {e}", config.kafka.brokers))
     };
     let timeout = Duration::from_secs(10);
-    let consumer: BaseConsumer = crate::broker::client_config(&config.kafka, &config.kafka.brokers)
+    let consumer: BaseConsumer = crate::kafka::client_config(&config.kafka, &config.kafka.brokers)
         .create()
         .map_err(kafka)?;
     let topic = &config.kafka.topic;

@@ -11,12 +11,12 @@
 //! does not change with a dependency's version); with a fixed `start_ms` the timestamps
 //! are reproducible too.
 
-use rdkafka::ClientConfig;
-use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+mod produce;
+
+pub use produce::{ProduceOptions, produce_blocking};
+
+use crate::clock::format_rfc3339_ms;
 use serde_json::json;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
 
 /// A small, fast, reproducible random number generator (SplitMix64).
 #[derive(Debug, Clone)]
@@ -442,190 +442,6 @@ fn uuid(rng: &mut Rng) -> String {
     )
 }
 
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ` for Unix milliseconds.
-pub fn format_rfc3339_ms(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let millis = ms.rem_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since the epoch (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    )
-}
-
-/// Unix milliseconds of `YYYY-MM-DDTHH:MM:SS[.fff](Z|±HH:MM)`, the inverse of
-/// [`format_rfc3339_ms`].
-pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || !matches!(b[10], b'T' | b't')
-        || b[13] != b':'
-        || b[16] != b':'
-    {
-        return None;
-    }
-    let num =
-        |r: std::ops::Range<usize>| -> Option<i64> { s.get(r)?.parse::<u32>().ok().map(i64::from) };
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    let (h, mi, se) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
-        return None;
-    }
-    let (millis, zone) = match s[19..].strip_prefix('.') {
-        Some(r) => {
-            let digits = r.bytes().take_while(u8::is_ascii_digit).count();
-            if digits == 0 {
-                return None;
-            }
-            let frac: String = r[..digits].chars().chain("000".chars()).take(3).collect();
-            (frac.parse::<i64>().ok()?, &r[digits..])
-        }
-        None => (0, &s[19..]),
-    };
-    let offset_min = match zone {
-        "Z" | "z" => 0,
-        z if z.len() == 6 && (z.starts_with('+') || z.starts_with('-')) && &z[3..4] == ":" => {
-            let m = z[1..3].parse::<i64>().ok()? * 60 + z[4..6].parse::<i64>().ok()?;
-            if z.starts_with('+') { m } else { -m }
-        }
-        _ => return None,
-    };
-    // Days since the epoch (Howard Hinnant's algorithm).
-    let yy = if mo <= 2 { y - 1 } else { y };
-    let era = yy.div_euclid(400);
-    let yoe = yy - era * 400;
-    let doy = (153 * ((mo + 9) % 12) + 2) / 5 + d - 1;
-    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
-    Some((days * 86_400 + h * 3600 + mi * 60 + se - offset_min * 60) * 1000 + millis)
-}
-
-/// Current wall-clock time in Unix milliseconds.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-/// What `produce` writes, and how fast.
-#[derive(Debug, Clone)]
-pub struct ProduceOptions {
-    pub topic: String,
-    /// Stop after this many events; `None` runs until `stop` is set.
-    pub events: Option<u64>,
-    /// Events per second; 0 for as fast as the broker takes them.
-    pub rate: u32,
-    pub generator: GeneratorOptions,
-}
-
-/// Counts failed deliveries, which `produce` reports as an error.
-struct DeliveryCounter {
-    failed: Arc<AtomicU64>,
-    first_error: Arc<std::sync::Mutex<Option<String>>>,
-}
-
-impl rdkafka::ClientContext for DeliveryCounter {}
-
-impl ProducerContext for DeliveryCounter {
-    type DeliveryOpaque = ();
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((e, _)) = result {
-            self.failed.fetch_add(1, Ordering::Relaxed);
-            self.first_error
-                .lock()
-                .expect("lock")
-                .get_or_insert_with(|| e.to_string());
-        }
-    }
-}
-
-/// Writes generated events to Kafka. Blocking: call it from a thread of its own (or
-/// `spawn_blocking`). Returns how many events were delivered.
-pub fn produce_blocking(
-    client: &ClientConfig,
-    opts: &ProduceOptions,
-    stop: &AtomicBool,
-    produced: &AtomicU64,
-) -> anyhow::Result<u64> {
-    let failed = Arc::new(AtomicU64::new(0));
-    let first_error = Arc::new(std::sync::Mutex::new(None));
-    let mut client = client.clone();
-    client
-        .set("linger.ms", "5")
-        .set("message.timeout.ms", "30000");
-    let producer: BaseProducer<DeliveryCounter> = client
-        .create_with_context(DeliveryCounter {
-            failed: failed.clone(),
-            first_error: first_error.clone(),
-        })
-        .map_err(|e| anyhow::anyhow!("cannot create a Kafka producer: {e}"))?;
-    let started = Instant::now();
-    let mut sent = 0u64;
-    for event in Generator::new(opts.generator.clone()) {
-        if opts.events.is_some_and(|n| sent >= n) || stop.load(Ordering::Relaxed) {
-            break;
-        }
-        if opts.rate > 0 {
-            let due = started + Duration::from_secs_f64(sent as f64 / f64::from(opts.rate));
-            let now = Instant::now();
-            if due > now {
-                producer.poll(Duration::ZERO);
-                std::thread::sleep(due - now);
-            }
-        }
-        let mut record = BaseRecord::to(&opts.topic)
-            .key(event.key.as_bytes())
-            .payload(&event.payload);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((e, r))
-                    if e.rdkafka_error_code()
-                        == Some(rdkafka::types::RDKafkaErrorCode::QueueFull) =>
-                {
-                    record = r;
-                    producer.poll(Duration::from_millis(20));
-                }
-                Err((e, _)) => anyhow::bail!("cannot produce to `{}`: {e}", opts.topic),
-            }
-        }
-        sent += 1;
-        produced.fetch_add(1, Ordering::Relaxed);
-        producer.poll(Duration::ZERO);
-    }
-    producer
-        .flush(Duration::from_secs(60))
-        .map_err(|e| anyhow::anyhow!("flushing produced events: {e}"))?;
-    let failed = failed.load(Ordering::Relaxed);
-    if failed > 0 {
-        let first = first_error
-            .lock()
-            .expect("lock")
-            .clone()
-            .unwrap_or_default();
-        anyhow::bail!(
-            "{failed} of {sent} events were not delivered to `{}`: {first}",
-            opts.topic
-        );
-    }
-    Ok(sent)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -707,18 +523,5 @@ mod tests {
             .map(|v| v["location"]["country"].as_str().unwrap())
             .collect();
         assert!(countries.len() >= 3);
-    }
-
-    #[test]
-    fn timestamps_format_and_parse_back() {
-        assert_eq!(format_rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(
-            format_rfc3339_ms(1_705_314_645_123),
-            "2024-01-15T10:30:45.123Z"
-        );
-        assert_eq!(
-            format_rfc3339_ms(951_868_800_000),
-            "2000-03-01T00:00:00.000Z"
-        );
     }
 }

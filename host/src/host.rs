@@ -1,0 +1,227 @@
+//! The composition root: [`Host::start`] wires the subsystems together (broker, plugins,
+//! supervisor, HTTP server, generator) and [`Host::stop`] takes them down in order.
+
+use crate::config::Config;
+use crate::kafka::{self, ClusterView, EmbeddedBroker};
+use crate::metrics::Metrics;
+use crate::{clock, generator, http, supervisor, wasm};
+use anyhow::Context as _;
+use rdkafka::producer::FutureProducer;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{error, info};
+
+/// A running host. Stop it with [`Host::stop`].
+pub struct Host {
+    metrics: Arc<Metrics>,
+    http_addr: SocketAddr,
+    bootstrap: String,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    reloads: tokio::sync::mpsc::Sender<supervisor::Request>,
+    generator_stop: Arc<AtomicBool>,
+    generator: Option<tokio::task::JoinHandle<()>>,
+    /// Declared last: dropped after every client of it has stopped.
+    _broker: Option<EmbeddedBroker>,
+}
+
+impl Host {
+    /// Starts everything `config` describes. Fails, naming the cause, if the broker cannot
+    /// be started, a plugin cannot be loaded, or the metrics address is taken; once it has
+    /// returned, per-event problems never stop the host.
+    pub async fn start(config: Config) -> anyhow::Result<Host> {
+        let broker = if config.embedded() {
+            let broker = EmbeddedBroker::start()?;
+            broker.create_topic(&config.kafka.topic, config.kafka.partitions)?;
+            info!(
+                bootstrap = broker.bootstrap_servers(),
+                topic = %config.kafka.topic,
+                partitions = config.kafka.partitions,
+                "embedded Kafka broker started (any Kafka client can connect to it)"
+            );
+            Some(broker)
+        } else {
+            None
+        };
+        let bootstrap = match &broker {
+            Some(b) => b.bootstrap_servers().to_string(),
+            None => config.kafka.brokers.clone(),
+        };
+        let client = kafka::client_config(&config.kafka, &bootstrap);
+        if broker.is_none() {
+            let (c, topic) = (client.clone(), config.kafka.topic.clone());
+            let timeout = std::time::Duration::from_millis(config.kafka.connect_timeout_ms);
+            tokio::task::spawn_blocking(move || kafka::wait_until_reachable(&c, &topic, timeout))
+                .await??;
+        }
+        // Consumers' settings (the producers' would warn about consumer-only properties).
+        let mut consumer_client = client.clone();
+        if broker.is_some() && !config.kafka.settings.contains_key("fetch.wait.max.ms") {
+            // The embedded broker answers a fetch only after `fetch.wait.max.ms` (500 ms by
+            // default) even while data flows, which would hand plugins events in 500 ms
+            // bursts. A real broker answers as soon as data is there. 10 ms keeps what an
+            // event waits for its fetch short, for ~2% of a core while the host is idle.
+            consumer_client.set("fetch.wait.max.ms", "10");
+        }
+
+        let engine = wasm::engine()?;
+        // What the saved offsets of durable state are checked against.
+        let cluster = if config.state.durable {
+            let (client, topic) = (client.clone(), config.kafka.topic.clone());
+            let mut view =
+                tokio::task::spawn_blocking(move || ClusterView::probe(&client, &topic)).await?;
+            if broker.is_some() {
+                view.id = Some(kafka::cluster::embedded_cluster_id());
+            }
+            view
+        } else {
+            ClusterView::default()
+        };
+        let sandboxes = supervisor::load_all(&engine, &config, &cluster).await?;
+
+        let metrics = Arc::new(Metrics::default());
+        let listener = http::bind(config.http.address).await?;
+        let http_addr = listener.local_addr()?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+        tasks.spawn(http::serve(
+            listener,
+            http::router(metrics.clone()),
+            config.http.max_connections,
+            shutdown_rx.clone(),
+        ));
+        info!("metrics at http://{http_addr}/metrics, health at http://{http_addr}/healthz");
+
+        let producer: FutureProducer = client
+            .clone()
+            .set("linger.ms", "5")
+            .create()
+            .map_err(|e| anyhow::anyhow!("cannot create the output producer: {e}"))?;
+        let (reloads, reload_requests) = tokio::sync::mpsc::channel(4);
+        let supervisor = supervisor::Supervisor::start(
+            engine,
+            config.clone(),
+            sandboxes,
+            cluster.id.clone().filter(|_| broker.is_some()),
+            consumer_client,
+            producer,
+            metrics.clone(),
+            shutdown_rx.clone(),
+        );
+        tasks.spawn(supervisor::supervise(
+            supervisor,
+            reload_requests,
+            shutdown_rx.clone(),
+        ));
+
+        let generator_stop = Arc::new(AtomicBool::new(false));
+        let generator = (config.generator.rate > 0).then(|| {
+            let opts = generator::ProduceOptions {
+                topic: config.kafka.topic.clone(),
+                events: None,
+                rate: config.generator.rate,
+                generator: generator::GeneratorOptions {
+                    seed: config.generator.seed,
+                    fraud_every: config.generator.fraud_every,
+                    start_ms: clock::now_ms(),
+                    spacing_ms: (1000 / i64::from(config.generator.rate)).max(1),
+                },
+            };
+            info!(
+                rate = config.generator.rate,
+                "generating user-activity events"
+            );
+            let (stop, metrics, client) = (generator_stop.clone(), metrics.clone(), client.clone());
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) =
+                    generator::produce_blocking(&client, &opts, &stop, &metrics.generated)
+                {
+                    error!("generator stopped: {e:#}");
+                }
+            })
+        });
+
+        Ok(Host {
+            metrics,
+            http_addr,
+            bootstrap,
+            shutdown,
+            tasks,
+            reloads,
+            generator_stop,
+            generator,
+            _broker: broker,
+        })
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Where `/metrics` and `/healthz` are served.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The Kafka bootstrap address in use (the embedded broker's, if it runs one).
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap
+    }
+
+    /// Re-reads `plugins.toml` and applies what changed, as a watched file change or
+    /// `SIGHUP` would; returns what it did.
+    pub async fn reload(&self) -> anyhow::Result<supervisor::ReloadReport> {
+        let (reply, report) = tokio::sync::oneshot::channel();
+        self.reloads
+            .send(supervisor::Request::Reload(reply))
+            .await
+            .map_err(|_| anyhow::anyhow!("the host is stopping"))?;
+        report
+            .await
+            .map_err(|_| anyhow::anyhow!("the host is stopping"))
+    }
+
+    /// Stops the generator, lets each plugin finish its batch in flight and commit, and
+    /// stops the embedded broker.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.generator_stop.store(true, Ordering::Relaxed);
+        if let Some(g) = self.generator.take() {
+            g.await.context("generator task")?;
+        }
+        let _ = self.shutdown.send(true);
+        while let Some(r) = self.tasks.join_next().await {
+            r.context("host task")?;
+        }
+        Ok(())
+    }
+}
+
+/// Compiles every plugin and runs its `init` with its config in a scratch sandbox, as a
+/// start would, without a broker or state: `eddy check`. Reports every plugin that fails.
+pub fn check_plugins(config: &Config) -> anyhow::Result<()> {
+    let engine = wasm::engine()?;
+    let errors: Vec<String> = config
+        .plugins
+        .iter()
+        .filter_map(|p| {
+            wasm::Program::compile(&engine, &p.path, None)
+                .map(Arc::new)
+                .and_then(|program| program.validate(p))
+                .err()
+                .map(|e| format!("plugin `{}`: {e}", p.name))
+        })
+        .collect();
+    supervisor::load_errors(errors)
+}
+
+/// Runs the host until `shutdown` completes (e.g. Ctrl-C), then stops it cleanly.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let host = Host::start(config).await?;
+    shutdown.await;
+    info!("shutting down: finishing batches in flight");
+    host.stop().await
+}

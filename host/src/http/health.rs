@@ -1,0 +1,108 @@
+//! `/healthz`: whether every plugin is consuming with its breaker closed, and whether Kafka
+//! is reachable; per plugin, its state, events handled and lag.
+
+use crate::metrics::Metrics;
+use std::sync::atomic::Ordering::Relaxed;
+
+/// The health report: `{"status":"ok"|"degraded","kafka":"up"|"down"|"unknown","plugins":{"name":{"up":true,…}}}`.
+#[derive(Debug, Clone)]
+pub struct Health {
+    /// Degraded when a plugin is not consuming, its breaker is open, or Kafka is unreachable.
+    pub degraded: bool,
+    /// `up` if a consumer has a broker connection and none lost it, `down` if any lost it.
+    pub kafka: &'static str,
+    pub plugins: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Health {
+    pub fn healthy(&self) -> bool {
+        !self.degraded
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::json!({
+            "status": if self.degraded { "degraded" } else { "ok" },
+            "kafka": self.kafka,
+            "plugins": self.plugins,
+        })
+        .to_string()
+    }
+}
+
+/// The health of the plugins `metrics` knows now (a removed plugin is not among them).
+pub fn health(metrics: &Metrics) -> Health {
+    let mut all_up = true;
+    let mut kafka = "unknown";
+    let plugins = metrics
+        .plugins()
+        .into_iter()
+        .map(|(name, m)| {
+            let up = m.up.load(Relaxed) == 1;
+            let breaker = match m.breaker_state.load(Relaxed) {
+                1 => "open",
+                2 => "half_open",
+                _ => "closed",
+            };
+            all_up &= up && breaker != "open";
+            let plugin_kafka = match m.kafka.load(Relaxed) {
+                1 => "up",
+                2 => "down",
+                _ => "unknown",
+            };
+            kafka = match (kafka, plugin_kafka) {
+                ("down", _) | (_, "down") => "down",
+                ("up", _) | (_, "up") => "up",
+                _ => "unknown",
+            };
+            let v = serde_json::json!({
+                "up": up,
+                "kafka": plugin_kafka,
+                "breaker": breaker,
+                "events": m.events_handled(),
+                "consumer_lag": m.consumer_lag.load(Relaxed),
+            });
+            (name, v)
+        })
+        .collect();
+    Health {
+        degraded: !all_up || kafka == "down",
+        kafka,
+        plugins,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plugin_that_is_down_degrades_until_it_is_removed() {
+        let m = Metrics::default();
+        m.plugin("running").up.store(1, Relaxed);
+        m.plugin("stopped").up.store(0, Relaxed);
+        let h = health(&m);
+        assert!(!h.healthy());
+        assert!(
+            h.to_json().contains(r#""status":"degraded""#),
+            "{}",
+            h.to_json()
+        );
+        m.remove_plugin("stopped");
+        let h = health(&m);
+        assert!(h.healthy(), "{}", h.to_json());
+        assert!(!h.plugins.contains_key("stopped"));
+    }
+
+    #[test]
+    fn kafka_down_degrades() {
+        let m = Metrics::default();
+        let p = m.plugin("a");
+        p.up.store(1, Relaxed);
+        p.kafka.store(1, Relaxed);
+        assert!(health(&m).healthy());
+        p.kafka.store(2, Relaxed);
+        let h = health(&m);
+        assert!(!h.healthy());
+        assert_eq!(h.kafka, "down");
+    }
+}

@@ -1,0 +1,185 @@
+//! Accepting connections, bounded: a connection holds one of `max_connections` permits for
+//! as long as it is open, and the next accept waits for a free one (the kernel's backlog
+//! holds the rest). An accept error (EMFILE when the process is out of file descriptors, say)
+//! is logged and retried after a backoff that grows on [`Policy::ACCEPT`], never at once.
+
+use crate::retry::Policy;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// A TCP listener with a bound on open connections, for `axum::serve`.
+pub struct BoundedListener {
+    listener: TcpListener,
+    slots: Arc<Semaphore>,
+}
+
+impl BoundedListener {
+    pub fn new(listener: TcpListener, max_connections: usize) -> BoundedListener {
+        BoundedListener {
+            listener,
+            slots: Arc::new(Semaphore::new(max_connections.max(1))),
+        }
+    }
+}
+
+impl axum::serve::Listener for BoundedListener {
+    type Io = Permitted;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Permitted, SocketAddr) {
+        let permit = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let (stream, addr) = accept_with_backoff(Policy::ACCEPT, || self.listener.accept()).await;
+        (
+            Permitted {
+                stream,
+                _permit: permit,
+            },
+            addr,
+        )
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// Calls `accept` until it succeeds. After an error it waits before the next call, longer
+/// after each error in a row (capped by `policy`); an error of the connection being accepted
+/// (reset or aborted before we took it) is only that connection's, so it is retried at once.
+pub async fn accept_with_backoff<T, F, Fut>(policy: Policy, mut accept: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = io::Result<T>>,
+{
+    let mut backoff = policy.backoff();
+    loop {
+        match accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) if is_connection_error(&e) => {}
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::error!(
+                    "http: cannot accept a connection ({e}); trying again in {delay:?}"
+                );
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
+/// An accepted connection and its permit, given back when the connection is dropped.
+pub struct Permitted {
+    stream: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for Permitted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Permitted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// The failure the issue saw: EMFILE from every accept. One second of it must cost a
+    /// handful of attempts, not a spinning core.
+    #[tokio::test(start_paused = true)]
+    async fn accept_errors_back_off_instead_of_spinning() {
+        let attempts = std::cell::Cell::new(0u32);
+        let started = tokio::time::Instant::now();
+        let result = tokio::time::timeout(
+            Duration::from_secs(10),
+            accept_with_backoff(Policy::ACCEPT, || {
+                attempts.set(attempts.get() + 1);
+                async { Err::<(), _>(io::Error::from_raw_os_error(24)) } // EMFILE
+            }),
+        )
+        .await;
+        assert!(result.is_err(), "it never succeeds");
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+        // 10 ms, 20, 40, … capped at 1 s: about 17 attempts in 10 s.
+        assert!(
+            (10..=25).contains(&attempts.get()),
+            "{} attempts in 10 s",
+            attempts.get()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_error_is_retried_at_once_and_success_returns() {
+        let attempts = std::cell::Cell::new(0u32);
+        let started = tokio::time::Instant::now();
+        let got = accept_with_backoff(Policy::ACCEPT, || {
+            attempts.set(attempts.get() + 1);
+            let n = attempts.get();
+            async move {
+                match n {
+                    1 => Err(io::Error::from(io::ErrorKind::ConnectionAborted)),
+                    2 => Err(io::Error::from_raw_os_error(24)),
+                    _ => Ok(n),
+                }
+            }
+        })
+        .await;
+        assert_eq!(got, 3);
+        assert_eq!(started.elapsed(), Policy::ACCEPT.first);
+    }
+}

@@ -1,0 +1,304 @@
+//! One plugin's Kafka consumer: its settings, and the callbacks librdkafka runs inside its
+//! poll: where assigned partitions start (the offsets saved with durable state), lag from
+//! librdkafka's statistics, broker connectivity, and the hand-over on revoke.
+
+use super::Offsets;
+use crate::config::{PluginConfig, StartFrom};
+use crate::event::{Event, Header};
+use crate::metrics::PluginMetrics;
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{ClientConfig, ClientContext, Statistics, TopicPartitionList};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+use tracing::{debug, error, info, warn};
+
+/// Consumer callbacks: where assigned partitions start, lag from librdkafka's statistics,
+/// rebalances to the log.
+pub struct Callbacks {
+    pub plugin: String,
+    pub topic: String,
+    pub metrics: Arc<PluginMetrics>,
+    /// With durable state: the offsets saved with it, where assigned partitions start (not
+    /// where Kafka's committed offsets say). `None`: state is not durable, Kafka's committed
+    /// offsets rule.
+    pub saved: Option<Arc<std::sync::Mutex<Offsets>>>,
+    /// `[state] shared_group`: other hosts may have handled partitions this one is assigned.
+    pub shared_group: bool,
+    /// The partitions of `topic` this consumer holds now, kept by the rebalance callback.
+    pub assigned: Arc<std::sync::Mutex<BTreeSet<i32>>>,
+    pub start_from: StartFrom,
+    /// When the consumer lost its last broker connection, for the log line when it is back.
+    pub kafka_down_since: std::sync::Mutex<Option<Instant>>,
+}
+
+impl ClientContext for Callbacks {
+    fn stats(&self, stats: Statistics) {
+        self.note_kafka_connection(&stats);
+        let Some(topic) = stats.topics.get(&self.topic) else {
+            return;
+        };
+        // Lag = log end - the position of the plugin: what this process handled (stored),
+        // else what is committed in Kafka, else where fetching resumed (e.g. the offsets
+        // saved with durable state, when there was nothing new to handle).
+        // Only the partitions held now: librdkafka keeps reporting partitions a rebalance
+        // took away, with the position they had then.
+        let assigned = self.assigned.lock().expect("assigned lock");
+        let lags: Vec<i64> = topic
+            .partitions
+            .values()
+            .filter(|p| p.partition >= 0 && p.hi_offset >= 0)
+            .filter(|p| assigned.contains(&p.partition))
+            .filter_map(|p| {
+                let position = [p.stored_offset, p.committed_offset, p.next_offset]
+                    .into_iter()
+                    .find(|o| *o >= 0)?;
+                Some((p.hi_offset - position).max(0))
+            })
+            .collect();
+        let lag = if lags.is_empty() {
+            -1
+        } else {
+            lags.iter().sum()
+        };
+        self.metrics.consumer_lag.store(lag, Relaxed);
+    }
+}
+
+impl Callbacks {
+    /// Records whether any broker connection is up, and says so in the log when that
+    /// changes: while Kafka is unreachable the consumer only waits and reconnects, so this
+    /// is the line that tells the user why nothing moves.
+    fn note_kafka_connection(&self, stats: &Statistics) {
+        let up = stats.brokers.values().any(|b| b.state == "UP");
+        let was = self.metrics.kafka.swap(if up { 1 } else { 2 }, Relaxed);
+        let mut down_since = self.kafka_down_since.lock().expect("down-since lock");
+        match (was, up) {
+            (2, true) => {
+                let down_for = down_since.take().map(|t| t.elapsed());
+                info!(plugin = %self.plugin, ?down_for, "Kafka is reachable again: consuming resumes");
+            }
+            (1 | 0, false) => {
+                *down_since = Some(Instant::now());
+                let brokers = stats
+                    .brokers
+                    .values()
+                    .map(|b| format!("{} {}", b.name, b.state))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                warn!(plugin = %self.plugin, %brokers, "no Kafka broker reachable: the plugin waits (nothing is lost) and reconnects; /healthz says kafka \"down\" meanwhile");
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Callbacks {
+    /// The group's committed offsets for the partitions of `tpl` (those that have one). On
+    /// error, none: the saved offsets alone decide, as with one host.
+    fn committed(
+        &self,
+        base: &rdkafka::consumer::BaseConsumer<Self>,
+        tpl: &TopicPartitionList,
+    ) -> Offsets {
+        match base.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+            Ok(list) => list
+                .elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    rdkafka::Offset::Offset(o) if o >= 0 => {
+                        Some(((e.topic().to_string(), e.partition()), o))
+                    }
+                    _ => None,
+                })
+                .collect(),
+            Err(e) => {
+                warn!(plugin = %self.plugin, "cannot read the group's committed offsets ({e}): starting from the offsets saved with the state");
+                Offsets::new()
+            }
+        }
+    }
+}
+
+impl ConsumerContext for Callbacks {
+    /// librdkafka's default rebalance, except that with durable state an assigned partition
+    /// starts at the offset saved with the state (or at `start_from` if none is saved); with
+    /// `shared_group`, at the later of that and the group's committed offset.
+    fn rebalance(
+        &self,
+        base: &rdkafka::consumer::BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        use rdkafka::consumer::RebalanceProtocol;
+        use rdkafka::types::RDKafkaRespErr::*;
+        let cooperative = matches!(base.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        match err {
+            RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                if let Some(saved) = &self.saved {
+                    // One host: its saved offsets are the truth (Kafka's committed ones
+                    // trail them). Sharing the group: another host may be further.
+                    let committed = if self.shared_group {
+                        self.committed(base, tpl)
+                    } else {
+                        Offsets::new()
+                    };
+                    let saved = saved.lock().expect("offsets lock");
+                    let assigned: Vec<(String, i32)> = tpl
+                        .elements()
+                        .iter()
+                        .map(|e| (e.topic().to_string(), e.partition()))
+                        .collect();
+                    for (topic, partition) in assigned {
+                        let key = (topic.clone(), partition);
+                        let start = match (saved.get(&key), committed.get(&key)) {
+                            // The state saw up to `s`; another host sharing the group may
+                            // have gone further (it had the partition meanwhile): continue
+                            // after what either handled, so no event is counted twice.
+                            (Some(s), Some(c)) => rdkafka::Offset::Offset((*s).max(*c)),
+                            (Some(s), None) => rdkafka::Offset::Offset(*s),
+                            (None, Some(c)) => rdkafka::Offset::Offset(*c),
+                            (None, None) => match self.start_from {
+                                StartFrom::Earliest => rdkafka::Offset::Beginning,
+                                StartFrom::Latest => rdkafka::Offset::End,
+                            },
+                        };
+                        let _ = tpl.set_partition_offset(&topic, partition, start);
+                    }
+                }
+                self.assigned.lock().expect("assigned lock").extend(
+                    tpl.elements()
+                        .iter()
+                        .filter(|e| e.topic() == self.topic)
+                        .map(|e| e.partition()),
+                );
+                info!(plugin = %self.plugin, partitions = %partitions(tpl), "partitions assigned");
+                let result = if cooperative {
+                    base.incremental_assign(tpl)
+                } else {
+                    base.assign(tpl)
+                };
+                if let Err(e) = result {
+                    error!(plugin = %self.plugin, "cannot take the assigned partitions: {e}");
+                }
+            }
+            RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                info!(plugin = %self.plugin, partitions = %partitions(tpl), "partitions revoked");
+                {
+                    let mut assigned = self.assigned.lock().expect("assigned lock");
+                    for e in tpl.elements().iter().filter(|e| e.topic() == self.topic) {
+                        assigned.remove(&e.partition());
+                    }
+                }
+                // Hand over exactly: the offsets of everything handled so far are committed
+                // before the partitions go (callbacks run only between batches, so nothing
+                // of these partitions is in flight). The next owner starts there.
+                match base.commit_consumer_state(CommitMode::Sync) {
+                    Ok(())
+                    | Err(rdkafka::error::KafkaError::ConsumerCommit(
+                        rdkafka::types::RDKafkaErrorCode::NoOffset,
+                    )) => {}
+                    Err(e) => {
+                        warn!(plugin = %self.plugin, "committing before the partitions go: {e}")
+                    }
+                }
+                let result = if cooperative {
+                    base.incremental_unassign(tpl)
+                } else {
+                    base.unassign()
+                };
+                if let Err(e) = result {
+                    warn!(plugin = %self.plugin, "unassign: {e}");
+                }
+            }
+            other => {
+                warn!(plugin = %self.plugin, "rebalance error: {other:?}");
+                let _ = base.unassign();
+            }
+        }
+    }
+}
+
+fn partitions(tpl: &TopicPartitionList) -> String {
+    tpl.elements()
+        .iter()
+        .map(|e| e.partition().to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Creates `plugin`'s consumer (its own group; offsets stored by the worker once an event's
+/// effects are delivered, committed by librdkafka every 5 s) and subscribes it to `topic`.
+pub fn subscribe(
+    client: &ClientConfig,
+    plugin: &PluginConfig,
+    topic: &str,
+    callbacks: Callbacks,
+) -> anyhow::Result<StreamConsumer<Callbacks>> {
+    let mut c = client.clone();
+    c.set("group.id", plugin.group_id())
+        .set("enable.auto.commit", "true")
+        // Offsets are stored by us, after the plugin's verdict and the delivery of its outputs.
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", plugin.start_from.as_kafka())
+        .set("statistics.interval.ms", "1000");
+    for (k, v) in [
+        ("session.timeout.ms", "10000"),
+        ("heartbeat.interval.ms", "1000"),
+    ] {
+        if c.get(k).is_none() {
+            c.set(k, v);
+        }
+    }
+    let consumer: StreamConsumer<Callbacks> = c.create_with_context(callbacks).map_err(|e| {
+        anyhow::anyhow!(
+            "plugin `{}`: cannot create a Kafka consumer: {e}",
+            plugin.name
+        )
+    })?;
+    consumer.subscribe(&[topic]).map_err(|e| {
+        anyhow::anyhow!(
+            "plugin `{}`: cannot subscribe to `{topic}`: {e}",
+            plugin.name
+        )
+    })?;
+    Ok(consumer)
+}
+
+/// Stores the offsets in the consumer, for librdkafka to commit to Kafka (every 5 s and on
+/// shutdown): lag tools and, without durable state, the next start use them.
+pub fn store_offsets(consumer: &StreamConsumer<Callbacks>, offsets: &Offsets) {
+    for ((topic, partition), next) in offsets {
+        // The legacy store call stores `offset + 1`.
+        if let Err(e) = consumer.store_offset(topic, *partition, next - 1) {
+            // The partition was revoked meanwhile: its new owner consumes from the last commit.
+            debug!(partition, next, "offset not stored: {e}");
+        }
+    }
+}
+
+/// The host's copy of a consumed message.
+pub fn to_event(m: &BorrowedMessage<'_>) -> Event {
+    let headers = m
+        .headers()
+        .map(|hs| {
+            hs.iter()
+                .map(|h| Header {
+                    key: h.key.to_string(),
+                    value: h.value.map(<[u8]>::to_vec),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Event {
+        topic: m.topic().to_string(),
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp_ms: m.timestamp().to_millis(),
+        key: m.key().map(<[u8]>::to_vec),
+        headers,
+        payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+    }
+}

@@ -1,0 +1,71 @@
+//! Kafka: the client settings every consumer and producer shares, the embedded broker, the
+//! consumer's callbacks (where partitions start, lag, connectivity) and what the host knows of
+//! the cluster. Every rdkafka call of the host outside the sinks lives here.
+
+pub mod cluster;
+pub mod consumer;
+pub mod embedded;
+
+pub use cluster::ClusterView;
+pub use embedded::EmbeddedBroker;
+
+use crate::config::KafkaConfig;
+use rdkafka::ClientConfig;
+use std::collections::BTreeMap;
+
+/// Offsets by (topic, partition): the next offset to consume.
+pub type Offsets = BTreeMap<(String, i32), i64>;
+
+/// Client settings for `brokers`, with the pass-through `[kafka.settings]` applied.
+pub fn client_config(kafka: &KafkaConfig, brokers: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    for (k, v) in &kafka.settings {
+        c.set(k, v);
+    }
+    c
+}
+
+/// Waits until the cluster at `client`'s bootstrap servers answers a metadata request, for
+/// at most `timeout`. Errors name the brokers and what to check: without this, a typo in
+/// `brokers` would leave the host running and consuming nothing, with only librdkafka's
+/// connection warnings to go on. Warns if `topic` does not exist (yet). Blocking.
+pub fn wait_until_reachable(
+    client: &ClientConfig,
+    topic: &str,
+    timeout: std::time::Duration,
+) -> anyhow::Result<()> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use std::time::{Duration, Instant};
+    let brokers = client.get("bootstrap.servers").unwrap_or("?").to_string();
+    let consumer: BaseConsumer = client
+        .create()
+        .map_err(|e| anyhow::anyhow!("kafka.brokers = \"{brokers}\": {e}"))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match consumer.fetch_metadata(Some(topic), left.min(Duration::from_secs(5))) {
+            Ok(md) => {
+                let missing = md.topics().iter().any(|t| {
+                    t.name() == topic && (t.error().is_some() || t.partitions().is_empty())
+                });
+                if missing {
+                    tracing::warn!(
+                        "topic `{topic}` does not exist on the cluster at {brokers}: the plugins wait until it is \
+                         created (create it, or set kafka.topic in plugins.toml)"
+                    );
+                }
+                return Ok(());
+            }
+            Err(e) if Instant::now() >= deadline => anyhow::bail!(
+                "cannot reach Kafka at {brokers} within {timeout:?} ({e}): check kafka.brokers in \
+                 plugins.toml and that the cluster is up (for the built-in broker, brokers = \"embedded\"; \
+                 to wait longer, kafka.connect_timeout_ms)"
+            ),
+            Err(e) => {
+                tracing::info!("waiting for Kafka at {brokers}: {e}");
+                std::thread::sleep(Duration::from_millis(500).min(left));
+            }
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Everything counted for one plugin.
+
+use super::{DeadLetterReason, Outcome, ReloadOutcome, TrapKind, Version};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// Upper bounds of the batch-latency histogram buckets, in seconds.
+pub(crate) const LATENCY_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+/// Everything counted for one plugin.
+#[derive(Debug, Default)]
+pub struct PluginMetrics {
+    pub(crate) events: [AtomicU64; 3],
+    /// `retry` verdicts received (each retry attempt counts).
+    pub retries: AtomicU64,
+    pub(crate) traps: [AtomicU64; 3],
+    pub instance_restarts: AtomicU64,
+    pub output_records: AtomicU64,
+    pub output_failures: AtomicU64,
+    pub ticks: AtomicU64,
+    /// Events consumed but not yet handled, summed over the plugin's partitions (-1: unknown).
+    pub consumer_lag: AtomicI64,
+    /// 1 while the plugin is loaded and consuming.
+    pub up: AtomicI64,
+    /// Whether the plugin's consumer has a connection to a Kafka broker: 1 yes, 2 no (all
+    /// brokers down: it reconnects meanwhile), 0 not known yet. From librdkafka's
+    /// statistics, once a second.
+    pub kafka: AtomicI64,
+    /// 0 closed, 1 open (paused), 2 half-open (on trial after a pause).
+    pub breaker_state: AtomicI64,
+    /// Times the breaker opened.
+    pub breaker_trips: AtomicU64,
+    pub(crate) dead_letters: [AtomicU64; 5],
+    pub(crate) reloads: [AtomicU64; 3],
+    pub(crate) version: Mutex<Version>,
+    pub(crate) batch_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    pub(crate) batch_count: AtomicU64,
+    pub(crate) batch_nanos: AtomicU64,
+    pub(crate) commit_count: AtomicU64,
+    pub(crate) commit_nanos: AtomicU64,
+}
+
+impl PluginMetrics {
+    pub fn count(&self, outcome: Outcome, n: u64) {
+        self.events[outcome as usize].fetch_add(n, Relaxed);
+    }
+
+    pub fn events(&self, outcome: Outcome) -> u64 {
+        self.events[outcome as usize].load(Relaxed)
+    }
+
+    /// All events that got a final outcome.
+    pub fn events_handled(&self) -> u64 {
+        Outcome::ALL.iter().map(|o| self.events(*o)).sum()
+    }
+
+    pub fn dead_lettered(&self, reason: DeadLetterReason) {
+        self.dead_letters[reason.index()].fetch_add(1, Relaxed);
+    }
+
+    pub fn dead_letters(&self, reason: DeadLetterReason) -> u64 {
+        self.dead_letters[reason.index()].load(Relaxed)
+    }
+
+    pub fn set_breaker(&self, state: crate::pipeline::BreakerState) {
+        use crate::pipeline::BreakerState::*;
+        let v = match state {
+            Closed => 0,
+            Open => 1,
+            HalfOpen => 2,
+        };
+        self.breaker_state.store(v, Relaxed);
+    }
+
+    pub fn trap(&self, kind: TrapKind) {
+        self.traps[kind as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn traps(&self, kind: TrapKind) -> u64 {
+        self.traps[kind as usize].load(Relaxed)
+    }
+
+    pub fn reload(&self, outcome: ReloadOutcome) {
+        self.reloads[outcome as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn reloads(&self, outcome: ReloadOutcome) -> u64 {
+        self.reloads[outcome as usize].load(Relaxed)
+    }
+
+    pub fn set_version(&self, version: Version) {
+        *self.version.lock().expect("metrics lock") = version;
+    }
+
+    pub fn version(&self) -> Version {
+        self.version.lock().expect("metrics lock").clone()
+    }
+
+    pub fn observe_batch(&self, took: Duration) {
+        let secs = took.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
+            self.batch_buckets[i].fetch_add(1, Relaxed);
+        }
+        self.batch_count.fetch_add(1, Relaxed);
+        self.batch_nanos.fetch_add(took.as_nanos() as u64, Relaxed);
+    }
+
+    /// Counts one state commit (with its offsets) and how long it took.
+    pub fn observe_commit(&self, took: Duration) {
+        self.commit_count.fetch_add(1, Relaxed);
+        self.commit_nanos.fetch_add(took.as_nanos() as u64, Relaxed);
+    }
+
+    /// Mean time of a state commit so far.
+    pub fn mean_commit(&self) -> Duration {
+        let n = self.commit_count.load(Relaxed).max(1);
+        Duration::from_nanos(self.commit_nanos.load(Relaxed) / n)
+    }
+
+    pub fn batches(&self) -> u64 {
+        self.batch_count.load(Relaxed)
+    }
+}

@@ -1,0 +1,511 @@
+//! One plugin's consume loop: its own consumer group, batches, verdicts, offsets.
+//!
+//! For each batch: run it through the sandbox (on a blocking thread, the plugin's CPU time
+//! must not stall the async runtime), handle traps and retries, deliver the outputs and dead
+//! letters, commit the plugin's state, and only then store the events' offsets. So an offset
+//! never passes an event whose effects are not delivered: a crash or a failed delivery means
+//! the events are consumed again (at-least-once), never skipped.
+//!
+//! Hot reload: the supervisor sends a [`Control::Swap`] with a new version (compiled off the
+//! event path) or config; the worker applies it between two batches, so every event is
+//! handled by exactly one version and the state carries over. Closing the control channel
+//! stops the worker: it finishes its batch, commits and leaves its group.
+//!
+//! Failures: traps are isolated event by event (see [`super::isolation`]); a plugin that
+//! fails on most events trips its [`Breaker`], which pauses it.
+//!
+//! Order: events of a partition reach the plugin in order. An event the plugin answers
+//! `retry` is handed again after the rest of its batch, so within one batch it can be
+//! overtaken by later events.
+
+use super::breaker::{Breaker, BreakerState};
+use super::fill::{Filled, fill};
+use super::isolation::{Disposition, Ran, run_events};
+use crate::config::PluginConfig;
+use crate::event::Event;
+use crate::kafka::Offsets;
+use crate::kafka::consumer::{self, Callbacks, store_offsets, to_event};
+use crate::metrics::{Outcome, PluginMetrics, ReloadOutcome, Version};
+use crate::retry::{Policy, sleep_unless_stopping};
+use crate::sinks::{DeadLetter, Outputs};
+use crate::wasm::{Program, Sandbox};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, error, info, instrument, warn};
+
+/// Instructions from the supervisor, applied between batches.
+pub enum Control {
+    /// Run `program` with `plugin`'s config from now on, keeping the state. The answer says
+    /// whether the switch happened (if not, the old version still runs).
+    Swap {
+        program: Arc<Program>,
+        plugin: Box<PluginConfig>,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// How handling a batch ended.
+enum Handled {
+    /// Every event is accounted for.
+    All,
+    /// The breaker opened. The events before `held` are accounted for; `held` were not run
+    /// to a verdict and must be handled after the pause (their offsets are not stored).
+    Tripped { held: Vec<Event>, pause: Duration },
+    /// The host is stopping before the batch's effects were delivered: its offsets are not
+    /// stored, and its events are consumed again at the next start.
+    Stopping,
+}
+
+/// The metrics' view of a running version.
+pub fn version_of(program: &Program) -> Version {
+    Version {
+        digest: program.digest().to_string(),
+        path: program.path().display().to_string(),
+        loaded_at: crate::clock::now_ms() as f64 / 1000.0,
+        compile_seconds: program.compile_time.as_secs_f64(),
+        precompiled: program.precompiled,
+        baseline: program.baseline,
+    }
+}
+
+/// Everything one plugin's loop needs.
+pub struct Worker {
+    pub(super) plugin: PluginConfig,
+    pub(super) topic: String,
+    pub(super) client: ClientConfig,
+    /// `None` only while a call runs on a blocking thread.
+    pub(super) sandbox: Option<Sandbox>,
+    pub(super) outputs: Outputs,
+    pub(super) metrics: Arc<PluginMetrics>,
+    pub(super) shutdown: watch::Receiver<bool>,
+    pub(super) control: mpsc::Receiver<Control>,
+    /// The offsets saved with durable state, shared with the rebalance callback.
+    pub(super) saved: Option<Arc<std::sync::Mutex<Offsets>>>,
+    /// `[state] shared_group`.
+    pub(super) shared_group: bool,
+    /// The partitions the consumer holds now (see [`Callbacks::assigned`]).
+    pub(super) assigned: Arc<std::sync::Mutex<BTreeSet<i32>>>,
+    pub(super) breaker: Breaker,
+}
+
+impl Worker {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        plugin: PluginConfig,
+        topic: String,
+        client: ClientConfig,
+        sandbox: Sandbox,
+        outputs: Outputs,
+        metrics: Arc<PluginMetrics>,
+        shutdown: watch::Receiver<bool>,
+        control: mpsc::Receiver<Control>,
+    ) -> Worker {
+        metrics.set_version(version_of(sandbox.program()));
+        metrics.set_breaker(BreakerState::Closed);
+        let plugin_breaker = plugin.breaker.clone();
+        let saved = sandbox
+            .state()
+            .is_durable()
+            .then(|| Arc::new(std::sync::Mutex::new(sandbox.state().offsets().clone())));
+        Worker {
+            plugin,
+            topic,
+            client,
+            sandbox: Some(sandbox),
+            outputs,
+            metrics,
+            shutdown,
+            control,
+            saved,
+            shared_group: false,
+            assigned: Default::default(),
+            breaker: Breaker::new(plugin_breaker),
+        }
+    }
+
+    /// `[state] shared_group`: other hosts share this plugin's consumer group.
+    pub fn sharing_the_group(mut self, shared: bool) -> Worker {
+        self.shared_group = shared;
+        self
+    }
+
+    pub(super) fn sandbox(&mut self) -> &mut Sandbox {
+        self.sandbox
+            .as_mut()
+            .expect("the sandbox is back after every call")
+    }
+
+    fn consumer(&self) -> anyhow::Result<StreamConsumer<Callbacks>> {
+        let callbacks = Callbacks {
+            plugin: self.plugin.name.clone(),
+            topic: self.topic.clone(),
+            metrics: self.metrics.clone(),
+            saved: self.saved.clone(),
+            shared_group: self.shared_group,
+            assigned: self.assigned.clone(),
+            start_from: self.plugin.start_from,
+            kafka_down_since: Default::default(),
+        };
+        consumer::subscribe(&self.client, &self.plugin, &self.topic, callbacks)
+    }
+
+    fn tick_interval(&self) -> Option<tokio::time::Interval> {
+        (self.plugin.tick_interval_ms > 0).then(|| {
+            let every = Duration::from_millis(self.plugin.tick_interval_ms);
+            tokio::time::interval_at(tokio::time::Instant::now() + every, every)
+        })
+    }
+
+    /// Consumes until shutdown (or until the supervisor closes the control channel), then
+    /// finishes the batch in flight and commits.
+    #[instrument(name = "plugin", skip_all, fields(plugin = %self.plugin.name, messaging.destination.name = %self.topic, messaging.consumer.group.name = %self.plugin.group_id()))]
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        let consumer = self.consumer()?;
+        self.metrics.consumer_lag.store(-1, Relaxed);
+        self.metrics.up.store(1, Relaxed);
+        let program = self.sandbox().program().clone();
+        info!(group = %self.plugin.group_id(), digest = %program.digest(), precompiled = program.precompiled,
+            load_ms = program.compile_time.as_millis() as u64, "consuming");
+        let mut tick = self.tick_interval();
+        let mut tick_ms = self.plugin.tick_interval_ms;
+        let mut consume_errors = Policy::CONSUME.backoff();
+        'consume: loop {
+            if self.plugin.tick_interval_ms != tick_ms {
+                tick_ms = self.plugin.tick_interval_ms;
+                tick = self.tick_interval();
+            }
+            let first = tokio::select! {
+                biased;
+                _ = self.shutdown.changed() => break,
+                control = self.control.recv() => match control {
+                    Some(Control::Swap { program, plugin, done }) => {
+                        let _ = done.send(self.swap(program, *plugin).await);
+                        continue;
+                    }
+                    None => break,
+                },
+                _ = async { tick.as_mut().expect("guarded").tick().await }, if tick.is_some() => {
+                    self.tick().await;
+                    continue;
+                }
+                m = consumer.recv() => m,
+            };
+            let first = match first {
+                Ok(m) => {
+                    consume_errors.reset();
+                    to_event(&m)
+                }
+                Err(e) => {
+                    let delay = consume_errors.next_delay();
+                    warn!("consume error, polling again in {delay:?}: {e}");
+                    if sleep_unless_stopping(delay, &mut self.shutdown)
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            let Filled {
+                mut events,
+                control,
+            } = fill(first, &consumer, &mut self.control, &self.plugin).await;
+            if self.shared_group {
+                // Taken before a rebalance moved their partition to another host, which
+                // starts at the offset committed on revoke: they are its to handle now.
+                let assigned = self.assigned.lock().expect("assigned lock");
+                events.retain(|e| assigned.contains(&e.partition));
+            }
+            match control {
+                // The events already taken go to the new version.
+                Some(Some(Control::Swap {
+                    program,
+                    plugin,
+                    done,
+                })) => {
+                    let _ = done.send(self.swap(program, *plugin).await);
+                }
+                // Removed: this batch is still handled and committed; the loop ends after it
+                // (the closed channel is seen again at the top).
+                Some(None) | None => {}
+            }
+            let mut batch = events;
+            loop {
+                match self.handle_batch(batch, &consumer).await {
+                    Handled::All => break,
+                    Handled::Stopping => break 'consume,
+                    Handled::Tripped { held, pause } => {
+                        if !self.wait_out_breaker(pause).await {
+                            break 'consume;
+                        }
+                        if held.is_empty() {
+                            break;
+                        }
+                        batch = held;
+                    }
+                }
+            }
+        }
+        self.metrics.up.store(0, Relaxed);
+        match consumer.commit_consumer_state(CommitMode::Sync) {
+            Ok(()) => info!("stopped; offsets committed"),
+            // Nothing stored yet, or a rebalance in progress: nothing is lost, the events
+            // are consumed again.
+            Err(rdkafka::error::KafkaError::ConsumerCommit(
+                rdkafka::types::RDKafkaErrorCode::NoOffset,
+            )) => {
+                info!("stopped; offsets were already committed")
+            }
+            Err(e) => info!("stopped; final commit: {e}"),
+        }
+        consumer.unsubscribe();
+        Ok(())
+    }
+
+    /// Switches version and/or config between two batches.
+    async fn swap(&mut self, program: Arc<Program>, plugin: PluginConfig) -> Result<(), String> {
+        let from = self.sandbox().program().digest().to_string();
+        let to = program.digest().to_string();
+        // The same version and settings on optimized code instead of baseline code: not a
+        // reload, so not counted as one.
+        let tier_up = from == to && self.sandbox().program().baseline && !program.baseline;
+        let path = program.path().display().to_string();
+        let started = Instant::now();
+        let target = plugin.clone();
+        let (_, result) = self
+            .in_sandbox(Vec::new(), move |sandbox, _, _, _| {
+                sandbox.swap(program, &target)
+            })
+            .await;
+        match result {
+            Ok(()) => {
+                self.outputs = Outputs::new(&plugin, self.outputs.producer().clone());
+                // A new version or config deserves a fresh start, not the old one's pause.
+                self.breaker = Breaker::new(plugin.breaker.clone());
+                self.metrics.set_breaker(BreakerState::Closed);
+                self.plugin = plugin;
+                let version = version_of(self.sandbox().program());
+                self.metrics.set_version(version);
+                if tier_up {
+                    info!(digest = %to, took = ?started.elapsed(), "now on optimized code");
+                    return Ok(());
+                }
+                self.metrics.reload(ReloadOutcome::Ok);
+                if from == to {
+                    info!(digest = %to, took = ?started.elapsed(), "applied new settings");
+                } else {
+                    info!(from = %from, to = %to, took = ?started.elapsed(), "switched to a new version (on probation for the next batches)");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.metrics.reload(ReloadOutcome::Failed);
+                error!(path = %path, digest = %to, "change refused, the plugin keeps running as before: {e}");
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Runs, delivers, commits and stores offsets for one batch (or, if the breaker opens
+    /// part-way, for the events decided before it did).
+    async fn handle_batch(
+        &mut self,
+        events: Vec<Event>,
+        consumer: &StreamConsumer<Callbacks>,
+    ) -> Handled {
+        let started = Instant::now();
+        let mut breaker = std::mem::replace(&mut self.breaker, Breaker::new(Default::default()));
+        let (mut events, (ran, breaker)) = self
+            .in_sandbox(events, move |sandbox, events, plugin, metrics| {
+                let ran = run_events(sandbox, events, plugin, metrics, &mut breaker);
+                (ran, breaker)
+            })
+            .await;
+        self.breaker = breaker;
+        let Ran {
+            dispositions,
+            trapped,
+            tripped,
+        } = ran;
+        let held = events.split_off(dispositions.len());
+        if let Some(rb) = self.sandbox().take_rolled_back() {
+            self.metrics.reload(ReloadOutcome::RolledBack);
+            let version = version_of(self.sandbox().program());
+            self.metrics.set_version(version);
+            error!(path = %rb.path.display(), digest = %rb.digest, restored = %rb.restored_digest,
+                "new version trapped on probation ({}); the previous version is back", rb.trap);
+        } else if !trapped {
+            self.sandbox().batch_succeeded();
+        }
+        let outputs = self.sandbox().take_outputs();
+        let version = self.sandbox().program().digest().to_string();
+        let letters: Vec<DeadLetter> = dispositions
+            .iter()
+            .enumerate()
+            .filter_map(|(index, d)| match d {
+                Disposition::DeadLetter {
+                    reason, attempts, ..
+                } => Some(DeadLetter {
+                    index,
+                    reason: reason.clone(),
+                    attempts: *attempts,
+                }),
+                _ => None,
+            })
+            .collect();
+        for (e, d) in events.iter().zip(&dispositions) {
+            if let Disposition::DeadLetter {
+                reason,
+                attempts,
+                cause,
+            } = d
+            {
+                warn!(
+                    messaging.kafka.partition = e.partition,
+                    messaging.kafka.offset = e.offset,
+                    reason = cause.label(),
+                    attempts,
+                    version = %version,
+                    "dead-lettered: {reason}"
+                );
+            }
+        }
+        if !self.deliver(&outputs, &events, &letters, &version).await {
+            self.sandbox().abort_batch();
+            return Handled::Stopping;
+        }
+        let offsets = next_offsets(&events);
+        if !self.commit(&offsets).await {
+            return Handled::Stopping;
+        }
+        store_offsets(consumer, &offsets);
+        for d in &dispositions {
+            match d {
+                Disposition::Ok => self.metrics.count(Outcome::Ok, 1),
+                Disposition::Skip => self.metrics.count(Outcome::Skip, 1),
+                Disposition::DeadLetter { cause, .. } => {
+                    self.metrics.count(Outcome::DeadLetter, 1);
+                    self.metrics.dead_lettered(*cause);
+                }
+            }
+        }
+        self.metrics
+            .output_records
+            .fetch_add(outputs.len() as u64, Relaxed);
+        self.metrics.observe_batch(started.elapsed());
+        debug!(
+            events = events.len(),
+            outputs = outputs.len(),
+            dead_letters = letters.len(),
+            "batch done"
+        );
+        match tripped {
+            None => Handled::All,
+            Some(why) => {
+                let pause = self.breaker.open();
+                self.metrics.breaker_trips.fetch_add(1, Relaxed);
+                self.metrics.set_breaker(BreakerState::Open);
+                error!(
+                    held = held.len(),
+                    pause_ms = pause.as_millis() as u64,
+                    "breaker open: {why}; pausing the plugin (the held events are handled after the pause, or by a fixed version as soon as it is swapped in)"
+                );
+                Handled::Tripped { held, pause }
+            }
+        }
+    }
+
+    /// Waits out an open breaker: consumes nothing, runs no ticks. A hot swap ends the pause
+    /// at once (a fix should not wait). Returns false if the host stops, or the plugin is
+    /// removed, meanwhile.
+    async fn wait_out_breaker(&mut self, pause: Duration) -> bool {
+        let until = tokio::time::Instant::now() + pause;
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.changed() => return false,
+                control = self.control.recv() => match control {
+                    Some(Control::Swap { program, plugin, done }) => {
+                        let result = self.swap(program, *plugin).await;
+                        let swapped = result.is_ok();
+                        let _ = done.send(result);
+                        if swapped {
+                            info!("breaker closed by the swap; resuming");
+                            return true;
+                        }
+                    }
+                    None => return false,
+                },
+                _ = tokio::time::sleep_until(until) => {
+                    self.breaker.resume();
+                    self.metrics.set_breaker(BreakerState::HalfOpen);
+                    info!("breaker half-open: handing the plugin events again, on trial");
+                    return true;
+                }
+            }
+        }
+    }
+
+    /// Runs `f` on the sandbox on a blocking thread.
+    pub(super) async fn in_sandbox<T, F>(&mut self, events: Vec<Event>, f: F) -> (Vec<Event>, T)
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Sandbox, &[Event], &PluginConfig, &PluginMetrics) -> T + Send + 'static,
+    {
+        let mut sandbox = self.sandbox.take().expect("one call at a time");
+        let plugin = self.plugin.clone();
+        let metrics = self.metrics.clone();
+        let (sandbox, events, result) = tokio::task::spawn_blocking(move || {
+            let result = f(&mut sandbox, &events, &plugin, &metrics);
+            (sandbox, events, result)
+        })
+        .await
+        .expect("the sandbox thread does not panic");
+        self.sandbox = Some(sandbox);
+        (events, result)
+    }
+
+    async fn tick(&mut self) {
+        let now = crate::clock::now_ms();
+        let (_, result) = self
+            .in_sandbox(Vec::new(), move |sandbox, _, _, metrics| {
+                let r = sandbox.call_tick(now);
+                if let Err(trap) = &r {
+                    metrics.trap(trap.kind);
+                    metrics.instance_restarts.fetch_add(1, Relaxed);
+                }
+                r
+            })
+            .await;
+        self.metrics.ticks.fetch_add(1, Relaxed);
+        if let Err(trap) = result {
+            warn!("on-tick failed: {trap}");
+        }
+        let outputs = self.sandbox().take_outputs();
+        if self.deliver(&outputs, &[], &[], "").await && self.commit(&Offsets::new()).await {
+            self.metrics
+                .output_records
+                .fetch_add(outputs.len() as u64, Relaxed);
+        } else {
+            self.sandbox().abort_batch();
+        }
+    }
+}
+
+/// The next offset to consume of each partition in `events`.
+fn next_offsets(events: &[Event]) -> Offsets {
+    let mut next = Offsets::new();
+    for e in events {
+        let o = next
+            .entry((e.topic.clone(), e.partition))
+            .or_insert(e.offset + 1);
+        *o = (*o).max(e.offset + 1);
+    }
+    next
+}
