@@ -6,12 +6,12 @@
 PLUGINS := eddy-logger eddy-analytics eddy-alert eddy-fraud eddy-fixture-misbehave eddy-fixture-wrong-world eddy-fixture-old-contract eddy-fixture-noop eddy-fixture-echo
 CARGO ?= cargo
 
-.PHONY: run test tansu plugins target check lint bench-reload bench-state bench-throughput bench-dispatch bench-plugins bench-memory fuzz
+.PHONY: run test tansu promtool plugins target check lint bench-reload bench-state bench-throughput bench-dispatch bench-plugins bench-memory fuzz
 
 run: plugins
 	$(CARGO) run --release -p eddy -- run --config plugins.toml
 
-test: target tansu
+test: target tansu promtool
 	EDDY_TANSU=$(TANSU) $(CARGO) test --workspace
 
 # tansu, a Kafka-protocol broker that stores in SQLite, for the real-broker tests
@@ -27,6 +27,17 @@ tansu:
 	  $(CARGO) install tansu --version $(TANSU_VERSION) --locked --features libsql,dynostore \
 	    --root $(TANSU_ROOT) --target-dir $(TANSU_ROOT)/build && rm -rf $(TANSU_ROOT)/build; \
 	fi
+
+# promtool, which the HTTP tests check /metrics with: Debian's prometheus package, installed
+# here when running as root on Debian (as CI does), else the message says how.
+promtool:
+	@command -v promtool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's prometheus package for promtool (the /metrics format check)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  else \
+	    echo "make test needs promtool (the /metrics format check): sudo apt-get install prometheus"; exit 1; \
+	  fi; }
 
 # The plugins, as WebAssembly components, in target/wasm32-wasip2/plugin/.
 plugins: target

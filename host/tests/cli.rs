@@ -276,3 +276,26 @@ fn sighup_reloads_plugins_toml_when_watching_is_off() {
         "the worker stopped cleanly"
     );
 }
+
+#[test]
+fn a_bad_replay_time_is_a_one_line_error_and_impossible_dates_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for bad in [
+        "2024-01-15T10:30:45+0é00",
+        "2024-02-31T00:00:00Z",
+        "2023-02-29T12:00:00Z",
+        "yesterday",
+    ] {
+        let out = eddy(&["replay", "analytics", "--from", bad], dir.path());
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {err}");
+        assert!(!err.contains("panicked"), "{bad}: {err}");
+        assert!(!err.contains("backtrace"), "{bad}: {err}");
+        let first = err.lines().next().unwrap_or_default();
+        assert!(
+            first.starts_with("error: invalid value") && first.contains(bad),
+            "{bad}: the first line should say what is wrong:\n{err}"
+        );
+        assert!(first.contains("RFC 3339"), "{bad}: {err}");
+    }
+}
