@@ -2,24 +2,24 @@
 //! the config or an error naming the file), and neither must what the host then derives from
 //! a config it accepted (each plugin's `init` JSON, group, dead-letter topic, state file).
 //!
-//! # Why `config.rs` is included by path
+//! # Why `config/` is included by path
 //!
-//! This target compiles `host/src/config.rs` itself, with `#[path]`, rather than depending on
+//! This target compiles `host/src/config/` itself, with `#[path]`, rather than depending on
 //! the `eddy` crate: that crate pulls in wasmtime, cranelift and librdkafka, which would take
 //! far longer to build with coverage instrumentation (on the 2-core CI machine) than fuzzing
-//! runs. `config.rs` needs only serde, serde_json, thiserror and toml (the versions of
-//! `host/Cargo.toml`), and from the rest of the crate only `crate::store::path_for`, which
-//! [`store`] below provides with the same body. If `config.rs` starts using another item of
+//! runs. `config/` needs only serde, serde_json, thiserror and toml (the versions of
+//! `host/Cargo.toml`), and from the rest of the crate only `crate::state::path_for`, which
+//! [`state`] below provides with the same body. If `config/` starts using another item of
 //! the host crate, add it to the shims here.
 
 #![no_main]
 
-#[allow(dead_code)]
-#[path = "../../host/src/config.rs"]
+#[allow(dead_code, unused_imports)]
+#[path = "../../host/src/config/mod.rs"]
 mod config;
 
-/// Stands in for `host/src/store.rs`, which needs redb: the one function `config.rs` calls.
-mod store {
+/// Stands in for `host/src/state/`, which needs redb: the one function `config/` calls.
+mod state {
     use std::path::{Path, PathBuf};
 
     /// Same as `eddy::state::path_for`.

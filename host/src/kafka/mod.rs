@@ -1,7 +1,9 @@
 //! Kafka: the client settings every consumer and producer shares, the embedded broker, the
 //! consumer's callbacks (where partitions start, lag, connectivity) and what the host knows of
-//! the cluster. Every rdkafka call of the host outside the sinks lives here.
+//! the cluster, and the admin questions `eddy replay` asks. Every rdkafka consumer call of
+//! the host is here; producers are in the sinks and the generator.
 
+pub mod admin;
 pub mod cluster;
 pub mod consumer;
 pub mod embedded;

@@ -3,12 +3,10 @@
 
 use super::{OpsError, state_file};
 use crate::config::Config;
+use crate::kafka;
 use crate::kafka::Offsets;
 use crate::state::StateStore;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Offset, TopicPartitionList};
 use std::fmt::Write;
-use std::time::Duration;
 
 /// Where a replay starts.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,96 +85,55 @@ pub fn replay(
 /// Sets `plugin`'s consumer group's committed offsets to `offsets` (the host must be stopped:
 /// a running member would overwrite them).
 fn commit_group(config: &Config, plugin: &str, offsets: &Offsets) -> Result<(), OpsError> {
-    use rdkafka::consumer::{CommitMode, Consumer};
     let group = config
         .plugins
         .iter()
         .find(|p| p.name == plugin)
         .map(|p| p.group_id())
         .unwrap_or_default();
-    let kafka = |e: rdkafka::error::KafkaError| {
+    let client = kafka::client_config(&config.kafka, &config.kafka.brokers);
+    kafka::admin::commit_group_offsets(&client, &group, offsets).map_err(|e| {
         OpsError::Kafka(format!(
             "setting the committed offsets of group `{group}` ({}): {e}. Every host sharing the \
              group must be stopped (a killed one counts until its session times out)",
             config.kafka.brokers
         ))
-    };
-    let consumer: BaseConsumer = crate::kafka::client_config(&config.kafka, &config.kafka.brokers)
-        .set("group.id", &group)
-        .create()
-        .map_err(kafka)?;
-    let mut tpl = TopicPartitionList::new();
-    for ((topic, partition), next) in offsets {
-        tpl.add_partition_offset(topic, *partition, Offset::Offset(*next))
-            .map_err(kafka)?;
-    }
-    consumer.commit(&tpl, CommitMode::Sync).map_err(kafka)
+    })
 }
 
 /// The offset of `from` on each partition of the input topic.
 fn positions(config: &Config, from: &From) -> Result<Offsets, OpsError> {
-    let kafka = |e: rdkafka::error::KafkaError| {
+    let kafka_error = |e: rdkafka::error::KafkaError| {
         OpsError::Kafka(format!("asking Kafka ({}): {e}", config.kafka.brokers))
     };
-    let timeout = Duration::from_secs(10);
-    let consumer: BaseConsumer = crate::kafka::client_config(&config.kafka, &config.kafka.brokers)
-        .create()
-        .map_err(kafka)?;
+    let client = kafka::client_config(&config.kafka, &config.kafka.brokers);
     let topic = &config.kafka.topic;
-    let md = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(kafka)?;
-    let partitions: Vec<i32> = md
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    drop(md);
-    if partitions.is_empty() {
+    let extents = kafka::admin::extents(&client, topic).map_err(kafka_error)?;
+    if extents.is_empty() {
         return Err(OpsError::Kafka(format!(
             "topic `{topic}` has no partitions (does it exist?)"
         )));
     }
-    let mut offsets = Offsets::new();
-    let by_time = if let From::Time(ms) = from {
-        let mut tpl = TopicPartitionList::new();
-        for p in &partitions {
-            tpl.add_partition_offset(topic, *p, Offset::Offset(*ms))
-                .map_err(kafka)?;
+    let at_time = match from {
+        From::Time(ms) => {
+            let partitions: Vec<i32> = extents.iter().map(|e| e.partition).collect();
+            kafka::admin::offsets_for_time(&client, topic, &partitions, *ms).map_err(kafka_error)?
         }
-        let found = consumer.offsets_for_times(tpl, timeout).map_err(kafka)?;
-        let map: Offsets = found
-            .elements()
-            .iter()
-            .map(|e| {
-                (
-                    (topic.clone(), e.partition()),
-                    e.offset().to_raw().unwrap_or(-1),
-                )
-            })
-            .collect();
-        drop(found);
-        Some(map)
-    } else {
-        None
+        _ => Default::default(),
     };
-    for p in partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, p, timeout)
-            .map_err(kafka)?;
-        let next = match from {
-            From::Earliest => low,
-            From::Latest => high,
-            From::Offset(n) => (*n).clamp(low, high),
-            // No event at or after the time: start at the end.
-            From::Time(_) => match by_time.as_ref().and_then(|m| m.get(&(topic.clone(), p))) {
-                Some(o) if *o >= 0 => *o,
-                _ => high,
-            },
-        };
-        offsets.insert((topic.clone(), p), next);
-    }
-    Ok(offsets)
+    Ok(extents
+        .into_iter()
+        .map(|e| {
+            let next = match from {
+                From::Earliest => e.low,
+                From::Latest => e.high,
+                From::Offset(n) => (*n).clamp(e.low, e.high),
+                // No event at or after the time: start at the end.
+                From::Time(_) => at_time.get(&e.partition).copied().unwrap_or(e.high),
+            };
+            ((topic.clone(), e.partition), next)
+        })
+        .collect())
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! The per-plugin circuit breaker: when a plugin keeps failing, stop feeding it for a while.
 //!
-//! One poison event is isolated and dead-lettered (see `worker`), and the plugin goes on. A
+//! One poison event is isolated and dead-lettered (see `isolation`), and the plugin goes on. A
 //! plugin that fails on *most* events is different: a bug in a new code path, a limit set too
 //! low, a plugin that cannot cope with today's traffic. Isolating and dead-lettering every
 //! event would flood its dead-letter topic with good events and burn CPU on traps. So when
