@@ -6,7 +6,7 @@
 PLUGINS := eddy-logger eddy-analytics eddy-alert eddy-fraud eddy-fixture-misbehave eddy-fixture-wrong-world eddy-fixture-old-contract eddy-fixture-noop eddy-fixture-echo
 CARGO ?= cargo
 
-.PHONY: run test tansu promtool plugins target check lint bench-reload bench-state bench-throughput bench-dispatch bench-plugins bench-memory fuzz
+.PHONY: run test tansu promtool plugins target check lint bench-reload bench-state bench-throughput bench-dispatch bench-plugins bench-memory bench-peer fuzz
 
 run: plugins
 	$(CARGO) run --release -p eddy -- run --config plugins.toml
@@ -74,6 +74,12 @@ bench-dispatch: plugins
 # (EDDY_BENCH_PLUGIN=<name> for one, e.g. under perf with EDDY_PERFMAP=1).
 bench-plugins: plugins
 	$(CARGO) bench -p eddy --bench plugins
+
+# The four shipped plugins in the host against the same jobs as Python consumer scripts
+# (benches/peer/jobs.py, confluent-kafka in a venv it makes), on the same broker and events
+# (EDDY_BENCH_EVENTS, default 200,000).
+bench-peer: plugins
+	$(CARGO) bench -p eddy --bench peer
 
 # Resident memory of the host with the four plugins, and per additional plugin.
 bench-memory: plugins
