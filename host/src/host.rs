@@ -210,7 +210,7 @@ pub fn check_plugins(config: &Config) -> anyhow::Result<()> {
         .filter_map(|p| {
             wasm::Program::compile(&engine, &p.path, None)
                 .map(Arc::new)
-                .and_then(|program| program.validate(p))
+                .and_then(|program| wasm::Sandbox::validate(&program, p))
                 .err()
                 .map(|e| format!("plugin `{}`: {e}", p.name))
         })

@@ -478,11 +478,6 @@ impl Config {
         Ok(())
     }
 
-    /// Where `plugin`'s state file is (when state is durable).
-    pub fn state_file(&self, plugin: &str) -> PathBuf {
-        crate::state::path_for(&self.state.dir, plugin)
-    }
-
     /// Whether the host must start its own broker.
     pub fn embedded(&self) -> bool {
         self.kafka.brokers.trim() == "embedded"

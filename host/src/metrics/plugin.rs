@@ -65,14 +65,9 @@ impl PluginMetrics {
         self.dead_letters[reason.index()].load(Relaxed)
     }
 
-    pub fn set_breaker(&self, state: crate::pipeline::BreakerState) {
-        use crate::pipeline::BreakerState::*;
-        let v = match state {
-            Closed => 0,
-            Open => 1,
-            HalfOpen => 2,
-        };
-        self.breaker_state.store(v, Relaxed);
+    /// The breaker's state as its gauge: 0 closed, 1 open, 2 half-open.
+    pub fn set_breaker(&self, state: impl Into<i64>) {
+        self.breaker_state.store(state.into(), Relaxed);
     }
 
     pub fn trap(&self, kind: TrapKind) {

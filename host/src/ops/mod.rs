@@ -48,5 +48,5 @@ pub(crate) fn state_file(config: &Config, plugin: &str) -> Result<std::path::Pat
                 .join(", "),
         });
     }
-    Ok(config.state_file(plugin))
+    Ok(crate::state::path_for(&config.state.dir, plugin))
 }

@@ -30,6 +30,17 @@ pub enum BreakerState {
     HalfOpen,
 }
 
+/// The gauge `eddy_breaker_state` shows: 0 closed, 1 open, 2 half-open.
+impl From<BreakerState> for i64 {
+    fn from(state: BreakerState) -> i64 {
+        match state {
+            BreakerState::Closed => 0,
+            BreakerState::Open => 1,
+            BreakerState::HalfOpen => 2,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Breaker {
     policy: BreakerPolicy,

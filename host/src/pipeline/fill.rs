@@ -3,7 +3,7 @@
 //! at `max_batch` events or `max_batch_bytes`, or when the supervisor sends a swap or a
 //! removal (the new version should not wait for a batch of the old one).
 
-use super::worker::Control;
+use super::control::Control;
 use crate::config::PluginConfig;
 use crate::event::Event;
 use crate::kafka::consumer::{Callbacks, to_event};

@@ -2,10 +2,12 @@
 //! commit, store offsets), what happens to events it fails on, and its breaker.
 
 pub mod breaker;
+mod control;
 mod effects;
 mod fill;
 mod isolation;
 pub mod worker;
 
 pub use breaker::{Breaker, BreakerState};
-pub use worker::{Control, Worker, version_of};
+pub use control::Control;
+pub use worker::{Worker, version_of};

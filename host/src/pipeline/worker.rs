@@ -19,6 +19,7 @@
 //! overtaken by later events.
 
 use super::breaker::{Breaker, BreakerState};
+use super::control::Control;
 use super::fill::{Filled, fill};
 use super::isolation::{Disposition, Ran, run_events};
 use crate::config::PluginConfig;
@@ -35,19 +36,8 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, instrument, warn};
-
-/// Instructions from the supervisor, applied between batches.
-pub enum Control {
-    /// Run `program` with `plugin`'s config from now on, keeping the state. The answer says
-    /// whether the switch happened (if not, the old version still runs).
-    Swap {
-        program: Arc<Program>,
-        plugin: Box<PluginConfig>,
-        done: oneshot::Sender<Result<(), String>>,
-    },
-}
 
 /// How handling a batch ended.
 enum Handled {

@@ -353,7 +353,7 @@ impl Supervisor {
         };
         // Try init with the new config in a scratch sandbox, off the event path.
         let (p, prog) = (plugin.clone(), program.clone());
-        let validated = tokio::task::spawn_blocking(move || prog.validate(&p))
+        let validated = tokio::task::spawn_blocking(move || Sandbox::validate(&prog, &p))
             .await
             .expect("validate task");
         if let Err(e) = validated {

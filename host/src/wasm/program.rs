@@ -7,11 +7,7 @@ use super::cache::{cache_file, digest, load_cached, release_compile_memory, stor
 use super::engine::error_chain;
 use super::host::HostState;
 use super::instance::StoreData;
-use super::sandbox::Sandbox;
-use crate::config::PluginConfig;
-use crate::state::PluginState;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 use wasmtime::Engine;
 use wasmtime::component::{Component, HasSelf, Linker};
@@ -183,13 +179,6 @@ impl Program {
     /// `sha256:<hex>` of the `.wasm` file's bytes.
     pub fn digest(&self) -> &str {
         &self.digest
-    }
-
-    /// Instantiates this version in a scratch sandbox with empty state and runs `init` with
-    /// `plugin`'s config: catches a bad config before the real switch.
-    pub fn validate(self: &Arc<Self>, plugin: &PluginConfig) -> Result<(), LoadError> {
-        let scratch = PluginState::in_memory(plugin.limits.state_mib << 20);
-        Sandbox::start(self.clone(), plugin, scratch).map(drop)
     }
 }
 

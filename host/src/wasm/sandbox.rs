@@ -101,6 +101,13 @@ impl Sandbox {
         Ok(sandbox)
     }
 
+    /// Instantiates `program` in a scratch sandbox with empty state and runs `init` with
+    /// `plugin`'s config: catches a bad config before the real switch.
+    pub fn validate(program: &Arc<Program>, plugin: &PluginConfig) -> Result<(), LoadError> {
+        let scratch = PluginState::in_memory(plugin.limits.state_mib << 20);
+        Sandbox::start(program.clone(), plugin, scratch).map(drop)
+    }
+
     pub fn program(&self) -> &Arc<Program> {
         &self.program
     }

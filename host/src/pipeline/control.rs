@@ -1,0 +1,17 @@
+//! What the supervisor tells a running worker, applied between two batches.
+
+use crate::config::PluginConfig;
+use crate::wasm::Program;
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+/// Instructions from the supervisor, applied between batches.
+pub enum Control {
+    /// Run `program` with `plugin`'s config from now on, keeping the state. The answer says
+    /// whether the switch happened (if not, the old version still runs).
+    Swap {
+        program: Arc<Program>,
+        plugin: Box<PluginConfig>,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+}
