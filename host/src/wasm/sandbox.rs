@@ -252,17 +252,14 @@ impl Sandbox {
                 self.store.data_mut().host.state.end_call(true);
                 Ok(verdicts)
             }
-            Ok(verdicts) => {
-                self.discard_call();
-                Err(Trap {
-                    kind: crate::metrics::TrapKind::Trap,
-                    message: format!(
-                        "returned {} verdicts for {} events",
-                        verdicts.len(),
-                        events.len()
-                    ),
-                })
-            }
+            Ok(verdicts) => Err(self.recover(Trap {
+                kind: crate::metrics::TrapKind::Trap,
+                message: format!(
+                    "returned {} verdicts for {} events",
+                    verdicts.len(),
+                    events.len()
+                ),
+            })),
             Err(e) => Err(self.fail(&e)),
         }
     }
@@ -293,21 +290,27 @@ impl Sandbox {
     pub fn commit_batch(
         &mut self,
         offsets: &crate::state::Offsets,
+        durability: crate::state::Durability,
     ) -> Result<(), crate::state::StoreError> {
         let digest = self.program.digest.clone();
-        self.store
-            .data_mut()
-            .host
-            .state
-            .commit_batch(offsets, &[(crate::state::META_WRITER, &digest)])
+        self.store.data_mut().host.state.commit_batch(
+            offsets,
+            &[(crate::state::META_WRITER, &digest)],
+            durability,
+        )
     }
 
     /// Drops the batch's state changes: its events will be consumed again.
+    /// The instance is recreated too: it may keep a cache of its state (the SDK does), which
+    /// must not remember writes the host dropped.
     pub fn abort_batch(&mut self) {
         let host = &mut self.store.data_mut().host;
         host.state.abort_batch();
         host.outputs.clear();
         host.outputs_mark = 0;
+        if let Err(e) = self.replace_instance(self.program.clone()) {
+            tracing::error!(path = %self.program.path.display(), "cannot recreate the instance after dropping a batch: {e}");
+        }
     }
 
     /// Drops the effects of the call that just failed (earlier calls of the batch stay).
@@ -321,6 +324,13 @@ impl Sandbox {
     /// version on probation is replaced by the one it replaced.
     fn fail(&mut self, e: &wasmtime::Error) -> Trap {
         let trap = self.classify(e);
+        self.recover(trap)
+    }
+
+    /// After a failed call: drop its effects and rebuild the instance (a version on
+    /// probation is replaced by the one it replaced). Never keeps the instance: it may cache
+    /// state writes the host just dropped.
+    fn recover(&mut self, trap: Trap) -> Trap {
         self.discard_call();
         if let Some(previous) = self.previous.take() {
             self.probation_left = 0;

@@ -23,8 +23,9 @@
 //! # Layout
 //! - [`activity`]: the typed user-activity event and its tolerant parser.
 //! - [`Event`], [`Verdict`]: what a plugin gets and what it answers.
-//! - [`State`]: the plugin's key/value state, cached per batch so a batch costs one
-//!   `get-many` and one `set-many` host call however many events touch it.
+//! - [`State`]: the plugin's key/value state, cached for the life of the instance so a
+//!   batch costs at most one `get-many` (for keys not seen before) and one `set-many`
+//!   host call however many events touch it.
 //! - [`Context`]: state, outputs and logging, handed to every callback.
 //! - [`testing`]: run a plugin natively, with in-memory state, in plain `#[test]`s.
 //!
@@ -215,26 +216,39 @@ pub struct OutputRecord {
 
 /// The plugin's key/value state, visible to this plugin only.
 ///
-/// Reads go through a per-batch cache and writes are buffered: the SDK writes everything
-/// back with one host call at the end of the batch. Values are bytes; the `*_json` and
-/// [`State::incr`] helpers store human-readable JSON, which `eddy state` can show.
+/// Reads go through a cache that lives as long as the instance, and writes are buffered: the
+/// SDK writes every change back with one host call at the end of each batch. This is sound
+/// because an instance is the only writer of its plugin's state, and the host recreates the
+/// instance (so the cache starts cold) whenever it drops writes the instance made: after a
+/// trap, on a hot swap, when a batch is abandoned. The cache is bounded (see
+/// [`CACHE_MAX_ENTRIES`], [`CACHE_MAX_BYTES`]): past that it is emptied at the end of a batch
+/// and fills again from the host.
 ///
-/// [`State::json_mut`] (and so `incr` and `add_f64`) decodes a value once per batch and
-/// encodes it once when the batch ends, however many events of the batch change it.
+/// Values are bytes; the `*_json` and [`State::incr`] helpers store human-readable JSON,
+/// which `eddy state` can show. [`State::json_mut`] (and so `incr` and `add_f64`) keeps a
+/// value decoded across batches and encodes it once per batch that changed it.
 pub struct State {
     backend: Box<dyn Backend>,
-    /// Values read or written during this batch (`None`: known to be absent), and whether
-    /// they were written. foldhash rather than std's SipHash: the cache is hashed several
-    /// times per event, and SipHash is slow in WebAssembly.
+    /// Values read or written (`None`: known to be absent), and whether they were written
+    /// since the last write-back. foldhash rather than std's SipHash: the cache is hashed
+    /// several times per event, and SipHash is slow in WebAssembly.
     cache: HashMap<String, Slot, foldhash::fast::RandomState>,
-    /// Keys written or deleted during this batch, in the order first written.
+    /// Bytes of the keys and values in `cache`, to bound it.
+    cache_bytes: usize,
+    /// Keys written or deleted since the last write-back, in the order first written.
     dirty: Vec<String>,
-    /// Values decoded by [`State::json_mut`] this batch; they take precedence over `cache`
-    /// and are encoded into it by [`State::flush`] (or when read as bytes).
-    decoded: HashMap<String, Box<dyn Decoded>, foldhash::fast::RandomState>,
+    /// Values decoded by [`State::json_mut`]; they take precedence over `cache`.
+    decoded: HashMap<String, DecodedSlot, foldhash::fast::RandomState>,
+    /// Keys of `decoded` handed out by `json_mut` since the last write-back.
+    touched: Vec<String>,
 }
 
-/// A value [`State::json_mut`] handed out, kept decoded until the batch is written back.
+/// How many keys the state cache holds before it is emptied (at the end of a batch).
+pub const CACHE_MAX_ENTRIES: usize = 50_000;
+/// How many bytes of keys and values the state cache holds before it is emptied.
+pub const CACHE_MAX_BYTES: usize = 8 << 20;
+
+/// A value [`State::json_mut`] handed out, kept decoded.
 trait Decoded: std::any::Any {
     fn encode(&self) -> Vec<u8>;
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
@@ -249,10 +263,20 @@ impl<T: Serialize + 'static> Decoded for T {
     }
 }
 
+struct DecodedSlot {
+    value: Box<dyn Decoded>,
+    /// Handed out by `json_mut` since the last write-back: written back at the next.
+    touched: bool,
+}
+
 /// One cached key.
 struct Slot {
     value: Option<Vec<u8>>,
     dirty: bool,
+}
+
+fn slot_bytes(key: &str, value: &Option<Vec<u8>>) -> usize {
+    key.len() + value.as_ref().map_or(0, Vec::len)
 }
 
 impl State {
@@ -260,17 +284,33 @@ impl State {
         State {
             backend,
             cache: HashMap::default(),
+            cache_bytes: 0,
             dirty: Vec::new(),
             decoded: HashMap::default(),
+            touched: Vec::new(),
         }
     }
 
-    /// Loads these keys with one host call, so later `get`s of them are free.
+    /// Remembers `value` for `key`, a key not in the cache, as the host holds it.
+    fn remember(&mut self, key: String, value: Option<Vec<u8>>) {
+        debug_assert!(!self.cache.contains_key(&key));
+        self.cache_bytes += slot_bytes(&key, &value);
+        self.cache.insert(
+            key,
+            Slot {
+                value,
+                dirty: false,
+            },
+        );
+    }
+
+    /// Loads these keys with one host call (those not cached yet), so later `get`s of them
+    /// are free.
     pub fn prefetch<S: AsRef<str>>(&mut self, keys: &[S]) {
         let missing: Vec<String> = keys
             .iter()
             .map(AsRef::as_ref)
-            .filter(|k| !self.cache.contains_key(*k))
+            .filter(|k| !self.cache.contains_key(*k) && !self.decoded.contains_key(*k))
             .map(str::to_string)
             .collect();
         if missing.is_empty() {
@@ -278,13 +318,7 @@ impl State {
         }
         let values = self.backend.get_many(&missing);
         for (k, value) in missing.into_iter().zip(values) {
-            self.cache.insert(
-                k,
-                Slot {
-                    value,
-                    dirty: false,
-                },
-            );
+            self.remember(k, value);
         }
     }
 
@@ -292,37 +326,34 @@ impl State {
         self.encode_decoded(key);
         if !self.cache.contains_key(key) {
             let value = self.backend.get_many(&[key.to_string()]).pop().flatten();
-            self.cache.insert(
-                key.to_string(),
-                Slot {
-                    value,
-                    dirty: false,
-                },
-            );
+            self.remember(key.to_string(), value);
         }
         self.cache.get(key).and_then(|s| s.value.as_deref())
     }
 
     pub fn set(&mut self, key: &str, value: Vec<u8>) {
-        self.decoded.remove(key);
+        self.forget_decoded(key);
         self.write(key, Some(value));
     }
 
     pub fn delete(&mut self, key: &str) {
-        self.decoded.remove(key);
+        self.forget_decoded(key);
         self.write(key, None);
     }
 
     /// The value at `key` as a `T` to change in place (`T::default()` if absent or not a
-    /// `T`). It is decoded from JSON on the first call in a batch and written back as JSON
-    /// once, when the batch ends: a batch in which 50 events update one user's record
-    /// parses and serializes it once, not 50 times. Counts as a write even if unchanged, so
-    /// use [`State::get_json`] to only read.
+    /// `T`). It is decoded from JSON once and kept decoded, and written back as JSON once
+    /// per batch that asked for it: a batch in which 50 events update one user's record
+    /// serializes it once, and the next batch does not parse it again. Counts as a write
+    /// even if unchanged, so use [`State::get_json`] to only read.
     pub fn json_mut<T>(&mut self, key: &str) -> &mut T
     where
         T: Serialize + DeserializeOwned + Default + 'static,
     {
-        let is_t = self.decoded.get_mut(key).map(|d| d.as_any_mut().is::<T>());
+        let is_t = self
+            .decoded
+            .get_mut(key)
+            .map(|d| d.value.as_any_mut().is::<T>());
         match is_t {
             Some(true) => {}
             other => {
@@ -331,12 +362,23 @@ impl State {
                     self.encode_decoded(key);
                 }
                 let value: T = self.get_json(key).unwrap_or_default();
-                self.decoded.insert(key.to_string(), Box::new(value));
+                self.decoded.insert(
+                    key.to_string(),
+                    DecodedSlot {
+                        value: Box::new(value),
+                        touched: false,
+                    },
+                );
             }
         }
-        self.decoded
-            .get_mut(key)
-            .and_then(|d| d.as_any_mut().downcast_mut::<T>())
+        let slot = self.decoded.get_mut(key).expect("just checked or inserted");
+        if !slot.touched {
+            slot.touched = true;
+            self.touched.push(key.to_string());
+        }
+        slot.value
+            .as_any_mut()
+            .downcast_mut::<T>()
             .expect("just checked or inserted as a T")
     }
 
@@ -374,16 +416,25 @@ impl State {
     /// Writes buffered changes back to the host. The SDK calls it at the end of every
     /// batch and tick; plugins rarely need to.
     pub fn flush(&mut self) {
-        // In key order, so the write-back does not depend on the hasher's seed.
-        let mut decoded: Vec<String> = self.decoded.keys().cloned().collect();
-        decoded.sort_unstable();
-        for key in decoded {
-            self.encode_decoded(&key);
-        }
-        if self.dirty.is_empty() {
-            return;
-        }
         let mut sets = Vec::new();
+        // In key order, so the write-back does not depend on the hasher's seed.
+        self.touched.sort_unstable();
+        for key in std::mem::take(&mut self.touched) {
+            if let Some(slot) = self.decoded.get_mut(&key)
+                && slot.touched
+            {
+                slot.touched = false;
+                let bytes = slot.value.encode();
+                // The cached bytes (if any) are stale now: `get` re-encodes from `decoded`.
+                if let Some(old) = self.cache.remove(&key) {
+                    self.cache_bytes -= slot_bytes(&key, &old.value);
+                    if old.dirty {
+                        self.dirty.retain(|k| k != &key);
+                    }
+                }
+                sets.push((key, bytes));
+            }
+        }
         let mut deletes = Vec::new();
         for key in self.dirty.drain(..) {
             let Some(slot) = self.cache.get_mut(&key) else {
@@ -407,22 +458,46 @@ impl State {
         }
     }
 
-    /// Forgets cached reads, so the next batch sees what the host holds.
+    /// Writes everything back; empties the cache if it grew past its bounds.
     fn end_batch(&mut self) {
         self.flush();
-        self.cache.clear();
+        if self.cache.len() + self.decoded.len() > CACHE_MAX_ENTRIES
+            || self.cache_bytes > CACHE_MAX_BYTES
+        {
+            self.cache.clear();
+            self.decoded.clear();
+            self.cache_bytes = 0;
+        }
     }
 
-    /// Moves the value [`State::json_mut`] holds for `key`, if any, into the byte cache.
+    /// Moves the value [`State::json_mut`] holds for `key`, if any, into the byte cache, as
+    /// a write if it was changed since the last write-back.
     fn encode_decoded(&mut self, key: &str) {
-        if let Some(value) = self.decoded.remove(key) {
-            self.write(key, Some(value.encode()));
+        if let Some(slot) = self.decoded.remove(key) {
+            let bytes = slot.value.encode();
+            if slot.touched {
+                self.touched.retain(|k| k != key);
+                self.write(key, Some(bytes));
+            } else {
+                self.remember(key.to_string(), Some(bytes));
+            }
+        }
+    }
+
+    /// Drops the decoded value of `key` (it is being overwritten).
+    fn forget_decoded(&mut self, key: &str) {
+        if let Some(slot) = self.decoded.remove(key)
+            && slot.touched
+        {
+            self.touched.retain(|k| k != key);
         }
     }
 
     fn write(&mut self, key: &str, value: Option<Vec<u8>>) {
+        let added = slot_bytes(key, &value);
         match self.cache.get_mut(key) {
             Some(slot) => {
+                self.cache_bytes -= slot_bytes(key, &slot.value);
                 slot.value = value;
                 if !slot.dirty {
                     slot.dirty = true;
@@ -435,6 +510,7 @@ impl State {
                 self.dirty.push(key.to_string());
             }
         }
+        self.cache_bytes += added;
     }
 }
 
@@ -768,5 +844,60 @@ mod tests {
         // Going back to an older layout is refused rather than corrupting state.
         let err = h.swap::<V1>("{}").err().unwrap();
         assert!(err.contains("newer than this plugin's 1"), "{err}");
+    }
+
+    /// Counts every payload under its own key, and all under `n`.
+    struct PerKey;
+    impl Plugin for PerKey {
+        type Config = NoConfig;
+        fn init(_: NoConfig, _: &mut Context) -> Result<Self, String> {
+            Ok(PerKey)
+        }
+        fn state_keys(&self, e: &Event, keys: &mut Vec<String>) {
+            keys.push(format!("k:{}", e.payload_str().unwrap_or_default()));
+        }
+        fn on_event(&mut self, e: &Event, ctx: &mut Context) -> Verdict {
+            ctx.state
+                .incr(&format!("k:{}", e.payload_str().unwrap_or_default()), 1);
+            ctx.state.incr("n", 1);
+            Verdict::Ok
+        }
+    }
+
+    #[test]
+    fn the_cache_outlives_the_batch_so_known_keys_cost_no_reads() {
+        let mut h = Harness::<PerKey>::new("{}").unwrap();
+        h.run_payloads(&["a", "b", "a"]);
+        let calls = h.recorded().host_calls;
+        // The same keys again: nothing to read, one write-back.
+        h.run_payloads(&["b", "a"]);
+        assert_eq!(h.recorded().host_calls - calls, 1);
+        assert_eq!(h.state_json::<i64>("k:a"), Some(3));
+        assert_eq!(h.state_json::<i64>("k:b"), Some(2));
+        assert_eq!(h.state_json::<i64>("n"), Some(5));
+        // A recreated instance starts cold, from what the host holds.
+        h.restart("{}").unwrap();
+        h.run_payloads(&["a"]);
+        assert_eq!(h.state_json::<i64>("k:a"), Some(4));
+        assert_eq!(h.state_json::<i64>("n"), Some(6));
+    }
+
+    #[test]
+    fn a_cache_past_its_bound_is_emptied_and_counts_stay_exact() {
+        let mut h = Harness::<PerKey>::new("{}").unwrap();
+        let keys: Vec<String> = (0..CACHE_MAX_ENTRIES + 10).map(|i| i.to_string()).collect();
+        for chunk in keys.chunks(5_000) {
+            h.run_payloads(chunk);
+        }
+        // Emptied after the batch that crossed the bound: these are read again, and counted on.
+        let calls = h.recorded().host_calls;
+        h.run_payloads(&["0", "1"]);
+        assert_eq!(
+            h.recorded().host_calls - calls,
+            2,
+            "one read, one write-back"
+        );
+        assert_eq!(h.state_json::<i64>("k:0"), Some(2));
+        assert_eq!(h.state_json::<i64>("n"), Some(keys.len() as i64 + 2));
     }
 }
