@@ -55,7 +55,7 @@ fn sandboxed(engine: &wasmtime::Engine, toml: &str, events: &[Event]) -> anyhow:
         drop(sandbox.take_outputs());
         let last = batch.last().unwrap();
         let offsets = [((last.topic.clone(), 0), last.offset + 1)].into();
-        sandbox.commit_batch(&offsets)?;
+        sandbox.commit_batch(&offsets, eddy::state::Durability::Immediate)?;
     }
     Ok(started.elapsed().as_secs_f64() * 1e9 / events.len() as f64)
 }

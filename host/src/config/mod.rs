@@ -156,6 +156,18 @@ pub struct StateConfig {
     /// rather than recomputing from `start_from` as a single host does.
     #[serde(default)]
     pub shared_group: bool,
+    /// Each batch's state and offsets are committed together at once, and the commits of
+    /// this interval reach the disk (fsync) together: a crash loses at most this much handled
+    /// work, which is handled again from the offsets on disk, so counts stay exact. 0 syncs every batch.
+    /// Kafka's committed offsets (lag tools, other hosts) follow what is on disk. With
+    /// `shared_group`, every batch is synced (a partition handed to another host must leave
+    /// nothing unsynced behind).
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
+}
+
+fn default_commit_interval_ms() -> u64 {
+    100
 }
 
 impl StateConfig {
@@ -170,6 +182,7 @@ impl Default for StateConfig {
     fn default() -> Self {
         StateConfig {
             durable: default_durable(),
+            commit_interval_ms: default_commit_interval_ms(),
             dir: default_state_dir(),
             shared_group: false,
         }
@@ -329,6 +342,15 @@ impl Config {
             return Err(self.invalid(
                 "kafka.partitions",
                 format!("must be 1 to 1024, not {}", k.partitions),
+            ));
+        }
+        if self.state.commit_interval_ms > 60_000 {
+            return Err(self.invalid(
+                "state.commit_interval_ms",
+                format!(
+                    "must be 0 to 60000 ms, not {}",
+                    self.state.commit_interval_ms
+                ),
             ));
         }
         if !(1..=10_000).contains(&self.http.max_connections) {

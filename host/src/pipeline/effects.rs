@@ -1,15 +1,19 @@
 //! A batch's effects leaving the host: its outputs and dead letters delivered, then its state
-//! committed with the offsets it advanced. Each is retried on the host's backoff policy until
-//! it goes through, or until the host shuts down (the batch is then dropped, and its events
-//! are consumed again at the next start). Offsets are held back meanwhile, so nothing is
-//! skipped.
+//! committed with the offsets it advanced (on the disk at least every `commit_interval`), then
+//! those offsets stored for Kafka once they are on the disk. Each step is retried on the
+//! host's backoff policy until it goes through, or until the host shuts down (the batch is
+//! then dropped, and its events are consumed again at the next start). Offsets are held back
+//! meanwhile, so nothing is skipped.
 
 use super::worker::Worker;
 use crate::event::Event;
 use crate::kafka::Offsets;
+use crate::kafka::consumer::{Callbacks, store_offsets};
 use crate::retry::{Policy, sleep_unless_stopping};
 use crate::sinks::DeadLetter;
+use crate::state::Durability;
 use crate::wasm::OutputRecord;
+use rdkafka::consumer::StreamConsumer;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 use tracing::error;
@@ -56,9 +60,25 @@ impl Worker {
         }
     }
 
-    /// Commits the batch's state with `offsets` (one transaction when state is durable).
-    /// False if the host is stopping before it went through: the batch is then dropped.
-    pub(super) async fn commit(&mut self, offsets: &Offsets) -> bool {
+    /// Commits the batch's state with `offsets` (one transaction when state is durable), on
+    /// the disk at once if `sync` or if the last sync is `commit_interval` old, else with a
+    /// later sync (see [`Durability`]). Returns the offsets that are on the disk now (this
+    /// commit's and earlier deferred ones: the caller stores them in the consumer), or
+    /// `None` if the host is stopping before the commit went through (the batch is dropped).
+    pub(super) async fn commit(&mut self, offsets: &Offsets, sync: bool) -> Option<Offsets> {
+        let durability = if sync
+            || self.saved.is_none()
+            || self.shared_group
+            || self.commit_interval.is_zero()
+            || self
+                .unsynced
+                .as_ref()
+                .is_some_and(|(since, _)| since.elapsed() >= self.commit_interval)
+        {
+            Durability::Immediate
+        } else {
+            Durability::Deferred
+        };
         let mut backoff = Policy::DELIVERY.backoff();
         loop {
             let started = Instant::now();
@@ -66,7 +86,7 @@ impl Worker {
             let batch_offsets = offsets.clone();
             let (_, result) = self
                 .in_sandbox(Vec::new(), move |sandbox, _, _, _| {
-                    sandbox.commit_batch(&batch_offsets)
+                    sandbox.commit_batch(&batch_offsets, durability)
                 })
                 .await;
             match result {
@@ -78,7 +98,24 @@ impl Worker {
                             .expect("offsets lock")
                             .extend(offsets.iter().map(|(k, v)| (k.clone(), *v)));
                     }
-                    return true;
+                    return Some(match durability {
+                        Durability::Immediate => {
+                            let mut synced = self
+                                .unsynced
+                                .take()
+                                .map(|(_, offsets)| offsets)
+                                .unwrap_or_default();
+                            synced.extend(offsets.iter().map(|(k, v)| (k.clone(), *v)));
+                            synced
+                        }
+                        Durability::Deferred => {
+                            let (_, unsynced) = self
+                                .unsynced
+                                .get_or_insert_with(|| (Instant::now(), Offsets::new()));
+                            unsynced.extend(offsets.iter().map(|(k, v)| (k.clone(), *v)));
+                            Offsets::new()
+                        }
+                    });
                 }
                 Err(e) => {
                     self.metrics.output_failures.fetch_add(1, Relaxed);
@@ -91,10 +128,26 @@ impl Worker {
                         .is_err()
                     {
                         self.sandbox().abort_batch();
-                        return false;
+                        return None;
                     }
                 }
             }
+        }
+    }
+
+    /// Puts deferred commits on the disk and stores their offsets in the consumer. False if
+    /// the host is stopping before that went through (they are handled again at the next
+    /// start, from what is on the disk).
+    pub(super) async fn sync(&mut self, consumer: &StreamConsumer<Callbacks>) -> bool {
+        if self.unsynced.is_none() {
+            return true;
+        }
+        match self.commit(&Offsets::new(), true).await {
+            Some(synced) => {
+                store_offsets(consumer, &synced);
+                true
+            }
+            None => false,
         }
     }
 }

@@ -78,6 +78,11 @@ pub struct Worker {
     pub(super) saved: Option<Arc<std::sync::Mutex<Offsets>>>,
     /// `[state] shared_group`.
     pub(super) shared_group: bool,
+    /// `[state] commit_interval_ms`: how long a commit may stay off the disk.
+    pub(super) commit_interval: Duration,
+    /// Commits not on the disk yet: since when, and the offsets they advanced, which are
+    /// stored in the consumer (for Kafka's committed offsets) once they are.
+    pub(super) unsynced: Option<(Instant, Offsets)>,
     /// The partitions the consumer holds now (see [`Callbacks::assigned`]).
     pub(super) assigned: Arc<std::sync::Mutex<BTreeSet<i32>>>,
     pub(super) breaker: Breaker,
@@ -113,6 +118,8 @@ impl Worker {
             control,
             saved,
             shared_group: false,
+            commit_interval: Duration::ZERO,
+            unsynced: None,
             assigned: Default::default(),
             breaker: Breaker::new(plugin_breaker),
         }
@@ -121,6 +128,13 @@ impl Worker {
     /// `[state] shared_group`: other hosts share this plugin's consumer group.
     pub fn sharing_the_group(mut self, shared: bool) -> Worker {
         self.shared_group = shared;
+        self
+    }
+
+    /// `[state] commit_interval_ms`: commits reach the disk at least this often (every
+    /// batch if zero, if state is not durable, or if the group is shared).
+    pub fn syncing_every(mut self, interval: Duration) -> Worker {
+        self.commit_interval = interval;
         self
     }
 
@@ -169,6 +183,12 @@ impl Worker {
                 tick_ms = self.plugin.tick_interval_ms;
                 tick = self.tick_interval();
             }
+            // Deferred commits go to the disk `commit_interval` after the first of them, also
+            // when no more events come.
+            let sync_at = self
+                .unsynced
+                .as_ref()
+                .map(|(since, _)| tokio::time::Instant::from_std(*since + self.commit_interval));
             let first = tokio::select! {
                 biased;
                 _ = self.shutdown.changed() => break,
@@ -180,7 +200,13 @@ impl Worker {
                     None => break,
                 },
                 _ = async { tick.as_mut().expect("guarded").tick().await }, if tick.is_some() => {
-                    self.tick().await;
+                    self.tick(&consumer).await;
+                    continue;
+                }
+                _ = tokio::time::sleep_until(sync_at.unwrap_or_else(tokio::time::Instant::now)), if sync_at.is_some() => {
+                    if !self.sync(&consumer).await {
+                        break;
+                    }
                     continue;
                 }
                 m = consumer.recv() => m,
@@ -231,7 +257,8 @@ impl Worker {
                     Handled::All => break,
                     Handled::Stopping => break 'consume,
                     Handled::Tripped { held, pause } => {
-                        if !self.wait_out_breaker(pause).await {
+                        // Nothing handled waits off the disk through the pause.
+                        if !self.sync(&consumer).await || !self.wait_out_breaker(pause).await {
                             break 'consume;
                         }
                         if held.is_empty() {
@@ -243,6 +270,7 @@ impl Worker {
             }
         }
         self.metrics.up.store(0, Relaxed);
+        self.sync(&consumer).await;
         match consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) => info!("stopped; offsets committed"),
             // Nothing stored yet, or a rebalance in progress: nothing is lost, the events
@@ -371,10 +399,10 @@ impl Worker {
             return Handled::Stopping;
         }
         let offsets = next_offsets(&events);
-        if !self.commit(&offsets).await {
+        let Some(synced) = self.commit(&offsets, false).await else {
             return Handled::Stopping;
-        }
-        store_offsets(consumer, &offsets);
+        };
+        store_offsets(consumer, &synced);
         for d in &dispositions {
             match d {
                 Disposition::Ok => self.metrics.count(Outcome::Ok, 1),
@@ -461,7 +489,7 @@ impl Worker {
         (events, result)
     }
 
-    async fn tick(&mut self) {
+    async fn tick(&mut self, consumer: &StreamConsumer<Callbacks>) {
         let now = crate::clock::now_ms();
         let (_, result) = self
             .in_sandbox(Vec::new(), move |sandbox, _, _, metrics| {
@@ -478,12 +506,17 @@ impl Worker {
             warn!("on-tick failed: {trap}");
         }
         let outputs = self.sandbox().take_outputs();
-        if self.deliver(&outputs, &[], &[], "").await && self.commit(&Offsets::new()).await {
+        if !self.deliver(&outputs, &[], &[], "").await {
+            self.sandbox().abort_batch();
+            return;
+        }
+        // A failed commit has dropped the tick's effects already.
+        if let Some(synced) = self.commit(&Offsets::new(), false).await {
+            // This commit may have been the one that put earlier ones on the disk.
+            store_offsets(consumer, &synced);
             self.metrics
                 .output_records
                 .fetch_add(outputs.len() as u64, Relaxed);
-        } else {
-            self.sandbox().abort_batch();
         }
     }
 }

@@ -14,7 +14,7 @@
 //! Keeping state here (not in the instance's memory) is what lets the host throw an instance
 //! away after a trap, or swap it for a new version, without losing anything.
 
-use super::{DurableStore, Offsets, StoreError};
+use super::{Durability, DurableStore, Offsets, StoreError};
 use std::collections::BTreeMap;
 
 /// The longest key a plugin may use.
@@ -50,6 +50,8 @@ pub struct PluginState {
     store: Option<Box<dyn DurableStore>>,
     /// Offsets the committed state reflects (the next offset to consume per partition).
     offsets: Offsets,
+    /// Whether a deferred commit is not on disk yet (see [`Durability`]).
+    deferred: bool,
 }
 
 fn entry_size(key: &str, value: Option<&Vec<u8>>) -> i64 {
@@ -69,6 +71,7 @@ impl PluginState {
             cap_bytes: cap_bytes as i64,
             store: None,
             offsets: Offsets::new(),
+            deferred: false,
         }
     }
 
@@ -92,6 +95,11 @@ impl PluginState {
 
     pub fn is_durable(&self) -> bool {
         self.store.is_some()
+    }
+
+    /// Whether a deferred commit is waiting for the next immediate one to reach the disk.
+    pub fn has_deferred(&self) -> bool {
+        self.deferred
     }
 
     pub fn store(&self) -> Option<&dyn DurableStore> {
@@ -215,18 +223,23 @@ impl PluginState {
 
     /// Makes the batch's changes permanent together with `offsets` (the next offset to
     /// consume of each partition the batch advanced): one transaction in the state file, if
-    /// durable, then in memory. On an error nothing changed and the batch is still pending,
-    /// so the caller may try again.
+    /// durable, then in memory. An immediate commit also puts every deferred one before it on
+    /// disk. On an error nothing changed and the batch is still pending, so the caller may
+    /// try again.
     pub fn commit_batch(
         &mut self,
         offsets: &Offsets,
         meta: &[(&str, &str)],
+        durability: Durability,
     ) -> Result<(), StoreError> {
         self.end_call(true);
         if let Some(store) = &self.store
-            && (!self.batch.is_empty() || !offsets.is_empty())
+            && (!self.batch.is_empty()
+                || !offsets.is_empty()
+                || (self.deferred && durability == Durability::Immediate))
         {
-            store.commit(&self.batch, offsets, meta)?;
+            store.commit(&self.batch, offsets, meta, durability)?;
+            self.deferred = durability == Durability::Deferred;
         }
         for (k, v) in std::mem::take(&mut self.batch) {
             match v {
@@ -280,7 +293,8 @@ mod tests {
     }
 
     fn commit(s: &mut PluginState) {
-        s.commit_batch(&Offsets::new(), &[]).unwrap();
+        s.commit_batch(&Offsets::new(), &[], Durability::Immediate)
+            .unwrap();
     }
 
     #[test]
@@ -367,7 +381,8 @@ mod tests {
         let mut s = PluginState::durable(StateStore::open(&path, "p").unwrap(), 1 << 20).unwrap();
         s.set_many(vec![kv("n", "1")]).unwrap();
         let offsets: Offsets = [(("t".to_string(), 2), 41)].into_iter().collect();
-        s.commit_batch(&offsets, &[]).unwrap();
+        s.commit_batch(&offsets, &[], Durability::Immediate)
+            .unwrap();
         // A batch that is never committed (a crash) leaves no trace in the file.
         s.set_many(vec![kv("n", "2")]).unwrap();
         s.end_call(true);

@@ -139,7 +139,8 @@ impl Supervisor {
             self.shutdown.clone(),
             control_rx,
         )
-        .sharing_the_group(self.config.state.shared_group);
+        .sharing_the_group(self.config.state.shared_group)
+        .syncing_every(Duration::from_millis(self.config.state.commit_interval_ms));
         let name = plugin.name.clone();
         let task = tokio::spawn(async move {
             if let Err(e) = worker.run().await {
