@@ -2,7 +2,8 @@
 //! `cargo bench -p eddy --bench peer` after `make plugins`).
 //!
 //! A fixed, seeded set of events (`EDDY_BENCH_EVENTS`, 200,000 by default) is produced to
-//! the embedded broker once. Then, on the same broker and events, alternating, twice:
+//! the embedded broker once (over enough partitions that it keeps them all, see
+//! `common::partitions_for`). Then, on the same broker and events, alternating, twice:
 //! - **python**: `benches/peer/jobs.py`, the four jobs of the shipped plugins written as a
 //!   user of the seed systems writes them (confluent-kafka, `json.loads`, dicts and
 //!   counters), one process and consumer group per job, each producing its outputs to Kafka;
@@ -27,7 +28,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::{Duration, Instant};
 
 const TOPIC: &str = "user-activities";
-const PARTITIONS: i32 = 6;
 const JOBS: [&str; 4] = ["logger", "analytics", "alert", "fraud"];
 /// The confluent-kafka the peer runs on (its wheel bundles librdkafka).
 const CONFLUENT_KAFKA: &str = "confluent-kafka==2.16.1";
@@ -187,16 +187,17 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let total = events_to_run();
+    let partitions = common::partitions_for(total);
     let python = python()?;
     let runtime = tokio::runtime::Runtime::new()?;
     let broker = EmbeddedBroker::start()?;
-    broker.create_topic(TOPIC, PARTITIONS)?;
+    broker.create_topic(TOPIC, partitions)?;
     let bootstrap = broker.bootstrap_servers().to_string();
     let client = eddy::kafka::client_config(
         &eddy::config::KafkaConfig {
             brokers: bootstrap.clone(),
             topic: TOPIC.into(),
-            partitions: PARTITIONS,
+            partitions,
             settings: Default::default(),
             connect_timeout_ms: 30_000,
         },
@@ -218,7 +219,8 @@ fn main() -> anyhow::Result<()> {
         &AtomicBool::new(false),
         &AtomicU64::new(0),
     )?;
-    eprintln!("produced {total} events to {PARTITIONS} partitions");
+    common::check_all_kept(&bootstrap, partitions, total)?;
+    eprintln!("produced {total} events to {partitions} partitions");
 
     let ceiling = run_python(&python, &bootstrap, &["count"; 4], 0, total)?;
     eprintln!("  ceiling (4 x count): {}", show(&ceiling));

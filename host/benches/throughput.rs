@@ -11,7 +11,8 @@
 //!   deadline, memory cap and durable state on (the defaults).
 //!
 //! `EDDY_BENCH_STATE=memory` runs the host with state in memory instead, to see what
-//! durability costs.
+//! durability costs; `EDDY_BENCH_COMMIT_INTERVAL_MS` sets `[state] commit_interval_ms`;
+//! `EDDY_BENCH_PLUGINS_DIR` runs other builds of the plugins.
 //!
 //! Outputs are discarded in both (delivery to Kafka is the same code either way). Each run
 //! is timed from the moment every plugin has handled its first event (so consumer-group
@@ -42,33 +43,6 @@ fn events_to_run() -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1_000_000)
-}
-
-/// librdkafka's mock cluster keeps at most 5 MiB and 100,000 events per partition (older
-/// ones are dropped): spread the events (~450 bytes each, keyed by user, so unevenly) over
-/// enough partitions to stay well under that. `main` checks that none was dropped.
-fn partitions_for(events: u64) -> i32 {
-    ((events * 450 / (2 << 20)) as i32 + 1)
-        .max(events.div_ceil(50_000) as i32)
-        .max(6)
-}
-
-/// Fails if the broker dropped any of the produced events (see [`partitions_for`]).
-fn check_all_kept(bootstrap: &str, partitions: i32, total: u64) -> anyhow::Result<()> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()?;
-    let mut kept = 0;
-    for p in 0..partitions {
-        let (low, high) = consumer.fetch_watermarks(TOPIC, p, Duration::from_secs(10))?;
-        anyhow::ensure!(
-            low == 0,
-            "the embedded broker dropped the first {low} events of partition {p}: use more partitions"
-        );
-        kept += high as u64;
-    }
-    anyhow::ensure!(kept == total, "{kept} of {total} events on the broker");
-    Ok(())
 }
 
 /// How many events each plugin handled: what the clock watches.
@@ -229,8 +203,11 @@ fn run_eddy(
     std::fs::write(
         &config_path,
         format!(
-            "{kafka}\n[http]\naddress = \"127.0.0.1:0\"\n[reload]\nwatch = false\n[state]\ndurable = {durable}\n\n{plugins}",
+            "{kafka}\n[http]\naddress = \"127.0.0.1:0\"\n[reload]\nwatch = false\n[state]\ndurable = {durable}\n{interval}\n{plugins}",
             durable = std::env::var("EDDY_BENCH_STATE").as_deref() != Ok("memory"),
+            interval = std::env::var("EDDY_BENCH_COMMIT_INTERVAL_MS")
+                .map(|ms| format!("commit_interval_ms = {ms}\n"))
+                .unwrap_or_default(),
             kafka = common::kafka_section(bootstrap),
         ),
     )?;
@@ -268,7 +245,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let total = events_to_run();
-    let partitions = partitions_for(total);
+    let partitions = common::partitions_for(total);
     let runtime = tokio::runtime::Runtime::new()?;
     let broker = EmbeddedBroker::start()?;
     broker.create_topic(TOPIC, partitions)?;
@@ -301,7 +278,7 @@ fn main() -> anyhow::Result<()> {
         &AtomicBool::new(false),
         &produced,
     )?;
-    check_all_kept(&bootstrap, partitions, total)?;
+    common::check_all_kept(&bootstrap, partitions, total)?;
     eprintln!(
         "produced {total} events to {partitions} partitions in {:.1} s",
         started.elapsed().as_secs_f64()

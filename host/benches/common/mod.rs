@@ -55,8 +55,12 @@ pub fn sdk_event(e: &eddy::event::Event) -> eddy_sdk::Event<'_> {
     n
 }
 
-/// Where `make plugins` left the `.wasm` files.
+/// Where `make plugins` left the `.wasm` files, or `EDDY_BENCH_PLUGINS_DIR` (to compare
+/// two builds of the plugins, e.g. of two versions of the SDK).
 pub fn plugins_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("EDDY_BENCH_PLUGINS_DIR") {
+        return PathBuf::from(dir);
+    }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
@@ -86,4 +90,33 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// librdkafka's mock cluster keeps at most 5 MiB and 100,000 events per partition (older
+/// ones are dropped): spread the events (~450 bytes each, keyed by user, so unevenly) over
+/// enough partitions to stay well under that. `main` checks that none was dropped.
+pub fn partitions_for(events: u64) -> i32 {
+    ((events * 450 / (2 << 20)) as i32 + 1)
+        .max(events.div_ceil(50_000) as i32)
+        .max(6)
+}
+
+/// Fails if the broker dropped any of the produced events (see [`partitions_for`]).
+pub fn check_all_kept(bootstrap: &str, partitions: i32, total: u64) -> anyhow::Result<()> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
+    let mut kept = 0;
+    for p in 0..partitions {
+        let (low, high) =
+            consumer.fetch_watermarks("user-activities", p, Duration::from_secs(10))?;
+        anyhow::ensure!(
+            low == 0,
+            "the embedded broker dropped the first {low} events of partition {p}: use more partitions"
+        );
+        kept += high as u64;
+    }
+    anyhow::ensure!(kept == total, "{kept} of {total} events on the broker");
+    Ok(())
 }
