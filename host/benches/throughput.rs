@@ -14,6 +14,9 @@
 //! durability costs; `EDDY_BENCH_COMMIT_INTERVAL_MS` sets `[state] commit_interval_ms`;
 //! `EDDY_BENCH_PLUGINS_DIR` runs other builds of the plugins.
 //!
+//! Also run once: the ceiling, four consumers that do nothing, natively, on the same broker
+//! and events, so the figures show how far below the broker's limit they are.
+//!
 //! Outputs are discarded in both (delivery to Kafka is the same code either way). Each run
 //! is timed from the moment every plugin has handled its first event (so consumer-group
 //! joins are not counted) until every plugin has handled every event; the events handled
@@ -181,6 +184,31 @@ fn run_native(bootstrap: &str, round: usize, total: u64) -> anyhow::Result<f64> 
     Ok(rate)
 }
 
+/// The ceiling: four consumers that do nothing with the events (the no-op fixture, natively),
+/// each in its own group, on the same broker and events. The plugins' rates must stay well
+/// below it, or the benchmark measures the broker.
+fn run_ceiling(bootstrap: &str, total: u64) -> anyhow::Result<f64> {
+    let counters: Counters = (0..4).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let threads = counters
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            native_consumer::<eddy_fixture_noop::Noop>(
+                bootstrap,
+                &format!("ceiling-{i}"),
+                "{}",
+                c.clone(),
+                total,
+            )
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let rate = time_until_done(&counters, total, "ceiling")?;
+    for t in threads {
+        t.join().expect("ceiling consumer thread")?;
+    }
+    Ok(rate)
+}
+
 fn run_eddy(
     runtime: &tokio::runtime::Runtime,
     bootstrap: &str,
@@ -284,6 +312,8 @@ fn main() -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
 
+    let ceiling = run_ceiling(&bootstrap, total)?;
+    eprintln!("  ceiling (four consumers that do nothing): {ceiling:.0} events/s");
     let (mut native, mut eddy) = (Vec::new(), Vec::new());
     // `EDDY_BENCH_ONLY=eddy` (or `native`) runs one side alone, once: for profiling.
     let only = std::env::var("EDDY_BENCH_ONLY").ok();
@@ -303,6 +333,7 @@ fn main() -> anyhow::Result<()> {
     let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
     let (n, e) = (best(&native), best(&eddy));
     println!("end-to-end, {total} events, four plugins each in its own group:");
+    println!("  ceiling (no-op)   {ceiling:>10.0} events/s per consumer");
     println!("  native baseline   {n:>10.0} events/s per plugin   (runs: {native:.0?})");
     println!("  eddy (sandboxed)  {e:>10.0} events/s per plugin   (runs: {eddy:.0?})");
     println!("  eddy / native     {:>10.2}x", e / n);
