@@ -20,11 +20,8 @@
 mod common;
 
 use eddy::Host;
-use eddy::generator::{GeneratorOptions, ProduceOptions};
-use eddy::kafka::EmbeddedBroker;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::{Duration, Instant};
 
 const TOPIC: &str = "user-activities";
@@ -187,40 +184,9 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let total = events_to_run();
-    let partitions = common::partitions_for(total);
     let python = python()?;
     let runtime = tokio::runtime::Runtime::new()?;
-    let broker = EmbeddedBroker::start()?;
-    broker.create_topic(TOPIC, partitions)?;
-    let bootstrap = broker.bootstrap_servers().to_string();
-    let client = eddy::kafka::client_config(
-        &eddy::config::KafkaConfig {
-            brokers: bootstrap.clone(),
-            topic: TOPIC.into(),
-            partitions,
-            settings: Default::default(),
-            connect_timeout_ms: 30_000,
-        },
-        &bootstrap,
-    );
-    eddy::generator::produce_blocking(
-        &client,
-        &ProduceOptions {
-            topic: TOPIC.into(),
-            events: Some(total),
-            rate: 0,
-            generator: GeneratorOptions {
-                seed: 42,
-                fraud_every: 500,
-                start_ms: 1_705_314_600_000,
-                spacing_ms: 5,
-            },
-        },
-        &AtomicBool::new(false),
-        &AtomicU64::new(0),
-    )?;
-    common::check_all_kept(&bootstrap, partitions, total)?;
-    eprintln!("produced {total} events to {partitions} partitions");
+    let (_broker, bootstrap, _) = common::seeded_broker(total)?;
 
     let ceiling = run_python(&python, &bootstrap, &["count"; 4], 0, total)?;
     eprintln!("  ceiling (4 x count): {}", show(&ceiling));

@@ -26,8 +26,6 @@
 mod common;
 
 use eddy::Host;
-use eddy::generator::{GeneratorOptions, ProduceOptions};
-use eddy::kafka::EmbeddedBroker;
 use eddy_sdk::testing::Harness;
 use eddy_sdk::{Event, Plugin};
 use rdkafka::ClientConfig;
@@ -273,44 +271,8 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let total = events_to_run();
-    let partitions = common::partitions_for(total);
     let runtime = tokio::runtime::Runtime::new()?;
-    let broker = EmbeddedBroker::start()?;
-    broker.create_topic(TOPIC, partitions)?;
-    let bootstrap = broker.bootstrap_servers().to_string();
-    let client = eddy::kafka::client_config(
-        &eddy::config::KafkaConfig {
-            brokers: bootstrap.clone(),
-            topic: TOPIC.into(),
-            partitions,
-            settings: Default::default(),
-            connect_timeout_ms: 30_000,
-        },
-        &bootstrap,
-    );
-    let produced = AtomicU64::new(0);
-    let started = Instant::now();
-    eddy::generator::produce_blocking(
-        &client,
-        &ProduceOptions {
-            topic: TOPIC.into(),
-            events: Some(total),
-            rate: 0,
-            generator: GeneratorOptions {
-                seed: 42,
-                fraud_every: 500,
-                start_ms: 1_705_314_600_000,
-                spacing_ms: 5,
-            },
-        },
-        &AtomicBool::new(false),
-        &produced,
-    )?;
-    common::check_all_kept(&bootstrap, partitions, total)?;
-    eprintln!(
-        "produced {total} events to {partitions} partitions in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    let (_broker, bootstrap, _) = common::seeded_broker(total)?;
 
     let ceiling = run_ceiling(&bootstrap, total)?;
     eprintln!("  ceiling (four consumers that do nothing): {ceiling:.0} events/s");

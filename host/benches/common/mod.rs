@@ -120,3 +120,49 @@ pub fn check_all_kept(bootstrap: &str, partitions: i32, total: u64) -> anyhow::R
     anyhow::ensure!(kept == total, "{kept} of {total} events on the broker");
     Ok(())
 }
+
+/// An embedded broker holding `total` seeded events (seed 42, a fraud burst every 500) on
+/// `user-activities`, spread over enough partitions that it keeps them all. Returns the
+/// broker, its bootstrap address and the partition count.
+pub fn seeded_broker(total: u64) -> anyhow::Result<(eddy::kafka::EmbeddedBroker, String, i32)> {
+    use eddy::generator::{GeneratorOptions, ProduceOptions};
+    use std::sync::atomic::{AtomicBool, AtomicU64};
+    const TOPIC: &str = "user-activities";
+    let partitions = partitions_for(total);
+    let broker = eddy::kafka::EmbeddedBroker::start()?;
+    broker.create_topic(TOPIC, partitions)?;
+    let bootstrap = broker.bootstrap_servers().to_string();
+    let client = eddy::kafka::client_config(
+        &eddy::config::KafkaConfig {
+            brokers: bootstrap.clone(),
+            topic: TOPIC.into(),
+            partitions,
+            settings: Default::default(),
+            connect_timeout_ms: 30_000,
+        },
+        &bootstrap,
+    );
+    let started = std::time::Instant::now();
+    eddy::generator::produce_blocking(
+        &client,
+        &ProduceOptions {
+            topic: TOPIC.into(),
+            events: Some(total),
+            rate: 0,
+            generator: GeneratorOptions {
+                seed: 42,
+                fraud_every: 500,
+                start_ms: 1_705_314_600_000,
+                spacing_ms: 5,
+            },
+        },
+        &AtomicBool::new(false),
+        &AtomicU64::new(0),
+    )?;
+    check_all_kept(&bootstrap, partitions, total)?;
+    eprintln!(
+        "produced {total} events to {partitions} partitions in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok((broker, bootstrap, partitions))
+}

@@ -1,7 +1,7 @@
 //! A plugin's dead-letter topic: events it gave up on, with their original key, payload and
 //! headers, plus headers saying where they came from and why.
 
-use super::DELIVERY_TIMEOUT;
+use super::{DELIVERY_TIMEOUT, Unacknowledged, acknowledged};
 use crate::event::Event;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -109,16 +109,11 @@ impl DeadLetters {
                 .map_err(|(err, _)| self.error(err.to_string()))?;
             pending.push(delivery);
         }
-        for delivery in pending {
-            match tokio::time::timeout(DELIVERY_TIMEOUT, delivery).await {
-                Ok(Ok(Ok(_))) => {}
-                Ok(Ok(Err((e, _)))) => return Err(self.error(e.to_string())),
-                Ok(Err(_)) => return Err(self.error("the producer went away")),
-                Err(_) => {
-                    return Err(self.error(format!("no answer within {DELIVERY_TIMEOUT:?}")));
-                }
+        acknowledged(pending).await.map_err(|e| match e {
+            Unacknowledged::Refused(message) => self.error(message),
+            Unacknowledged::TimedOut => {
+                self.error(format!("no answer within {DELIVERY_TIMEOUT:?}"))
             }
-        }
-        Ok(())
+        })
     }
 }

@@ -42,6 +42,33 @@ pub enum SinkError {
     },
 }
 
+/// Why records sent to Kafka were not acknowledged.
+#[derive(Debug)]
+pub(crate) enum Unacknowledged {
+    /// The broker (or the producer) refused one: why.
+    Refused(String),
+    /// No answer within [`DELIVERY_TIMEOUT`].
+    TimedOut,
+}
+
+/// Waits until the broker has acknowledged every record of `pending` (sent together, so a
+/// batch costs one round trip); the first that was not.
+pub(crate) async fn acknowledged(
+    pending: Vec<rdkafka::producer::DeliveryFuture>,
+) -> Result<(), Unacknowledged> {
+    for delivery in pending {
+        match tokio::time::timeout(DELIVERY_TIMEOUT, delivery).await {
+            Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Err((e, _)))) => return Err(Unacknowledged::Refused(e.to_string())),
+            Ok(Err(_)) => {
+                return Err(Unacknowledged::Refused("the producer went away".into()));
+            }
+            Err(_) => return Err(Unacknowledged::TimedOut),
+        }
+    }
+    Ok(())
+}
+
 /// Records on their way: resolves once every one of them is where it was sent.
 pub type Delivery = Pin<Box<dyn Future<Output = Result<(), SinkError>> + Send + 'static>>;
 

@@ -1,6 +1,6 @@
 //! `{ topic = "name" }`: records produced to a Kafka topic with their key.
 
-use super::{DELIVERY_TIMEOUT, Delivery, Sink, SinkError};
+use super::{Delivery, Sink, SinkError, Unacknowledged, acknowledged};
 use crate::wasm::OutputRecord;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -40,32 +40,17 @@ impl Sink for Topic {
         }
         let output = output.to_string();
         Ok(Box::pin(async move {
-            for delivery in pending {
-                match tokio::time::timeout(DELIVERY_TIMEOUT, delivery).await {
-                    Ok(Ok(Ok(_))) => {}
-                    Ok(Ok(Err((e, _)))) => {
-                        return Err(SinkError::Refused {
-                            output,
-                            destination,
-                            message: e.to_string(),
-                        });
-                    }
-                    Ok(Err(_)) => {
-                        return Err(SinkError::Refused {
-                            output,
-                            destination,
-                            message: "the producer went away".into(),
-                        });
-                    }
-                    Err(_) => {
-                        return Err(SinkError::TimedOut {
-                            output,
-                            destination,
-                        });
-                    }
-                }
-            }
-            Ok(())
+            acknowledged(pending).await.map_err(|e| match e {
+                Unacknowledged::Refused(message) => SinkError::Refused {
+                    output,
+                    destination,
+                    message,
+                },
+                Unacknowledged::TimedOut => SinkError::TimedOut {
+                    output,
+                    destination,
+                },
+            })
         }))
     }
 }
