@@ -105,24 +105,8 @@ fn run_eddy(
     total: u64,
 ) -> anyhow::Result<Vec<(String, f64)>> {
     let work = tempfile::tempdir()?;
-    let dir = common::plugins_dir();
-    let mut plugins = String::new();
-    for (name, output, config) in [
-        ("logger", "log", common::LOGGER),
-        ("analytics", "snapshots", common::ANALYTICS),
-        ("alert", "alerts", common::ALERT),
-        ("fraud", "alerts", common::FRAUD),
-    ] {
-        let group = format!("eddy-{name}-{round}");
-        // The shipped settings, with outputs produced to Kafka (`make run` prints some).
-        plugins += &common::plugin_toml(name, &dir, output, config, Some(&group))?.replace(
-            &format!("{output} = \"discard\""),
-            &format!("{output} = {{ topic = \"eddy-{name}\" }}"),
-        );
-        if name == "fraud" {
-            plugins += "[plugin.limits]\nmemory_mib = 32\ncpu_ms = 200\n";
-        }
-    }
+    // The shipped settings, with outputs produced to Kafka (`make run` prints some).
+    let plugins = common::shipped_plugins(round, true, true)?;
     let config_path = work.path().join("plugins.toml");
     std::fs::write(
         &config_path,

@@ -214,17 +214,7 @@ fn run_eddy(
     total: u64,
 ) -> anyhow::Result<f64> {
     let work = tempfile::tempdir()?;
-    let dir = common::plugins_dir();
-    let mut plugins = String::new();
-    for (name, output, config) in [
-        ("logger", "log", common::LOGGER),
-        ("analytics", "snapshots", common::ANALYTICS),
-        ("alert", "alerts", common::ALERT),
-        ("fraud", "alerts", common::FRAUD),
-    ] {
-        let group = format!("eddy-{name}-{round}");
-        plugins += &common::plugin_toml(name, &dir, output, config, Some(&group))?;
-    }
+    let plugins = common::shipped_plugins(round, false, false)?;
     let config_path = work.path().join("plugins.toml");
     std::fs::write(
         &config_path,

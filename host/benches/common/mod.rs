@@ -166,3 +166,36 @@ pub fn seeded_broker(total: u64) -> anyhow::Result<(eddy::kafka::EmbeddedBroker,
     );
     Ok((broker, bootstrap, partitions))
 }
+
+/// The four shipped plugins as `[[plugin]]` tables with their shipped `[plugin.config]`,
+/// each in group `eddy-<name>-<round>`. Outputs go to Kafka topics `eddy-<name>` if
+/// `to_topics` (else they are discarded); `shipped_limits` adds fraud's limits from the
+/// shipped `plugins.toml`.
+pub fn shipped_plugins(
+    round: usize,
+    to_topics: bool,
+    shipped_limits: bool,
+) -> anyhow::Result<String> {
+    let dir = plugins_dir();
+    let mut plugins = String::new();
+    for (name, output, config) in [
+        ("logger", "log", LOGGER),
+        ("analytics", "snapshots", ANALYTICS),
+        ("alert", "alerts", ALERT),
+        ("fraud", "alerts", FRAUD),
+    ] {
+        let group = format!("eddy-{name}-{round}");
+        let mut table = plugin_toml(name, &dir, output, config, Some(&group))?;
+        if to_topics {
+            table = table.replace(
+                &format!("{output} = \"discard\""),
+                &format!("{output} = {{ topic = \"eddy-{name}\" }}"),
+            );
+        }
+        plugins += &table;
+        if shipped_limits && name == "fraud" {
+            plugins += "[plugin.limits]\nmemory_mib = 32\ncpu_ms = 200\n";
+        }
+    }
+    Ok(plugins)
+}

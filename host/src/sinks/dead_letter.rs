@@ -51,10 +51,6 @@ impl DeadLetters {
         }
     }
 
-    pub fn topic(&self) -> &str {
-        &self.topic
-    }
-
     fn error(&self, message: impl Into<String>) -> DeadLetterError {
         DeadLetterError {
             topic: self.topic.clone(),

@@ -126,10 +126,6 @@ impl Outputs {
         &self.producer
     }
 
-    pub fn dead_letter_topic(&self) -> &str {
-        self.dead_letters.topic()
-    }
-
     /// Delivers `records` (all of them, or an error naming the first failure): each output's
     /// records go to its sink together, and the deliveries are awaited together.
     pub async fn deliver(&self, records: &[OutputRecord]) -> Result<(), SinkError> {

@@ -97,15 +97,6 @@ impl PluginState {
         self.store.is_some()
     }
 
-    /// Whether a deferred commit is waiting for the next immediate one to reach the disk.
-    pub fn has_deferred(&self) -> bool {
-        self.deferred
-    }
-
-    pub fn store(&self) -> Option<&dyn DurableStore> {
-        self.store.as_deref()
-    }
-
     /// The offsets the committed state reflects.
     pub fn offsets(&self) -> &Offsets {
         &self.offsets
