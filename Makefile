@@ -6,7 +6,7 @@
 PLUGINS := eddy-logger eddy-analytics eddy-alert eddy-fraud eddy-fixture-misbehave eddy-fixture-wrong-world eddy-fixture-old-contract eddy-fixture-noop eddy-fixture-echo
 CARGO ?= cargo
 
-.PHONY: run test tansu promtool plugins target check lint bench-reload bench-state bench-throughput bench-dispatch bench-plugins bench-memory bench-peer fuzz
+.PHONY: run test tansu promtool plugins target check lint bench-reload bench-state bench-throughput bench-dispatch bench-plugins bench-memory bench-peer bench-isolation fuzz
 
 run: plugins
 	$(CARGO) run --release -p eddy -- run --config plugins.toml
@@ -80,6 +80,11 @@ bench-plugins: plugins
 # (EDDY_BENCH_EVENTS, default 200,000).
 bench-peer: plugins
 	$(CARGO) bench -p eddy --bench peer
+
+# The four shipped plugins' pace beside plugins that panic, loop, eat memory and retry forever,
+# against their pace beside the same plugins behaving.
+bench-isolation: plugins
+	$(CARGO) bench -p eddy --bench isolation
 
 # Resident memory of the host with the four plugins, and per additional plugin.
 bench-memory: plugins

@@ -10,7 +10,7 @@ mod plugin;
 pub use plugin::PluginMetrics;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 /// What happened to one event, as counted in `eddy_events_total{verdict=…}`.
@@ -152,7 +152,16 @@ impl Metrics {
     /// The metrics of `plugin`, created on first use (and kept across reloads).
     pub fn plugin(&self, plugin: &str) -> Arc<PluginMetrics> {
         let mut plugins = self.plugins.lock().expect("metrics lock");
-        plugins.entry(plugin.to_string()).or_default().clone()
+        plugins
+            .entry(plugin.to_string())
+            .or_insert_with(|| {
+                // Lag is unknown (-1) until the plugin's consumer has partitions, not 0:
+                // a plugin whose worker has not started yet is not caught up.
+                let metrics = PluginMetrics::default();
+                metrics.consumer_lag.store(-1, Relaxed);
+                Arc::new(metrics)
+            })
+            .clone()
     }
 
     /// The plugins with metrics, in name order.
@@ -185,6 +194,21 @@ impl Metrics {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_plugin_whose_consumer_has_no_partitions_yet_has_unknown_lag() {
+        let m = Metrics::default();
+        let p = m.plugin("analytics");
+        assert_eq!(
+            p.consumer_lag.load(Relaxed),
+            -1,
+            "not 0: nothing says it caught up"
+        );
+        assert!(
+            m.render()
+                .contains("eddy_consumer_lag{plugin=\"analytics\"} -1")
+        );
+    }
 
     #[test]
     fn renders_counters_and_a_cumulative_histogram() {
