@@ -19,7 +19,6 @@
 
 mod common;
 
-use eddy::Host;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -117,7 +116,7 @@ fn run_eddy(
             state = work.path().join("state").display(),
         ),
     )?;
-    let host = runtime.block_on(Host::start(eddy::config::Config::load(&config_path)?))?;
+    let host = common::start_host(runtime, &config_path)?;
     let metrics: Vec<_> = JOBS.iter().map(|j| host.metrics().plugin(j)).collect();
     let mut first: Vec<Option<Instant>> = vec![None; JOBS.len()];
     let mut done: Vec<Option<Instant>> = vec![None; JOBS.len()];

@@ -25,7 +25,6 @@
 
 mod common;
 
-use eddy::Host;
 use eddy_sdk::testing::Harness;
 use eddy_sdk::{Event, Plugin};
 use rdkafka::ClientConfig;
@@ -227,7 +226,7 @@ fn run_eddy(
             kafka = common::kafka_section(bootstrap),
         ),
     )?;
-    let host = runtime.block_on(Host::start(eddy::config::Config::load(&config_path)?))?;
+    let host = common::start_host(runtime, &config_path)?;
     let counters: Counters = ["logger", "analytics", "alert", "fraud"]
         .iter()
         .map(|name| {
@@ -264,11 +263,15 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let (_broker, bootstrap, _) = common::seeded_broker(total)?;
 
-    let ceiling = run_ceiling(&bootstrap, total)?;
+    // `EDDY_BENCH_ONLY=eddy` (or `native`) runs one side alone, once, without the ceiling:
+    // for profiling.
+    let only = std::env::var("EDDY_BENCH_ONLY").ok();
+    let ceiling = match only {
+        Some(_) => f64::NAN,
+        None => run_ceiling(&bootstrap, total)?,
+    };
     eprintln!("  ceiling (four consumers that do nothing): {ceiling:.0} events/s");
     let (mut native, mut eddy) = (Vec::new(), Vec::new());
-    // `EDDY_BENCH_ONLY=eddy` (or `native`) runs one side alone, once: for profiling.
-    let only = std::env::var("EDDY_BENCH_ONLY").ok();
     // Best of three, alternating: these machines are shared, and a round can run 20%
     // slower than the next for no reason of its own.
     let rounds = if only.is_some() { 1 } else { 3 };

@@ -199,3 +199,18 @@ pub fn shipped_plugins(
     }
     Ok(plugins)
 }
+
+/// Starts a host on `config_path`, its plugins compiled first into its compile cache (as
+/// `eddy compile` does, and as any host that ran these `.wasm` files before has them): the
+/// benchmarks measure the steady state, not the first minute's background compiles.
+pub fn start_host(
+    runtime: &tokio::runtime::Runtime,
+    config_path: &Path,
+) -> anyhow::Result<eddy::Host> {
+    let config = eddy::config::Config::load(config_path)?;
+    let engine = eddy::wasm::engine()?;
+    for plugin in &config.plugins {
+        eddy::wasm::Program::precompile(&engine, &plugin.path, &config.state.compiled_dir())?;
+    }
+    Ok(runtime.block_on(eddy::Host::start(config))?)
+}

@@ -130,7 +130,7 @@ pub struct Analytics {
     total_at_batch_start: Option<i64>,
 }
 
-fn product_of(a: &Activity) -> Option<&str> {
+fn product_of<'a>(a: &'a Activity) -> Option<&'a str> {
     a.properties
         .product_name
         .as_deref()

@@ -126,7 +126,7 @@ impl Plugin for Fraud {
         let is_purchase = a.event_type == EventType::Purchase;
         recent.push(Seen {
             t: now,
-            ip: a.ip_address.clone(),
+            ip: a.ip_address.as_deref().map(str::to_string),
             country: a.country().map(str::to_string),
             purchase: is_purchase,
         });

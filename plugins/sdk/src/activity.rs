@@ -4,81 +4,87 @@
 //! older producers (the student-activity system's `login` / `quiz_submission` / `logout`) and
 //! partial events parse too. Unknown fields are ignored; unknown event types are kept as
 //! [`EventType::Other`] so a plugin can count or skip them.
+//!
+//! The text fields borrow from the payload (`Cow::Borrowed`) unless JSON escapes make that
+//! impossible: every plugin parses every event, so a parse that allocates a `String` per
+//! field costs more than the plugin's own work. Read them as `&str` (`&*a.user_id`,
+//! `a.page_url.as_deref()`); `Display` and comparisons with `&str` work as for `String`.
 
 use serde::{Deserialize, Deserializer};
+use std::borrow::Cow;
 use std::fmt;
 
-/// One user-activity event.
+/// One user-activity event, borrowing its text from the payload it was parsed from.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-pub struct Activity {
-    #[serde(default)]
-    pub event_id: Option<String>,
+pub struct Activity<'a> {
+    #[serde(default, borrow, deserialize_with = "text")]
+    pub event_id: Option<Cow<'a, str>>,
     /// RFC 3339 time, e.g. `2024-01-15T10:30:45.123Z`. See [`Activity::time_ms`].
-    #[serde(default)]
-    pub timestamp: Option<String>,
-    #[serde(deserialize_with = "id_string")]
-    pub user_id: String,
-    #[serde(default)]
-    pub session_id: Option<String>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    pub timestamp: Option<Cow<'a, str>>,
+    #[serde(deserialize_with = "id_string", borrow)]
+    pub user_id: Cow<'a, str>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    pub session_id: Option<Cow<'a, str>>,
     pub event_type: EventType,
-    #[serde(default)]
-    pub page_url: Option<String>,
-    #[serde(default)]
-    pub referrer: Option<String>,
-    #[serde(default)]
-    pub user_agent: Option<String>,
-    #[serde(default)]
-    pub ip_address: Option<String>,
-    #[serde(default)]
-    pub properties: Properties,
-    #[serde(default)]
-    pub device: Option<Device>,
-    #[serde(default)]
-    pub location: Option<Location>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    pub page_url: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    pub referrer: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    pub user_agent: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    pub ip_address: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    pub properties: Properties<'a>,
+    #[serde(default, borrow)]
+    pub device: Option<Device<'a>>,
+    #[serde(default, borrow)]
+    pub location: Option<Location<'a>>,
 }
 
 /// Event-specific details. Which ones are present depends on the event type.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-pub struct Properties {
-    #[serde(default)]
-    pub product_id: Option<String>,
-    #[serde(default)]
-    pub product_name: Option<String>,
+pub struct Properties<'a> {
+    #[serde(default, borrow, deserialize_with = "text")]
+    pub product_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    pub product_name: Option<Cow<'a, str>>,
     #[serde(default)]
     pub price: Option<f64>,
     #[serde(default)]
     pub quantity: Option<u32>,
-    #[serde(default)]
-    pub category: Option<String>,
-    #[serde(default)]
-    pub search_query: Option<String>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    pub category: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    pub search_query: Option<Cow<'a, str>>,
     #[serde(default)]
     pub cart_value: Option<f64>,
     /// Student-activity events: the quiz and its score.
-    #[serde(default)]
-    pub quiz_id: Option<String>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    pub quiz_id: Option<Cow<'a, str>>,
     #[serde(default)]
     pub score: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-pub struct Device {
-    #[serde(default, rename = "type")]
-    pub kind: Option<String>,
-    #[serde(default)]
-    pub os: Option<String>,
-    #[serde(default)]
-    pub browser: Option<String>,
+pub struct Device<'a> {
+    #[serde(default, rename = "type", borrow, deserialize_with = "text")]
+    pub kind: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    pub os: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    pub browser: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-pub struct Location {
-    #[serde(default)]
-    pub country: Option<String>,
-    #[serde(default)]
-    pub city: Option<String>,
-    #[serde(default)]
-    pub timezone: Option<String>,
+pub struct Location<'a> {
+    #[serde(default, borrow, deserialize_with = "text")]
+    pub country: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    pub city: Option<Cow<'a, str>>,
+    #[serde(default, borrow, deserialize_with = "text")]
+    pub timezone: Option<Cow<'a, str>>,
 }
 
 /// The kinds of activity. Seed 002's five e-commerce kinds, seed 000's student kinds, and
@@ -135,35 +141,80 @@ impl fmt::Display for EventType {
 
 impl<'de> Deserialize<'de> for EventType {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        if s.is_empty() {
-            return Err(serde::de::Error::custom("event_type is empty"));
+        // A visitor, not `Cow<str>`: serde's `Cow` always copies, and the known types need
+        // no copy at all.
+        struct TypeVisitor;
+        impl serde::de::Visitor<'_> for TypeVisitor {
+            type Value = EventType;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`event_type` as a non-empty string")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<EventType, E> {
+                if s.is_empty() {
+                    return Err(E::custom("event_type is empty"));
+                }
+                Ok(EventType::parse(s))
+            }
         }
-        Ok(EventType::parse(&s))
+        d.deserialize_str(TypeVisitor)
     }
+}
+
+/// An optional text field, borrowed from the payload when it has no escapes. serde's own
+/// `Cow` support borrows only for a bare `Cow` field, not inside an `Option`.
+fn text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Cow<'de, str>>, D::Error> {
+    struct TextVisitor;
+    impl<'de> serde::de::Visitor<'de> for TextVisitor {
+        type Value = Option<Cow<'de, str>>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a string or null")
+        }
+        fn visit_borrowed_str<E: serde::de::Error>(self, s: &'de str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Borrowed(s)))
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+            Ok(Some(Cow::Owned(s.to_string())))
+        }
+        fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+    d.deserialize_option(TextVisitor)
 }
 
 /// Accepts `"user-1"` and, from producers that use numeric ids, `1`. A visitor rather than an
 /// untagged enum, so a wrong value is reported as such ("invalid type: null, expected `user_id`
 /// as …") instead of "data did not match any variant", and is never buffered.
-fn id_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+fn id_string<'de, D: Deserializer<'de>>(d: D) -> Result<Cow<'de, str>, D::Error> {
     struct IdVisitor;
-    impl serde::de::Visitor<'_> for IdVisitor {
-        type Value = String;
+    impl<'de> serde::de::Visitor<'de> for IdVisitor {
+        type Value = Cow<'de, str>;
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("`user_id` as a non-empty string or an integer")
         }
-        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<String, E> {
+        fn visit_borrowed_str<E: serde::de::Error>(self, s: &'de str) -> Result<Self::Value, E> {
             if s.is_empty() {
                 return Err(E::custom("user_id is empty"));
             }
-            Ok(s.to_string())
+            Ok(Cow::Borrowed(s))
         }
-        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<String, E> {
-            Ok(n.to_string())
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+            if s.is_empty() {
+                return Err(E::custom("user_id is empty"));
+            }
+            Ok(Cow::Owned(s.to_string()))
         }
-        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<String, E> {
-            Ok(n.to_string())
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Self::Value, E> {
+            Ok(Cow::Owned(n.to_string()))
+        }
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Self::Value, E> {
+            Ok(Cow::Owned(n.to_string()))
         }
     }
     d.deserialize_any(IdVisitor)
@@ -182,9 +233,9 @@ impl fmt::Display for ParseError {
 
 impl std::error::Error for ParseError {}
 
-impl Activity {
+impl<'a> Activity<'a> {
     /// Parses a JSON payload. Never panics, whatever the bytes.
-    pub fn from_json(payload: &[u8]) -> Result<Activity, ParseError> {
+    pub fn from_json(payload: &'a [u8]) -> Result<Activity<'a>, ParseError> {
         if payload.is_empty() {
             return Err(ParseError("empty payload".into()));
         }
@@ -316,6 +367,27 @@ mod tests {
         assert_eq!(a.hour(), Some("2024-01-15T10"));
         assert_eq!(a.device.as_ref().unwrap().kind.as_deref(), Some("desktop"));
         assert_eq!(a.time_ms(), Some(1_705_314_645_123));
+    }
+
+    #[test]
+    fn text_borrows_from_the_payload_unless_it_has_escapes() {
+        let a = Activity::from_json(FULL.as_bytes()).unwrap();
+        assert!(matches!(a.user_id, Cow::Borrowed(_)));
+        assert!(matches!(a.page_url, Some(Cow::Borrowed(_))));
+        let country = &a.location.as_ref().unwrap().country;
+        assert!(matches!(country, Some(Cow::Borrowed(_))));
+        let a = Activity::from_json(
+            br#"{"user_id":"u\u00e9","event_type":"click","page_url":"/a\/b","referrer":null}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (&*a.user_id, a.page_url.as_deref()),
+            ("u\u{e9}", Some("/a/b"))
+        );
+        assert!(matches!(a.user_id, Cow::Owned(_)));
+        assert_eq!(a.referrer, None);
+        let err = Activity::from_json(br#"{"user_id":"u","event_type":"click","page_url":7}"#);
+        assert!(err.unwrap_err().0.contains("a string or null"));
     }
 
     #[test]

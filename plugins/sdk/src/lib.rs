@@ -151,7 +151,7 @@ pub struct Event<'a> {
     pub key: Option<&'a [u8]>,
     pub headers: &'a [(String, Option<Vec<u8>>)],
     pub payload: &'a [u8],
-    parsed: OnceCell<Result<Activity, ParseError>>,
+    parsed: OnceCell<Result<Activity<'a>, ParseError>>,
 }
 
 impl<'a> Event<'a> {
@@ -176,7 +176,7 @@ impl<'a> Event<'a> {
     }
 
     /// The payload as a typed activity event. Parsed the first time it is asked for.
-    pub fn activity(&self) -> Result<&Activity, &ParseError> {
+    pub fn activity(&self) -> Result<&Activity<'a>, &ParseError> {
         self.parsed
             .get_or_init(|| Activity::from_json(self.payload))
             .as_ref()
