@@ -24,8 +24,9 @@
 //! - [`activity`]: the typed user-activity event and its tolerant parser.
 //! - [`Event`], [`Verdict`]: what a plugin gets and what it answers.
 //! - [`State`]: the plugin's key/value state, cached for the life of the instance so a
-//!   batch costs at most one `get-many` (for keys not seen before) and one `set-many`
-//!   host call however many events touch it.
+//!   batch costs one `set-many` and, for keys not seen before, one `get-many` (a few single
+//!   reads once the cache is warm and the SDK stops asking for keys ahead) however many
+//!   events touch it.
 //! - [`Context`]: state, outputs and logging, handed to every callback.
 //! - [`testing`]: run a plugin natively, with in-memory state, in plain `#[test]`s.
 //!
@@ -69,7 +70,9 @@ pub trait Plugin: Sized + 'static {
 
     /// Names the state keys `event` will touch, so the SDK can load them for the whole batch
     /// with one host call before the first `on_event`. Optional: keys not named here are
-    /// loaded one host call each on first use.
+    /// loaded one host call each on first use. Asked only while the cache is still filling
+    /// (the first batch, and after a batch that read more than a few keys from the host):
+    /// once the keys an event touches are cached, naming them would be wasted work.
     fn state_keys(&self, _event: &Event, _keys: &mut Vec<String>) {}
 
     /// Handles one event. Events of a partition arrive in order.
@@ -241,7 +244,16 @@ pub struct State {
     decoded: HashMap<String, DecodedSlot, foldhash::fast::RandomState>,
     /// Keys of `decoded` handed out by `json_mut` since the last write-back.
     touched: Vec<String>,
+    /// Keys read from the host so far (prefetched or one by one).
+    loaded: usize,
+    /// Whether the next batch should ask the plugin for its keys ([`Plugin::state_keys`])
+    /// and prefetch them. Once the cache holds what the events touch, naming every key of
+    /// every event costs more than the few reads it would save.
+    prefetch_next: bool,
 }
+
+/// A batch that read more keys than this from the host has the next one prefetch.
+const PREFETCH_WHEN_LOADED: usize = 4;
 
 /// How many keys the state cache holds before it is emptied (at the end of a batch).
 pub const CACHE_MAX_ENTRIES: usize = 50_000;
@@ -288,6 +300,8 @@ impl State {
             dirty: Vec::new(),
             decoded: HashMap::default(),
             touched: Vec::new(),
+            loaded: 0,
+            prefetch_next: true,
         }
     }
 
@@ -317,6 +331,7 @@ impl State {
             return;
         }
         let values = self.backend.get_many(&missing);
+        self.loaded += missing.len();
         for (k, value) in missing.into_iter().zip(values) {
             self.remember(k, value);
         }
@@ -326,6 +341,7 @@ impl State {
         self.encode_decoded(key);
         if !self.cache.contains_key(key) {
             let value = self.backend.get_many(&[key.to_string()]).pop().flatten();
+            self.loaded += 1;
             self.remember(key.to_string(), value);
         }
         self.cache.get(key).and_then(|s| s.value.as_deref())
@@ -458,7 +474,8 @@ impl State {
         }
     }
 
-    /// Writes everything back; empties the cache if it grew past its bounds.
+    /// Writes everything back; empties the cache if it grew past its bounds (and then has
+    /// the next batch prefetch again).
     fn end_batch(&mut self) {
         self.flush();
         if self.cache.len() + self.decoded.len() > CACHE_MAX_ENTRIES
@@ -467,6 +484,7 @@ impl State {
             self.cache.clear();
             self.decoded.clear();
             self.cache_bytes = 0;
+            self.prefetch_next = true;
         }
     }
 
@@ -570,17 +588,22 @@ fn run_batch<P: Plugin>(
     events: &[Event],
     ctx: &mut Context,
 ) -> Result<Vec<Verdict>, String> {
-    let mut keys = Vec::new();
-    for event in events {
-        plugin.state_keys(event, &mut keys);
-    }
-    if !keys.is_empty() {
-        keys.sort_unstable();
-        keys.dedup();
-        ctx.state.prefetch(&keys);
+    let loaded_before = ctx.state.loaded;
+    if ctx.state.prefetch_next {
+        let mut keys = Vec::new();
+        for event in events {
+            plugin.state_keys(event, &mut keys);
+        }
+        if !keys.is_empty() {
+            keys.sort_unstable();
+            keys.dedup();
+            ctx.state.prefetch(&keys);
+        }
     }
     let verdicts = events.iter().map(|e| plugin.on_event(e, ctx)).collect();
     plugin.on_batch_end(ctx);
+    // Still filling if this batch found more than a few keys missing from the cache.
+    ctx.state.prefetch_next = ctx.state.loaded - loaded_before > PREFETCH_WHEN_LOADED;
     ctx.finish()?;
     Ok(verdicts)
 }
@@ -880,6 +903,61 @@ mod tests {
         h.run_payloads(&["a"]);
         assert_eq!(h.state_json::<i64>("k:a"), Some(4));
         assert_eq!(h.state_json::<i64>("n"), Some(6));
+    }
+
+    /// [`PerKey`] that counts the events it was asked to name keys for.
+    struct Counted(PerKey, std::rc::Rc<std::cell::Cell<usize>>);
+    thread_local! {
+        static ASKED: std::rc::Rc<std::cell::Cell<usize>> = Default::default();
+    }
+    impl Plugin for Counted {
+        type Config = NoConfig;
+        fn init(_: NoConfig, _: &mut Context) -> Result<Self, String> {
+            Ok(Counted(PerKey, ASKED.with(|a| a.clone())))
+        }
+        fn state_keys(&self, e: &Event, keys: &mut Vec<String>) {
+            self.1.set(self.1.get() + 1);
+            self.0.state_keys(e, keys);
+        }
+        fn on_event(&mut self, e: &Event, ctx: &mut Context) -> Verdict {
+            self.0.on_event(e, ctx)
+        }
+    }
+
+    #[test]
+    fn keys_are_named_ahead_only_while_the_cache_fills() {
+        let mut h = Harness::<Counted>::new("{}").unwrap();
+        let asked = || ASKED.with(|a| a.get());
+        let many: Vec<String> = (0..20).map(|i| i.to_string()).collect();
+        h.run_payloads(&many);
+        assert_eq!(asked(), 20, "a cold cache prefetches");
+        // The batch above read 21 keys from the host: the next one prefetches too, and finds
+        // everything cached.
+        h.run_payloads(&many);
+        assert_eq!(asked(), 40);
+        let calls = h.recorded().host_calls;
+        h.run_payloads(&many);
+        assert_eq!(asked(), 40, "a warm cache does not ask");
+        assert_eq!(
+            h.recorded().host_calls - calls,
+            1,
+            "one write-back, no reads"
+        );
+        // New keys: read one by one this batch, prefetched again in the next.
+        let new: Vec<String> = (100..120).map(|i| i.to_string()).collect();
+        h.run_payloads(&new);
+        assert_eq!(asked(), 40);
+        let newer: Vec<String> = (200..220).map(|i| i.to_string()).collect();
+        let calls = h.recorded().host_calls;
+        h.run_payloads(&newer);
+        assert_eq!(asked(), 60);
+        assert_eq!(
+            h.recorded().host_calls - calls,
+            2,
+            "one get-many, one write-back"
+        );
+        assert_eq!(h.state_json::<i64>("k:5"), Some(3));
+        assert_eq!(h.state_json::<i64>("n"), Some(100));
     }
 
     #[test]
