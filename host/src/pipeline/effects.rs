@@ -82,13 +82,20 @@ impl Worker {
         let mut backoff = Policy::DELIVERY.backoff();
         loop {
             let started = Instant::now();
-            // On the blocking pool: a durable commit waits for the disk (fsync).
-            let batch_offsets = offsets.clone();
-            let (_, result) = self
-                .in_sandbox(Vec::new(), move |sandbox, _, _, _| {
-                    sandbox.commit_batch(&batch_offsets, durability)
-                })
-                .await;
+            let result = match durability {
+                // On the blocking pool: an immediate commit writes the state file and waits
+                // for the disk (fsync).
+                Durability::Immediate => {
+                    let batch_offsets = offsets.clone();
+                    self.in_sandbox(Vec::new(), move |sandbox, _, _, _| {
+                        sandbox.commit_batch(&batch_offsets, durability)
+                    })
+                    .await
+                    .1
+                }
+                // Only memory: not worth a trip to another thread.
+                Durability::Deferred => self.sandbox().commit_batch(offsets, durability),
+            };
             match result {
                 Ok(()) => {
                     self.metrics.observe_commit(started.elapsed());

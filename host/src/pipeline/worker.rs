@@ -524,11 +524,14 @@ impl Worker {
 /// The next offset to consume of each partition in `events`.
 fn next_offsets(events: &[Event]) -> Offsets {
     let mut next = Offsets::new();
-    for e in events {
+    // A batch holds runs of one partition: its key (a `String`) is made once per run, not
+    // once per event.
+    for run in events.chunk_by(|a, b| a.partition == b.partition && a.topic == b.topic) {
+        let end = run.iter().map(|e| e.offset + 1).max().unwrap_or(0);
         let o = next
-            .entry((e.topic.clone(), e.partition))
-            .or_insert(e.offset + 1);
-        *o = (*o).max(e.offset + 1);
+            .entry((run[0].topic.to_string(), run[0].partition))
+            .or_insert(end);
+        *o = (*o).max(end);
     }
     next
 }

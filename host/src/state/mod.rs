@@ -1,7 +1,7 @@
 //! A plugin's state: the in-memory overlay the sandbox reads and writes ([`PluginState`]),
-//! and the durable store behind the [`DurableStore`] trait that a batch's changes and
-//! offsets are committed to together ([`StateStore`], one redb file per plugin), every batch,
-//! on disk at least every `[state] commit_interval_ms` ([`Durability`]).
+//! and the durable store behind the [`DurableStore`] trait that batches' changes and offsets
+//! are committed to together ([`StateStore`], one redb file per plugin), at least every
+//! `[state] commit_interval_ms` ([`Durability`]).
 
 pub mod overlay;
 pub mod store;
@@ -23,10 +23,10 @@ pub type Changes = BTreeMap<String, Option<Vec<u8>>>;
 pub enum Durability {
     /// On disk (fsync'd) when the commit returns, with every deferred commit before it.
     Immediate,
-    /// Atomic and visible at once, on disk only with the next immediate commit: a crash
-    /// before that rolls the store back to the last immediate commit, state and offsets
-    /// together, and the events since are handled again. Kafka Streams' `commit.interval.ms`
-    /// with exactly-once state, at a fraction of the fsyncs.
+    /// Visible at once, written to the store (in one transaction) with the next immediate
+    /// commit: a crash before that leaves the store at the last immediate commit, state and
+    /// offsets together, and the events since are handled again. Kafka Streams'
+    /// `commit.interval.ms` with exactly-once state, at a fraction of the transactions.
     Deferred,
 }
 
@@ -36,14 +36,13 @@ pub enum Durability {
 pub trait DurableStore: Send + std::fmt::Debug {
     /// Everything the store holds: state, offsets and metadata.
     fn load(&self) -> Result<Snapshot, StoreError>;
-    /// Applies `changes` and the `offsets` they advanced to, plus `meta`, atomically: after
-    /// a crash the store holds all of it or none of it (see [`Durability`]).
+    /// Applies `changes` and the `offsets` they advanced to, plus `meta`, atomically and
+    /// durably: after a crash the store holds all of it or none of it.
     fn commit(
         &self,
         changes: &Changes,
         offsets: &Offsets,
         meta: &[(&str, &str)],
-        durability: Durability,
     ) -> Result<(), StoreError>;
     /// Where it is, for messages.
     fn path(&self) -> &Path;

@@ -6,7 +6,10 @@
 //! batch's outputs are delivered, the host commits `batch` together with the offsets the
 //! batch advanced ([`PluginState::commit_batch`]): to the state file in one transaction when
 //! state is durable (see [`super::store`]), then in memory. If that cannot happen, `batch`
-//! is dropped and the events are consumed again.
+//! is dropped and the events are consumed again. A deferred commit (see [`Durability`])
+//! does not touch the file: its changes and offsets wait in `unsynced`, merged with the
+//! deferred commits before it (a counter bumped by every batch is written once), for the
+//! next immediate commit to write them in the same transaction as its own.
 //!
 //! Reads are served from memory (the committed map mirrors the file), so they never wait on
 //! disk; `limits.state_mib` bounds that memory.
@@ -14,7 +17,7 @@
 //! Keeping state here (not in the instance's memory) is what lets the host throw an instance
 //! away after a trap, or swap it for a new version, without losing anything.
 
-use super::{Durability, DurableStore, Offsets, StoreError};
+use super::{Changes, Durability, DurableStore, Offsets, StoreError};
 use std::collections::BTreeMap;
 
 /// The longest key a plugin may use.
@@ -50,8 +53,11 @@ pub struct PluginState {
     store: Option<Box<dyn DurableStore>>,
     /// Offsets the committed state reflects (the next offset to consume per partition).
     offsets: Offsets,
-    /// Whether a deferred commit is not on disk yet (see [`Durability`]).
-    deferred: bool,
+    /// Deferred commits not in the state file yet: their changes, offsets and metadata,
+    /// latest last (see [`Durability`]). Empty without a store.
+    unsynced: Changes,
+    unsynced_offsets: Offsets,
+    unsynced_meta: BTreeMap<String, String>,
 }
 
 fn entry_size(key: &str, value: Option<&Vec<u8>>) -> i64 {
@@ -71,7 +77,9 @@ impl PluginState {
             cap_bytes: cap_bytes as i64,
             store: None,
             offsets: Offsets::new(),
-            deferred: false,
+            unsynced: Changes::new(),
+            unsynced_offsets: Offsets::new(),
+            unsynced_meta: BTreeMap::new(),
         }
     }
 
@@ -213,10 +221,11 @@ impl PluginState {
     }
 
     /// Makes the batch's changes permanent together with `offsets` (the next offset to
-    /// consume of each partition the batch advanced): one transaction in the state file, if
-    /// durable, then in memory. An immediate commit also puts every deferred one before it on
-    /// disk. On an error nothing changed and the batch is still pending, so the caller may
-    /// try again.
+    /// consume of each partition the batch advanced): in memory, and in the state file if
+    /// durable: at once in one transaction with every deferred commit before it
+    /// ([`Durability::Immediate`]), or with the next immediate commit
+    /// ([`Durability::Deferred`]). On an error nothing changed and the batch is still
+    /// pending, so the caller may try again.
     pub fn commit_batch(
         &mut self,
         offsets: &Offsets,
@@ -224,13 +233,42 @@ impl PluginState {
         durability: Durability,
     ) -> Result<(), StoreError> {
         self.end_call(true);
-        if let Some(store) = &self.store
-            && (!self.batch.is_empty()
-                || !offsets.is_empty()
-                || (self.deferred && durability == Durability::Immediate))
-        {
-            store.commit(&self.batch, offsets, meta, durability)?;
-            self.deferred = durability == Durability::Deferred;
+        if let Some(store) = &self.store {
+            match durability {
+                Durability::Deferred => {
+                    self.unsynced
+                        .extend(self.batch.iter().map(|(k, v)| (k.clone(), v.clone())));
+                    self.unsynced_offsets
+                        .extend(offsets.iter().map(|(k, v)| (k.clone(), *v)));
+                    self.unsynced_meta
+                        .extend(meta.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+                }
+                Durability::Immediate
+                    if self.unsynced_offsets.is_empty() && self.unsynced.is_empty() =>
+                {
+                    if !self.batch.is_empty() || !offsets.is_empty() {
+                        store.commit(&self.batch, offsets, meta)?;
+                    }
+                }
+                Durability::Immediate => {
+                    // This batch over the deferred ones, in one transaction; they stay
+                    // pending until it went through.
+                    let mut changes = self.unsynced.clone();
+                    changes.extend(self.batch.iter().map(|(k, v)| (k.clone(), v.clone())));
+                    let mut all_offsets = self.unsynced_offsets.clone();
+                    all_offsets.extend(offsets.iter().map(|(k, v)| (k.clone(), *v)));
+                    let mut all_meta = self.unsynced_meta.clone();
+                    all_meta.extend(meta.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+                    let all_meta: Vec<(&str, &str)> = all_meta
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str()))
+                        .collect();
+                    store.commit(&changes, &all_offsets, &all_meta)?;
+                    self.unsynced.clear();
+                    self.unsynced_offsets.clear();
+                    self.unsynced_meta.clear();
+                }
+            }
         }
         for (k, v) in std::mem::take(&mut self.batch) {
             match v {
@@ -382,5 +420,79 @@ mod tests {
         assert_eq!(s.get("n"), Some(b"1".to_vec()));
         assert_eq!(s.offsets()[&("t".to_string(), 2)], 41);
         assert_eq!(s.bytes(), 2);
+    }
+
+    /// A [`StateStore`] whose commits fail while `failing` is set.
+    #[derive(Debug)]
+    struct Flaky {
+        store: StateStore,
+        failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl DurableStore for Flaky {
+        fn load(&self) -> Result<crate::state::Snapshot, StoreError> {
+            self.store.load()
+        }
+        fn commit(
+            &self,
+            changes: &Changes,
+            offsets: &Offsets,
+            meta: &[(&str, &str)],
+        ) -> Result<(), StoreError> {
+            if self.failing.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(StoreError::Locked {
+                    path: self.path().to_path_buf(),
+                });
+            }
+            self.store.commit(changes, offsets, meta)
+        }
+        fn path(&self) -> &std::path::Path {
+            self.store.path()
+        }
+    }
+
+    #[test]
+    fn deferred_commits_reach_the_file_together_with_the_next_immediate_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = crate::state::path_for(dir.path(), "p");
+        let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let open = || {
+            let store = Flaky {
+                store: StateStore::open(&path, "p").unwrap(),
+                failing: failing.clone(),
+            };
+            PluginState::durable(store, 1 << 20).unwrap()
+        };
+        let offsets = |n: i64| -> Offsets { [(("t".to_string(), 0), n)].into_iter().collect() };
+        let mut s = open();
+        for n in 1..=3 {
+            s.set_many(vec![kv("n", &n.to_string()), kv(&format!("k{n}"), "x")])
+                .unwrap();
+            s.commit_batch(&offsets(n), &[], Durability::Deferred)
+                .unwrap();
+        }
+        assert_eq!(s.get("n"), Some(b"3".to_vec()), "visible at once");
+        // A crash now: the file has none of it, state and offsets alike.
+        drop(s);
+        let mut s = open();
+        assert_eq!((s.get("n"), s.offsets().len()), (None, 0));
+        for n in 1..=2 {
+            s.set_many(vec![kv("n", &n.to_string())]).unwrap();
+            s.commit_batch(&offsets(n), &[], Durability::Deferred)
+                .unwrap();
+        }
+        // An immediate commit that fails leaves everything pending, and a retry writes it.
+        s.set_many(vec![kv("m", "1")]).unwrap();
+        failing.store(true, std::sync::atomic::Ordering::Relaxed);
+        let err = s.commit_batch(&offsets(3), &[], Durability::Immediate);
+        assert!(err.is_err());
+        failing.store(false, std::sync::atomic::Ordering::Relaxed);
+        s.commit_batch(&offsets(3), &[], Durability::Immediate)
+            .unwrap();
+        drop(s);
+        let s = open();
+        assert_eq!(s.get("n"), Some(b"2".to_vec()));
+        assert_eq!(s.get("m"), Some(b"1".to_vec()));
+        assert_eq!(s.offsets()[&("t".to_string(), 0)], 3);
     }
 }

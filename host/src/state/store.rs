@@ -33,7 +33,7 @@ pub const META_CLUSTER: &str = "kafka.cluster_id";
 /// The plugin version (content digest) that last committed.
 pub const META_WRITER: &str = "plugin.digest";
 
-use super::{Changes, Durability, DurableStore, Offsets};
+use super::{Changes, DurableStore, Offsets};
 use crate::kafka::ClusterView;
 use crate::kafka::cluster::EMBEDDED_PREFIX;
 
@@ -125,16 +125,14 @@ impl StateStore {
     }
 
     /// Applies a batch in one atomic transaction: the state changes (`None` deletes) and the
-    /// offsets the batch advanced, plus metadata; on disk when it returns if `durability`
-    /// is immediate, else with the next immediate commit.
+    /// offsets the batch advanced, plus metadata; on disk when it returns.
     pub fn commit(
         &self,
         changes: &Changes,
         offsets: &Offsets,
         meta: &[(&str, &str)],
-        durability: Durability,
     ) -> Result<(), StoreError> {
-        self.write_with(durability, |txn| {
+        self.write(|txn| {
             let mut state = txn.open_table(STATE)?;
             for (k, v) in changes {
                 match v {
@@ -194,19 +192,8 @@ impl StateStore {
         &self,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
     ) -> Result<(), StoreError> {
-        self.write_with(Durability::Immediate, f)
-    }
-
-    fn write_with(
-        &self,
-        durability: Durability,
-        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
-    ) -> Result<(), StoreError> {
         let run = || -> Result<(), redb::Error> {
-            let mut txn = self.db.begin_write()?;
-            if durability == Durability::Deferred {
-                txn.set_durability(redb::Durability::None)?;
-            }
+            let txn = self.db.begin_write()?;
             f(&txn)?;
             txn.commit()?;
             Ok(())
@@ -300,9 +287,8 @@ impl DurableStore for StateStore {
         changes: &Changes,
         offsets: &Offsets,
         meta: &[(&str, &str)],
-        durability: Durability,
     ) -> Result<(), StoreError> {
-        StateStore::commit(self, changes, offsets, meta, durability)
+        StateStore::commit(self, changes, offsets, meta)
     }
 
     fn path(&self) -> &Path {
@@ -356,12 +342,7 @@ pub fn open_checked(
         }
     };
     if let Some(id) = &cluster.id {
-        store.commit(
-            &BTreeMap::new(),
-            &Offsets::new(),
-            &[(META_CLUSTER, id)],
-            Durability::Immediate,
-        )?;
+        store.commit(&BTreeMap::new(), &Offsets::new(), &[(META_CLUSTER, id)])?;
     }
     Ok(store)
 }
@@ -386,19 +367,13 @@ mod tests {
             let offsets = [(("t".to_string(), 0), 10), (("t".to_string(), 3), 7)]
                 .into_iter()
                 .collect();
-            s.commit(
-                &changes,
-                &offsets,
-                &[(META_CLUSTER, "c1")],
-                Durability::Immediate,
-            )
-            .unwrap();
+            s.commit(&changes, &offsets, &[(META_CLUSTER, "c1")])
+                .unwrap();
             let changes = [change("a", None), change("c", Some("3"))]
                 .into_iter()
                 .collect();
             let offsets = [(("t".to_string(), 0), 12)].into_iter().collect();
-            s.commit(&changes, &offsets, &[], Durability::Immediate)
-                .unwrap();
+            s.commit(&changes, &offsets, &[]).unwrap();
         }
         let s = StateStore::open(&path, "p").unwrap();
         let snap = s.load().unwrap();
