@@ -212,5 +212,5 @@ pub fn start_host(
     for plugin in &config.plugins {
         eddy::wasm::Program::precompile(&engine, &plugin.path, &config.state.compiled_dir())?;
     }
-    Ok(runtime.block_on(eddy::Host::start(config))?)
+    runtime.block_on(eddy::Host::start(config))
 }
