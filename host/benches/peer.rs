@@ -170,6 +170,12 @@ fn main() -> anyhow::Result<()> {
     let python = python()?;
     let runtime = tokio::runtime::Runtime::new()?;
     let (_broker, bootstrap, _) = common::seeded_broker(total)?;
+    if std::env::var("EDDY_BENCH_ONLY").as_deref() == Ok("eddy") {
+        // Eddy's side alone, once: for profiling and quick comparisons.
+        let e = run_eddy(&runtime, &bootstrap, 0, total)?;
+        println!("eddy: {} (set {:.0} events/s)", show(&e), slowest(&e));
+        return Ok(());
+    }
 
     let ceiling = run_python(&python, &bootstrap, &["count"; 4], 0, total)?;
     eprintln!("  ceiling (4 x count): {}", show(&ceiling));

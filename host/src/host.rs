@@ -96,9 +96,15 @@ impl Host {
         ));
         info!("metrics at http://{http_addr}/metrics, health at http://{http_addr}/healthz");
 
-        let producer: FutureProducer = client
-            .clone()
-            .set("linger.ms", "5")
+        let mut producer_client = client.clone();
+        if !config.kafka.settings.contains_key("linger.ms") {
+            // A batch's offsets are committed once its outputs are acknowledged, so every
+            // millisecond the producer lingers is a millisecond the plugin waits, per batch
+            // (`make bench-peer`: 0 ms drains 20-35% faster than 1 ms, 5 ms slower still).
+            // Records still go out in batches: they gather while a request is in flight.
+            producer_client.set("linger.ms", "0");
+        }
+        let producer: FutureProducer = producer_client
             .create()
             .map_err(|e| anyhow::anyhow!("cannot create the output producer: {e}"))?;
         let (reloads, reload_requests) = tokio::sync::mpsc::channel(4);
