@@ -12,11 +12,10 @@ pub use store::{
     META_CLUSTER, META_WRITER, Snapshot, StateStore, StoreError, open_checked, path_for,
 };
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
-/// A batch's state changes: `None` deletes the key.
-pub type Changes = BTreeMap<String, Option<Vec<u8>>>;
+/// A change to commit: the key, and its new value (`None` deletes it).
+pub type Change<'a> = (&'a str, Option<&'a [u8]>);
 
 /// How far a commit must reach before it returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,7 +39,7 @@ pub trait DurableStore: Send + std::fmt::Debug {
     /// durably: after a crash the store holds all of it or none of it.
     fn commit(
         &self,
-        changes: &Changes,
+        changes: &mut dyn Iterator<Item = Change<'_>>,
         offsets: &Offsets,
         meta: &[(&str, &str)],
     ) -> Result<(), StoreError>;

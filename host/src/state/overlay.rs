@@ -17,8 +17,8 @@
 //! Keeping state here (not in the instance's memory) is what lets the host throw an instance
 //! away after a trap, or swap it for a new version, without losing anything.
 
-use super::{Changes, Durability, DurableStore, Offsets, StoreError};
-use std::collections::BTreeMap;
+use super::{Change, Durability, DurableStore, Offsets, StoreError};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// The longest key a plugin may use.
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -53,11 +53,16 @@ pub struct PluginState {
     store: Option<Box<dyn DurableStore>>,
     /// Offsets the committed state reflects (the next offset to consume per partition).
     offsets: Offsets,
-    /// Deferred commits not in the state file yet: their changes, offsets and metadata,
-    /// latest last (see [`Durability`]). Empty without a store.
-    unsynced: Changes,
+    /// Deferred commits not in the state file yet: the keys they changed (the values are in
+    /// `committed`), their offsets and metadata (see [`Durability`]). Empty without a store.
+    unsynced: BTreeSet<String>,
     unsynced_offsets: Offsets,
     unsynced_meta: BTreeMap<String, String>,
+}
+
+/// An overlay's entries as the store takes them.
+fn changes(overlay: &Overlay) -> impl Iterator<Item = Change<'_>> {
+    overlay.iter().map(|(k, v)| (k.as_str(), v.as_deref()))
 }
 
 fn entry_size(key: &str, value: Option<&Vec<u8>>) -> i64 {
@@ -77,7 +82,7 @@ impl PluginState {
             cap_bytes: cap_bytes as i64,
             store: None,
             offsets: Offsets::new(),
-            unsynced: Changes::new(),
+            unsynced: BTreeSet::new(),
             unsynced_offsets: Offsets::new(),
             unsynced_meta: BTreeMap::new(),
         }
@@ -236,8 +241,8 @@ impl PluginState {
         if let Some(store) = &self.store {
             match durability {
                 Durability::Deferred => {
-                    self.unsynced
-                        .extend(self.batch.iter().map(|(k, v)| (k.clone(), v.clone())));
+                    // Only the keys: their values are in `committed` when the sync comes.
+                    self.unsynced.extend(self.batch.keys().cloned());
                     self.unsynced_offsets
                         .extend(offsets.iter().map(|(k, v)| (k.clone(), *v)));
                     self.unsynced_meta
@@ -247,14 +252,19 @@ impl PluginState {
                     if self.unsynced_offsets.is_empty() && self.unsynced.is_empty() =>
                 {
                     if !self.batch.is_empty() || !offsets.is_empty() {
-                        store.commit(&self.batch, offsets, meta)?;
+                        store.commit(&mut changes(&self.batch), offsets, meta)?;
                     }
                 }
                 Durability::Immediate => {
-                    // This batch over the deferred ones, in one transaction; they stay
-                    // pending until it went through.
-                    let mut changes = self.unsynced.clone();
-                    changes.extend(self.batch.iter().map(|(k, v)| (k.clone(), v.clone())));
+                    // The deferred commits' keys at their committed values, then this batch,
+                    // in one transaction; they stay pending until it went through.
+                    let (batch, committed) = (&self.batch, &self.committed);
+                    let earlier = self
+                        .unsynced
+                        .iter()
+                        .filter(|k| !batch.contains_key(*k))
+                        .map(|k| (k.as_str(), committed.get(k).map(Vec::as_slice)));
+                    let mut all_changes = earlier.chain(changes(batch));
                     let mut all_offsets = self.unsynced_offsets.clone();
                     all_offsets.extend(offsets.iter().map(|(k, v)| (k.clone(), *v)));
                     let mut all_meta = self.unsynced_meta.clone();
@@ -263,7 +273,8 @@ impl PluginState {
                         .iter()
                         .map(|(k, v)| (k.as_str(), v.as_str()))
                         .collect();
-                    store.commit(&changes, &all_offsets, &all_meta)?;
+                    store.commit(&mut all_changes, &all_offsets, &all_meta)?;
+                    drop(all_changes);
                     self.unsynced.clear();
                     self.unsynced_offsets.clear();
                     self.unsynced_meta.clear();
@@ -435,7 +446,7 @@ mod tests {
         }
         fn commit(
             &self,
-            changes: &Changes,
+            changes: &mut dyn Iterator<Item = Change<'_>>,
             offsets: &Offsets,
             meta: &[(&str, &str)],
         ) -> Result<(), StoreError> {

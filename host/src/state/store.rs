@@ -33,7 +33,7 @@ pub const META_CLUSTER: &str = "kafka.cluster_id";
 /// The plugin version (content digest) that last committed.
 pub const META_WRITER: &str = "plugin.digest";
 
-use super::{Changes, DurableStore, Offsets};
+use super::{Change, DurableStore, Offsets};
 use crate::kafka::ClusterView;
 use crate::kafka::cluster::EMBEDDED_PREFIX;
 
@@ -128,7 +128,7 @@ impl StateStore {
     /// offsets the batch advanced, plus metadata; on disk when it returns.
     pub fn commit(
         &self,
-        changes: &Changes,
+        changes: &mut dyn Iterator<Item = Change<'_>>,
         offsets: &Offsets,
         meta: &[(&str, &str)],
     ) -> Result<(), StoreError> {
@@ -136,8 +136,8 @@ impl StateStore {
             let mut state = txn.open_table(STATE)?;
             for (k, v) in changes {
                 match v {
-                    Some(v) => state.insert(k.as_str(), v.as_slice())?,
-                    None => state.remove(k.as_str())?,
+                    Some(v) => state.insert(k, v)?,
+                    None => state.remove(k)?,
                 };
             }
             let mut table = txn.open_table(OFFSETS)?;
@@ -284,7 +284,7 @@ impl DurableStore for StateStore {
 
     fn commit(
         &self,
-        changes: &Changes,
+        changes: &mut dyn Iterator<Item = Change<'_>>,
         offsets: &Offsets,
         meta: &[(&str, &str)],
     ) -> Result<(), StoreError> {
@@ -342,7 +342,11 @@ pub fn open_checked(
         }
     };
     if let Some(id) = &cluster.id {
-        store.commit(&BTreeMap::new(), &Offsets::new(), &[(META_CLUSTER, id)])?;
+        store.commit(
+            &mut std::iter::empty(),
+            &Offsets::new(),
+            &[(META_CLUSTER, id)],
+        )?;
     }
     Ok(store)
 }
@@ -351,29 +355,21 @@ pub fn open_checked(
 mod tests {
     use super::*;
 
-    fn change(k: &str, v: Option<&str>) -> (String, Option<Vec<u8>>) {
-        (k.to_string(), v.map(|v| v.as_bytes().to_vec()))
-    }
-
     #[test]
     fn state_and_offsets_survive_a_reopen_together() {
         let dir = tempfile::tempdir().unwrap();
         let path = path_for(dir.path(), "p");
         {
             let s = StateStore::open(&path, "p").unwrap();
-            let changes = [change("a", Some("1")), change("b", Some("2"))]
-                .into_iter()
-                .collect();
+            let mut changes = [("a", Some(&b"1"[..])), ("b", Some(&b"2"[..]))].into_iter();
             let offsets = [(("t".to_string(), 0), 10), (("t".to_string(), 3), 7)]
                 .into_iter()
                 .collect();
-            s.commit(&changes, &offsets, &[(META_CLUSTER, "c1")])
+            s.commit(&mut changes, &offsets, &[(META_CLUSTER, "c1")])
                 .unwrap();
-            let changes = [change("a", None), change("c", Some("3"))]
-                .into_iter()
-                .collect();
+            let mut changes = [("a", None), ("c", Some(&b"3"[..]))].into_iter();
             let offsets = [(("t".to_string(), 0), 12)].into_iter().collect();
-            s.commit(&changes, &offsets, &[]).unwrap();
+            s.commit(&mut changes, &offsets, &[]).unwrap();
         }
         let s = StateStore::open(&path, "p").unwrap();
         let snap = s.load().unwrap();

@@ -195,37 +195,37 @@ impl Plugin for Analytics {
                 return Verdict::DeadLetter(e.to_string());
             }
         };
-        s.incr(&format!("type:{}", a.event_type), 1);
-        let count = s.incr(&format!("user:{}", a.user_id), 1);
+        s.incr(("type:", a.event_type.as_str()), 1);
+        let count = s.incr(("user:", &a.user_id), 1);
         if count == 1 {
             s.incr("users", 1);
         }
         s.json_mut::<Top>("top:users").grew(&a.user_id, count);
         if let Some((_, bit, stage)) = FUNNEL.iter().find(|(t, _, _)| *t == a.event_type) {
-            let reached: &mut u8 = s.json_mut(&format!("journey:{}", a.user_id));
+            let reached: &mut u8 = s.json_mut(("journey:", &a.user_id));
             if *reached & bit == 0 {
                 *reached |= bit;
-                s.incr(&format!("funnel:{stage}"), 1);
+                s.incr(("funnel:", stage), 1);
             }
         }
         if a.event_type == EventType::PageView
             && let Some(page) = &a.page_url
         {
-            let count = s.incr(&format!("page:{page}"), 1);
+            let count = s.incr(("page:", page), 1);
             s.json_mut::<Top>("top:pages").grew(page, count);
         }
         if let Some(c) = a.country() {
-            s.incr(&format!("country:{c}"), 1);
+            s.incr(("country:", c), 1);
         }
         if a.event_type == EventType::Purchase {
             let amount = a.amount().unwrap_or(0.0);
             s.add_f64("revenue_total", amount);
             if let Some(h) = a.hour() {
-                s.add_f64(&format!("revenue:{h}"), amount);
+                s.add_f64(("revenue:", h), amount);
             }
             if let Some(p) = product_of(a) {
                 let count = s.incr(
-                    &format!("product:{p}"),
+                    ("product:", p),
                     i64::from(a.properties.quantity.unwrap_or(1).max(1)),
                 );
                 s.json_mut::<Top>("top:products").grew(p, count);

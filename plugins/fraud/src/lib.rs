@@ -114,9 +114,8 @@ impl Plugin for Fraud {
             );
         };
         let c = &self.config;
-        let k = key(&a.user_id);
         // Changed in place: decoded once per batch however many of its events are this user's.
-        let recent: &mut Vec<Seen> = ctx.state.json_mut(&k);
+        let recent: &mut Vec<Seen> = ctx.state.json_mut(("recent:", &a.user_id));
         // Saturating: `now` may be any Kafka record timestamp, down to i64::MIN.
         let window_ms = i64::try_from(c.window_secs)
             .unwrap_or(i64::MAX)

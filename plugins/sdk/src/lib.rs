@@ -11,7 +11,7 @@
 //!     fn init(_: Self::Config, _: &mut Context) -> Result<Self, String> { Ok(Counter) }
 //!     fn on_event(&mut self, event: &Event, ctx: &mut Context) -> Verdict {
 //!         match event.activity() {
-//!             Ok(a) => { ctx.state.incr(&format!("type:{}", a.event_type), 1); Verdict::Ok }
+//!             Ok(a) => { ctx.state.incr(("type:", a.event_type.as_str()), 1); Verdict::Ok }
 //!             Err(e) => Verdict::DeadLetter(e.to_string()),
 //!         }
 //!     }
@@ -250,10 +250,57 @@ pub struct State {
     /// and prefetch them. Once the cache holds what the events touch, naming every key of
     /// every event costs more than the few reads it would save.
     prefetch_next: bool,
+    /// Where keys given in parts are joined (see [`Key`]).
+    key_buf: String,
 }
 
 /// A batch that read more keys than this from the host has the next one prefetch.
 const PREFETCH_WHEN_LOADED: usize = 4;
+
+/// A state key: a string (`"total"`, `&String`), or a prefix and a name that make the key
+/// together (`("user:", &a.user_id)` is the key `user:<id>`), joined in a buffer the state
+/// keeps rather than in a new `String` per call as `format!` would make.
+pub trait Key {
+    /// The key as a prefix and the rest; the key is the two joined.
+    fn parts(&self) -> (&str, &str);
+}
+
+impl Key for str {
+    fn parts(&self) -> (&str, &str) {
+        ("", self)
+    }
+}
+
+impl Key for String {
+    fn parts(&self) -> (&str, &str) {
+        ("", self)
+    }
+}
+
+impl<K: Key + ?Sized> Key for &K {
+    fn parts(&self) -> (&str, &str) {
+        (**self).parts()
+    }
+}
+
+impl<A: AsRef<str>, B: AsRef<str>> Key for (A, B) {
+    fn parts(&self) -> (&str, &str) {
+        (self.0.as_ref(), self.1.as_ref())
+    }
+}
+
+/// `key` as one string: borrowed from it if it is one, else joined in `buf`.
+fn joined<'k>(key: &'k impl Key, buf: &'k mut String) -> &'k str {
+    match key.parts() {
+        ("", whole) => whole,
+        (prefix, rest) => {
+            buf.clear();
+            buf.push_str(prefix);
+            buf.push_str(rest);
+            buf
+        }
+    }
+}
 
 /// How many keys the state cache holds before it is emptied (at the end of a batch).
 pub const CACHE_MAX_ENTRIES: usize = 50_000;
@@ -302,6 +349,7 @@ impl State {
             touched: Vec::new(),
             loaded: 0,
             prefetch_next: true,
+            key_buf: String::new(),
         }
     }
 
@@ -337,24 +385,39 @@ impl State {
         }
     }
 
-    pub fn get(&mut self, key: &str) -> Option<&[u8]> {
+    pub fn get(&mut self, key: impl Key) -> Option<&[u8]> {
+        let mut buf = std::mem::take(&mut self.key_buf);
+        self.load(joined(&key, &mut buf));
+        self.key_buf = buf;
+        let key = match key.parts() {
+            ("", whole) => whole,
+            _ => self.key_buf.as_str(),
+        };
+        self.cache.get(key).and_then(|s| s.value.as_deref())
+    }
+
+    /// Puts `key` in the byte cache as the plugin sees it now.
+    fn load(&mut self, key: &str) {
         self.encode_decoded(key);
         if !self.cache.contains_key(key) {
             let value = self.backend.get_many(&[key.to_string()]).pop().flatten();
             self.loaded += 1;
             self.remember(key.to_string(), value);
         }
-        self.cache.get(key).and_then(|s| s.value.as_deref())
     }
 
-    pub fn set(&mut self, key: &str, value: Vec<u8>) {
-        self.forget_decoded(key);
-        self.write(key, Some(value));
+    pub fn set(&mut self, key: impl Key, value: Vec<u8>) {
+        self.with_key(key, |s, key| {
+            s.forget_decoded(key);
+            s.write(key, Some(value));
+        })
     }
 
-    pub fn delete(&mut self, key: &str) {
-        self.forget_decoded(key);
-        self.write(key, None);
+    pub fn delete(&mut self, key: impl Key) {
+        self.with_key(key, |s, key| {
+            s.forget_decoded(key);
+            s.write(key, None);
+        })
     }
 
     /// The value at `key` as a `T` to change in place (`T::default()` if absent or not a
@@ -362,7 +425,28 @@ impl State {
     /// per batch that asked for it: a batch in which 50 events update one user's record
     /// serializes it once, and the next batch does not parse it again. Counts as a write
     /// even if unchanged, so use [`State::get_json`] to only read.
-    pub fn json_mut<T>(&mut self, key: &str) -> &mut T
+    pub fn json_mut<T>(&mut self, key: impl Key) -> &mut T
+    where
+        T: Serialize + DeserializeOwned + Default + 'static,
+    {
+        let mut buf = std::mem::take(&mut self.key_buf);
+        self.decode::<T>(joined(&key, &mut buf));
+        self.key_buf = buf;
+        let key = match key.parts() {
+            ("", whole) => whole,
+            _ => self.key_buf.as_str(),
+        };
+        self.decoded
+            .get_mut(key)
+            .expect("just decoded")
+            .value
+            .as_any_mut()
+            .downcast_mut::<T>()
+            .expect("just decoded as a T")
+    }
+
+    /// Makes `decoded` hold `key` as a `T`, marked as written in this batch.
+    fn decode<T>(&mut self, key: &str)
     where
         T: Serialize + DeserializeOwned + Default + 'static,
     {
@@ -392,34 +476,40 @@ impl State {
             slot.touched = true;
             self.touched.push(key.to_string());
         }
-        slot.value
-            .as_any_mut()
-            .downcast_mut::<T>()
-            .expect("just checked or inserted as a T")
     }
 
     /// The value as JSON of type `T`; `None` if absent or not a `T`.
-    pub fn get_json<T: DeserializeOwned>(&mut self, key: &str) -> Option<T> {
-        self.get(key).and_then(|b| serde_json::from_slice(b).ok())
+    pub fn get_json<T: DeserializeOwned>(&mut self, key: impl Key) -> Option<T> {
+        self.with_key(key, |s, key| {
+            s.get(key).and_then(|b| serde_json::from_slice(b).ok())
+        })
     }
 
-    pub fn set_json<T: Serialize + ?Sized>(&mut self, key: &str, value: &T) {
+    pub fn set_json<T: Serialize + ?Sized>(&mut self, key: impl Key, value: &T) {
         let bytes = serde_json::to_vec(value).expect("state values serialize to JSON");
         self.set(key, bytes);
     }
 
     /// Adds `by` to the integer counter at `key` (absent counts as 0) and returns the new value.
-    pub fn incr(&mut self, key: &str, by: i64) -> i64 {
+    pub fn incr(&mut self, key: impl Key, by: i64) -> i64 {
         let n = self.json_mut::<i64>(key);
         *n += by;
         *n
     }
 
     /// Adds `by` to the float sum at `key` and returns the new value.
-    pub fn add_f64(&mut self, key: &str, by: f64) -> f64 {
+    pub fn add_f64(&mut self, key: impl Key, by: f64) -> f64 {
         let n = self.json_mut::<f64>(key);
         *n += by;
         *n
+    }
+
+    /// Runs `f` with `key` as one string (joined in the state's buffer if it has parts).
+    fn with_key<R>(&mut self, key: impl Key, f: impl FnOnce(&mut State, &str) -> R) -> R {
+        let mut buf = std::mem::take(&mut self.key_buf);
+        let result = f(self, joined(&key, &mut buf));
+        self.key_buf = buf;
+        result
     }
 
     /// Every key starting with `prefix`, in key order, with its value (at most `limit`).
@@ -903,6 +993,38 @@ mod tests {
         h.run_payloads(&["a"]);
         assert_eq!(h.state_json::<i64>("k:a"), Some(4));
         assert_eq!(h.state_json::<i64>("n"), Some(6));
+    }
+
+    /// Counts under keys given in parts and reads them back as whole strings.
+    struct Parts;
+    impl Plugin for Parts {
+        type Config = NoConfig;
+        fn init(_: NoConfig, _: &mut Context) -> Result<Self, String> {
+            Ok(Parts)
+        }
+        fn on_event(&mut self, e: &Event, ctx: &mut Context) -> Verdict {
+            let name = e.payload_str().unwrap_or_default();
+            let n = ctx.state.incr(("k:", name), 1);
+            let owned = format!("k:{name}");
+            assert_eq!(ctx.state.get_json::<i64>(&owned), Some(n));
+            assert_eq!(
+                ctx.state.get(owned.as_str()),
+                Some(n.to_string().as_bytes())
+            );
+            ctx.state.json_mut::<Vec<i64>>(("list:", &owned)).push(n);
+            ctx.state.set(("raw:", name), name.as_bytes().to_vec());
+            Verdict::Ok
+        }
+    }
+
+    #[test]
+    fn keys_in_parts_are_the_keys_they_join_to() {
+        let mut h = Harness::<Parts>::new("{}").unwrap();
+        h.run_payloads(&["a", "b", "a"]);
+        assert_eq!(h.state_json::<i64>("k:a"), Some(2));
+        assert_eq!(h.state_json::<Vec<i64>>("list:k:a"), Some(vec![1, 2]));
+        assert_eq!(h.state_json::<Vec<i64>>("list:k:b"), Some(vec![1]));
+        assert_eq!(h.recorded().state.get("raw:b"), Some(&b"b".to_vec()));
     }
 
     /// [`PerKey`] that counts the events it was asked to name keys for.
