@@ -133,7 +133,7 @@ impl Plugin for Alerter {
                 offset: event.offset,
             };
             ctx.emit_json(&self.config.output, Some(a.user_id.as_bytes()), &alert);
-            ctx.state.incr(&format!("fired:{}", rule.name), 1);
+            ctx.state.incr(("fired:", &rule.name), 1);
         }
         if fired { Verdict::Ok } else { Verdict::Skip }
     }
