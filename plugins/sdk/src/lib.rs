@@ -971,7 +971,7 @@ mod tests {
         }
         fn on_event(&mut self, e: &Event, ctx: &mut Context) -> Verdict {
             ctx.state
-                .incr(&format!("k:{}", e.payload_str().unwrap_or_default()), 1);
+                .incr(("k:", e.payload_str().unwrap_or_default()), 1);
             ctx.state.incr("n", 1);
             Verdict::Ok
         }
