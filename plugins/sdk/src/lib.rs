@@ -40,6 +40,8 @@ pub mod testing;
 
 pub use activity::{Activity, EventType, ParseError};
 pub use backend::Backend;
+// Links the word-at-a-time `memcmp` into every plugin (see that crate).
+use eddy_guest_mem as _;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
