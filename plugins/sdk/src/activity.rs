@@ -249,7 +249,15 @@ impl<'a> Activity<'a> {
                 "not an activity event: a JSON array, expected an object".into(),
             ));
         }
-        let activity: Activity = serde_json::from_slice(payload)
+        // UTF-8 checked once for the whole payload (ASCII a word at a time), not string by
+        // string: the fields a plugin never reads are then skipped without a check.
+        let text = std::str::from_utf8(payload).map_err(|e| {
+            ParseError(format!(
+                "not an activity event: not UTF-8 (invalid byte at offset {})",
+                e.valid_up_to()
+            ))
+        })?;
+        let activity: Activity = serde_json::from_str(text)
             .map_err(|e| ParseError(format!("not an activity event: {e}")))?;
         // Each number is finite, but their product may not be: an infinite amount would end
         // up as `null` in outputs and state (e.g. wiping analytics' revenue sum).
