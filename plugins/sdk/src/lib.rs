@@ -244,8 +244,9 @@ pub struct State {
     dirty: Vec<String>,
     /// Values decoded by [`State::json_mut`]; they take precedence over `cache`.
     decoded: HashMap<String, DecodedSlot, foldhash::fast::RandomState>,
-    /// Keys of `decoded` handed out by `json_mut` since the last write-back.
-    touched: Vec<String>,
+    /// How many values of `decoded` were handed out by `json_mut` since the last write-back
+    /// (each is flagged `touched`).
+    touched: usize,
     /// Keys read from the host so far (prefetched or one by one).
     loaded: usize,
     /// Whether the next batch should ask the plugin for its keys ([`Plugin::state_keys`])
@@ -348,7 +349,7 @@ impl State {
             cache_bytes: 0,
             dirty: Vec::new(),
             decoded: HashMap::default(),
-            touched: Vec::new(),
+            touched: 0,
             loaded: 0,
             prefetch_next: true,
             key_buf: String::new(),
@@ -452,32 +453,27 @@ impl State {
     where
         T: Serialize + DeserializeOwned + Default + 'static,
     {
-        let is_t = self
-            .decoded
-            .get_mut(key)
-            .map(|d| d.value.as_any_mut().is::<T>());
-        match is_t {
-            Some(true) => {}
-            other => {
-                if other == Some(false) {
-                    // Held as another type: write that back, then read it as a `T`.
-                    self.encode_decoded(key);
-                }
-                let value: T = self.get_json(key).unwrap_or_default();
-                self.decoded.insert(
-                    key.to_string(),
-                    DecodedSlot {
-                        value: Box::new(value),
-                        touched: false,
-                    },
-                );
+        // Held as a `T` already: one lookup, no allocation.
+        if let Some(slot) = self.decoded.get_mut(key)
+            && slot.value.as_any_mut().is::<T>()
+        {
+            if !slot.touched {
+                slot.touched = true;
+                self.touched += 1;
             }
+            return;
         }
-        let slot = self.decoded.get_mut(key).expect("just checked or inserted");
-        if !slot.touched {
-            slot.touched = true;
-            self.touched.push(key.to_string());
-        }
+        // Held as another type: write that back, then read it as a `T`.
+        self.encode_decoded(key);
+        let value: T = self.get_json(key).unwrap_or_default();
+        self.decoded.insert(
+            key.to_string(),
+            DecodedSlot {
+                value: Box::new(value),
+                touched: true,
+            },
+        );
+        self.touched += 1;
     }
 
     /// The value as JSON of type `T`; `None` if absent or not a `T`.
@@ -525,22 +521,22 @@ impl State {
     /// batch and tick; plugins rarely need to.
     pub fn flush(&mut self) {
         let mut sets = Vec::new();
-        // In key order, so the write-back does not depend on the hasher's seed.
-        self.touched.sort_unstable();
-        for key in std::mem::take(&mut self.touched) {
-            if let Some(slot) = self.decoded.get_mut(&key)
-                && slot.touched
-            {
+        if self.touched > 0 {
+            for (key, slot) in self.decoded.iter_mut().filter(|(_, slot)| slot.touched) {
                 slot.touched = false;
-                let bytes = slot.value.encode();
+                sets.push((key.clone(), slot.value.encode()));
+            }
+            self.touched = 0;
+            // In key order, so the write-back does not depend on the hasher's seed.
+            sets.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            for (key, _) in &sets {
                 // The cached bytes (if any) are stale now: `get` re-encodes from `decoded`.
-                if let Some(old) = self.cache.remove(&key) {
-                    self.cache_bytes -= slot_bytes(&key, &old.value);
+                if let Some(old) = self.cache.remove(key) {
+                    self.cache_bytes -= slot_bytes(key, &old.value);
                     if old.dirty {
-                        self.dirty.retain(|k| k != &key);
+                        self.dirty.retain(|k| k != key);
                     }
                 }
-                sets.push((key, bytes));
             }
         }
         let mut deletes = Vec::new();
@@ -586,7 +582,7 @@ impl State {
         if let Some(slot) = self.decoded.remove(key) {
             let bytes = slot.value.encode();
             if slot.touched {
-                self.touched.retain(|k| k != key);
+                self.touched -= 1;
                 self.write(key, Some(bytes));
             } else {
                 self.remember(key.to_string(), Some(bytes));
@@ -599,7 +595,7 @@ impl State {
         if let Some(slot) = self.decoded.remove(key)
             && slot.touched
         {
-            self.touched.retain(|k| k != key);
+            self.touched -= 1;
         }
     }
 
