@@ -137,7 +137,13 @@ pub fn seeded_broker(total: u64) -> anyhow::Result<(eddy::kafka::EmbeddedBroker,
             brokers: bootstrap.clone(),
             topic: TOPIC.into(),
             partitions,
-            settings: Default::default(),
+            // Large producer batches: the embedded broker finds the batch a fetch starts in
+            // by a linear search of the partition's log, so thousands of small batches would
+            // slow every consumer of the benchmark, the ceiling included.
+            settings: [("linger.ms", "200"), ("batch.num.messages", "100000")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             connect_timeout_ms: 30_000,
         },
         &bootstrap,

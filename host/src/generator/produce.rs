@@ -51,9 +51,10 @@ pub fn produce_blocking(
     let failed = Arc::new(AtomicU64::new(0));
     let first_error = Arc::new(std::sync::Mutex::new(None));
     let mut client = client.clone();
-    client
-        .set("linger.ms", "5")
-        .set("message.timeout.ms", "30000");
+    if client.get("linger.ms").is_none() {
+        client.set("linger.ms", "5");
+    }
+    client.set("message.timeout.ms", "30000");
     let producer: BaseProducer<DeliveryCounter> = client
         .create_with_context(DeliveryCounter {
             failed: failed.clone(),
