@@ -26,7 +26,8 @@
 //! - [`State`]: the plugin's key/value state, cached for the life of the instance so a
 //!   batch costs one `set-many` and, for keys not seen before, one `get-many` (a few single
 //!   reads once the cache is warm and the SDK stops asking for keys ahead) however many
-//!   events touch it.
+//!   events touch it. A [`Key`] is a string or a prefix and a name joined without a
+//!   `format!` per event.
 //! - [`Context`]: state, outputs and logging, handed to every callback.
 //! - [`testing`]: run a plugin natively, with in-memory state, in plain `#[test]`s.
 //!
