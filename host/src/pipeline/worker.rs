@@ -535,3 +535,36 @@ fn next_offsets(events: &[Event]) -> Offsets {
     }
     next
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(partition: i32, offset: i64) -> Event {
+        Event {
+            topic: "t".into(),
+            partition,
+            offset,
+            timestamp_ms: None,
+            key: None,
+            headers: Vec::new(),
+            payload: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn next_offsets_are_one_past_the_highest_of_each_partition() {
+        // Runs of partitions, a partition coming back, and a retried event handed in late.
+        let events: Vec<Event> = [(0, 5), (0, 6), (2, 10), (0, 7), (1, 3), (2, 9), (0, 4)]
+            .into_iter()
+            .map(|(p, o)| event(p, o))
+            .collect();
+        let next = next_offsets(&events);
+        let expected: Offsets = [(0, 8), (1, 4), (2, 11)]
+            .into_iter()
+            .map(|(p, o)| (("t".to_string(), p), o))
+            .collect();
+        assert_eq!(next, expected);
+        assert!(next_offsets(&[]).is_empty());
+    }
+}
