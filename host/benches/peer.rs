@@ -15,7 +15,8 @@
 //! ceiling, four Python consumers that only count, on the same broker and events.
 //!
 //! The Python side runs in a venv under `~/.cache/eddy/peer-venv` with confluent-kafka from
-//! PyPI, made at the first run.
+//! PyPI, made at the first run. `EDDY_BENCH_ONLY=eddy` runs Eddy's side alone, once (for
+//! profiling and quick comparisons).
 
 mod common;
 
