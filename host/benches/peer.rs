@@ -29,13 +29,6 @@ const JOBS: [&str; 4] = ["logger", "analytics", "alert", "fraud"];
 /// The confluent-kafka the peer runs on (its wheel bundles librdkafka).
 const CONFLUENT_KAFKA: &str = "confluent-kafka==2.16.1";
 
-fn events_to_run() -> u64 {
-    std::env::var("EDDY_BENCH_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200_000)
-}
-
 /// The venv's python, made (with confluent-kafka) if it is not there yet.
 fn python() -> anyhow::Result<PathBuf> {
     let home = std::env::var_os("HOME").ok_or_else(|| anyhow::anyhow!("no HOME"))?;
@@ -160,14 +153,8 @@ fn show(rates: &[(String, f64)]) -> String {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EDDY_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let total = events_to_run();
+    common::init_logs();
+    let total = common::events_to_run(200_000);
     let python = python()?;
     let runtime = tokio::runtime::Runtime::new()?;
     let (_broker, bootstrap, _) = common::seeded_broker(total)?;

@@ -87,13 +87,7 @@ fn run(
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EDDY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    common::init_logs();
     let runtime = tokio::runtime::Runtime::new()?;
     let broker = EmbeddedBroker::start()?;
     broker.create_topic("user-activities", PARTITIONS)?;

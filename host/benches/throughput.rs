@@ -38,13 +38,6 @@ const TOPIC: &str = "user-activities";
 const MAX_BATCH: usize = 500;
 const LINGER: Duration = Duration::from_millis(5);
 
-fn events_to_run() -> u64 {
-    std::env::var("EDDY_BENCH_EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000)
-}
-
 /// How many events each plugin handled: what the clock watches.
 type Counters = Vec<Arc<AtomicU64>>;
 
@@ -252,14 +245,8 @@ fn run_eddy(
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EDDY_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let total = events_to_run();
+    common::init_logs();
+    let total = common::events_to_run(1_000_000);
     let runtime = tokio::runtime::Runtime::new()?;
     let (_broker, bootstrap, _) = common::seeded_broker(total)?;
 

@@ -220,3 +220,22 @@ pub fn start_host(
     }
     runtime.block_on(eddy::Host::start(config))
 }
+
+/// Logs to stderr at `warn` (or as `EDDY_LOG` says), so the figures on stdout stand alone.
+pub fn init_logs() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EDDY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// How many events to run: `EDDY_BENCH_EVENTS`, else `default`.
+pub fn events_to_run(default: u64) -> u64 {
+    std::env::var("EDDY_BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
