@@ -7,12 +7,32 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A port that is free now and that nothing else in this run will be handed.
+///
+/// Not the kernel's port 0: that picks from the ephemeral range (32768-60999 here), the
+/// same range outgoing connections take their local ports from, so between our probe and
+/// the child's bind, a Kafka client's connection could take it (CI saw exactly that:
+/// "Address already in use" for a host's /metrics). Ports below that range are never
+/// handed out implicitly; a per-process counter (started from the pid, so test binaries
+/// run one after another do not retry the same ports) keeps concurrent tests apart.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000; // below 32768, the start of Linux's default ephemeral range
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + SPAN);
 }
 
 /// A `plugins.toml` in `dir` for `plugins` against `bootstrap`, with metrics on `port`.
