@@ -101,6 +101,7 @@ log = "discard"
                     partitions: 6,
                     settings: Default::default(),
                     connect_timeout_ms: 30_000,
+                    shared_fetch_mib: 64,
                 },
                 broker.bootstrap_servers(),
             ),

@@ -98,6 +98,7 @@ fn main() -> anyhow::Result<()> {
             partitions: PARTITIONS,
             settings: Default::default(),
             connect_timeout_ms: 30_000,
+            shared_fetch_mib: 64,
         },
         broker.bootstrap_servers(),
     );

@@ -107,6 +107,16 @@ impl Host {
         let producer: FutureProducer = producer_client
             .create()
             .map_err(|e| anyhow::anyhow!("cannot create the output producer: {e}"))?;
+        let shared_fetch = (config.kafka.shared_fetch_mib > 0 && !config.state.shared_group)
+            .then(|| {
+                kafka::shared_fetch::SharedFetch::start(
+                    &consumer_client,
+                    &config.kafka.topic,
+                    config.kafka.shared_fetch_mib << 20,
+                    shutdown_rx.clone(),
+                )
+            })
+            .transpose()?;
         let (reloads, reload_requests) = tokio::sync::mpsc::channel(4);
         let supervisor = supervisor::Supervisor::start(
             engine,
@@ -117,6 +127,7 @@ impl Host {
             producer,
             metrics.clone(),
             shutdown_rx.clone(),
+            shared_fetch,
         );
         tasks.spawn(supervisor::supervise(
             supervisor,

@@ -224,6 +224,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 topic: topic.clone(),
                 partitions: 6,
                 connect_timeout_ms: 30_000,
+                shared_fetch_mib: 64,
                 settings: settings.into_iter().collect(),
             };
             let client = eddy::kafka::client_config(&kafka, &brokers);

@@ -78,9 +78,14 @@ pub fn plugins_dir() -> PathBuf {
 
 /// `[kafka]` for a broker at `bootstrap`, with the settings the host uses for its own
 /// embedded broker (see `Host::start`).
+/// The `[kafka]` section of a benchmark host. `EDDY_BENCH_SHARED_FETCH_MIB` sets
+/// `shared_fetch_mib` (0: every plugin fetches for itself), to compare the two.
 pub fn kafka_section(bootstrap: &str) -> String {
+    let shared = std::env::var("EDDY_BENCH_SHARED_FETCH_MIB")
+        .map(|m| format!("shared_fetch_mib = {m}\n"))
+        .unwrap_or_default();
     format!(
-        "[kafka]\nbrokers = \"{bootstrap}\"\n[kafka.settings]\n\"fetch.wait.max.ms\" = \"10\"\n"
+        "[kafka]\nbrokers = \"{bootstrap}\"\n{shared}[kafka.settings]\n\"fetch.wait.max.ms\" = \"10\"\n"
     )
 }
 
@@ -145,6 +150,7 @@ pub fn seeded_broker(total: u64) -> anyhow::Result<(eddy::kafka::EmbeddedBroker,
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             connect_timeout_ms: 30_000,
+            shared_fetch_mib: 64,
         },
         &bootstrap,
     );

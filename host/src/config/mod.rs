@@ -79,6 +79,18 @@ pub struct KafkaConfig {
     /// with an error naming the brokers (a typo in `brokers`, a cluster that is down).
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
+    /// Plugins at the same place in the topic share one fetch of it (one copy of each
+    /// event, fetched once, instead of one per plugin), through a window of at most this
+    /// many MiB of events; when it is full, fetching waits for the slowest plugin reading
+    /// it (a plugin that takes nothing for 2 s meanwhile, e.g. paused by its breaker,
+    /// fetches for itself until it catches up). 0: every plugin fetches for itself. Not
+    /// with `[state] shared_group`.
+    #[serde(default = "default_shared_fetch_mib")]
+    pub shared_fetch_mib: usize,
+}
+
+fn default_shared_fetch_mib() -> usize {
+    64
 }
 
 fn default_connect_timeout_ms() -> u64 {
@@ -336,6 +348,12 @@ impl Config {
             return Err(self.invalid(
                 "kafka.connect_timeout_ms",
                 format!("must be 100 to 600000 ms, not {}", k.connect_timeout_ms),
+            ));
+        }
+        if k.shared_fetch_mib > 4096 {
+            return Err(self.invalid(
+                "kafka.shared_fetch_mib",
+                format!("must be 0 (off) to 4096 MiB, not {}", k.shared_fetch_mib),
             ));
         }
         if !(1..=1024).contains(&k.partitions) {

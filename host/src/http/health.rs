@@ -60,6 +60,7 @@ pub fn health(metrics: &Metrics) -> Health {
                 "breaker": breaker,
                 "events": m.events_handled(),
                 "consumer_lag": m.consumer_lag.load(Relaxed),
+                "shared_fetch_partitions": m.shared_partitions.load(Relaxed),
             });
             (name, v)
         })

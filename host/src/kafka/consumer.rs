@@ -32,6 +32,11 @@ pub struct Callbacks {
     pub start_from: StartFrom,
     /// When the consumer lost its last broker connection, for the log line when it is back.
     pub kafka_down_since: std::sync::Mutex<Option<Instant>>,
+    /// Bumped by every assignment and revocation, for the worker to notice them.
+    pub rebalances: Arc<std::sync::atomic::AtomicU64>,
+    /// The shared fetch, if the plugin reads from it: its partitions are paused in this
+    /// consumer, whose own log end offsets for them go stale.
+    pub shared_fetch: Option<Arc<super::shared_fetch::SharedFetch>>,
 }
 
 impl ClientContext for Callbacks {
@@ -55,7 +60,12 @@ impl ClientContext for Callbacks {
                 let position = [p.stored_offset, p.committed_offset, p.next_offset]
                     .into_iter()
                     .find(|o| *o >= 0)?;
-                Some((p.hi_offset - position).max(0))
+                let shared_hi = self
+                    .shared_fetch
+                    .as_ref()
+                    .and_then(|s| s.high_watermark(p.partition))
+                    .unwrap_or(-1);
+                Some((p.hi_offset.max(shared_hi) - position).max(0))
             })
             .collect();
         let lag = if lags.is_empty() {
@@ -174,6 +184,7 @@ impl ConsumerContext for Callbacks {
                         .filter(|e| e.topic() == self.topic)
                         .map(|e| e.partition()),
                 );
+                self.rebalances.fetch_add(1, Relaxed);
                 info!(plugin = %self.plugin, partitions = %partitions(tpl), "partitions assigned");
                 let result = if cooperative {
                     base.incremental_assign(tpl)
@@ -185,6 +196,7 @@ impl ConsumerContext for Callbacks {
                 }
             }
             RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.rebalances.fetch_add(1, Relaxed);
                 info!(plugin = %self.plugin, partitions = %partitions(tpl), "partitions revoked");
                 {
                     let mut assigned = self.assigned.lock().expect("assigned lock");

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod cluster;
 pub mod consumer;
 pub mod embedded;
+pub mod shared_fetch;
 
 pub use cluster::ClusterView;
 pub use embedded::EmbeddedBroker;
@@ -69,5 +70,16 @@ pub fn wait_until_reachable(
                 std::thread::sleep(Duration::from_millis(500).min(left));
             }
         }
+    }
+}
+
+/// `future`'s output if it is ready at the first poll: what a consumer already holds,
+/// taken without arming a timer per message.
+pub fn ready_now<F: std::future::Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(output) => Some(output),
+        std::task::Poll::Pending => None,
     }
 }

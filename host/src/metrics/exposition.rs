@@ -189,6 +189,12 @@ fn families(metrics: &Metrics) -> Vec<MetricFamily> {
     ));
     out.push(per_plugin_gauge(
         plugins,
+        "eddy_shared_fetch_partitions",
+        "Partitions the plugin reads from the topic's shared fetch; it fetches the others itself.",
+        |m| m.shared_partitions.load(Relaxed) as f64,
+    ));
+    out.push(per_plugin_gauge(
+        plugins,
         "eddy_plugin_up",
         "1 while the plugin is loaded and consuming.",
         |m| m.up.load(Relaxed) as f64,

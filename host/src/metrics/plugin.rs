@@ -25,6 +25,8 @@ pub struct PluginMetrics {
     pub consumer_lag: AtomicI64,
     /// 1 while the plugin is loaded and consuming.
     pub up: AtomicI64,
+    /// Partitions the plugin reads from the shared fetch (the others it fetches itself).
+    pub shared_partitions: AtomicI64,
     /// Whether the plugin's consumer has a connection to a Kafka broker: 1 yes, 2 no (all
     /// brokers down: it reconnects meanwhile), 0 not known yet. From librdkafka's
     /// statistics, once a second.

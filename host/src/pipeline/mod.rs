@@ -1,11 +1,13 @@
 //! The event pipeline of one plugin: its worker loop (consume, fill a batch, run it, deliver,
-//! commit, store offsets), what happens to events it fails on, and its breaker.
+//! commit, store offsets), where its events come from (its consumer, the shared fetch), what
+//! happens to events it fails on, and its breaker.
 
 pub mod breaker;
 mod control;
 mod effects;
 mod fill;
 mod isolation;
+mod source;
 pub mod worker;
 
 pub use breaker::{Breaker, BreakerState};

@@ -22,10 +22,12 @@ use super::breaker::{Breaker, BreakerState};
 use super::control::Control;
 use super::fill::{Filled, fill};
 use super::isolation::{Disposition, Ran, run_events};
+use super::source::{Batch, Source};
 use crate::config::PluginConfig;
 use crate::event::Event;
 use crate::kafka::Offsets;
-use crate::kafka::consumer::{self, Callbacks, store_offsets, to_event};
+use crate::kafka::consumer::{self, Callbacks, store_offsets};
+use crate::kafka::shared_fetch::SharedFetch;
 use crate::metrics::{Outcome, PluginMetrics, ReloadOutcome, Version};
 use crate::retry::{Policy, sleep_unless_stopping};
 use crate::sinks::{DeadLetter, Outputs};
@@ -86,6 +88,8 @@ pub struct Worker {
     /// The partitions the consumer holds now (see [`Callbacks::assigned`]).
     pub(super) assigned: Arc<std::sync::Mutex<BTreeSet<i32>>>,
     pub(super) breaker: Breaker,
+    /// The topic's shared fetch, read where it holds the plugin's position.
+    pub(super) shared_fetch: Option<Arc<SharedFetch>>,
 }
 
 impl Worker {
@@ -122,12 +126,20 @@ impl Worker {
             unsynced: None,
             assigned: Default::default(),
             breaker: Breaker::new(plugin_breaker),
+            shared_fetch: None,
         }
     }
 
     /// `[state] shared_group`: other hosts share this plugin's consumer group.
     pub fn sharing_the_group(mut self, shared: bool) -> Worker {
         self.shared_group = shared;
+        self
+    }
+
+    /// Reads from the topic's shared fetch where it can (not with `shared_group`: other
+    /// hosts hold some partitions, so positions are per host).
+    pub fn sharing_the_fetch(mut self, shared: Option<Arc<SharedFetch>>) -> Worker {
+        self.shared_fetch = shared;
         self
     }
 
@@ -144,7 +156,9 @@ impl Worker {
             .expect("the sandbox is back after every call")
     }
 
-    fn consumer(&self) -> anyhow::Result<StreamConsumer<Callbacks>> {
+    fn source(&self) -> anyhow::Result<Source> {
+        let shared_fetch = self.shared_fetch.clone().filter(|_| !self.shared_group);
+        let reader = shared_fetch.as_ref().map(|s| s.reader(&self.plugin.name));
         let callbacks = Callbacks {
             plugin: self.plugin.name.clone(),
             topic: self.topic.clone(),
@@ -154,8 +168,11 @@ impl Worker {
             assigned: self.assigned.clone(),
             start_from: self.plugin.start_from,
             kafka_down_since: Default::default(),
+            rebalances: Default::default(),
+            shared_fetch,
         };
-        consumer::subscribe(&self.client, &self.plugin, &self.topic, callbacks)
+        let consumer = consumer::subscribe(&self.client, &self.plugin, &self.topic, callbacks)?;
+        Ok(Source::new(consumer, reader, self.topic.clone()))
     }
 
     fn tick_interval(&self) -> Option<tokio::time::Interval> {
@@ -169,7 +186,7 @@ impl Worker {
     /// finishes the batch in flight and commits.
     #[instrument(name = "plugin", skip_all, fields(plugin = %self.plugin.name, messaging.destination.name = %self.topic, messaging.consumer.group.name = %self.plugin.group_id()))]
     pub async fn run(mut self) -> anyhow::Result<()> {
-        let consumer = self.consumer()?;
+        let mut source = self.source()?;
         self.metrics.consumer_lag.store(-1, Relaxed);
         self.metrics.up.store(1, Relaxed);
         let program = self.sandbox().program().clone();
@@ -189,6 +206,7 @@ impl Worker {
                 .unsynced
                 .as_ref()
                 .map(|(since, _)| tokio::time::Instant::from_std(*since + self.commit_interval));
+            let mut batch = Batch::new(self.plugin.max_batch, self.plugin.max_batch_bytes());
             let first = tokio::select! {
                 biased;
                 _ = self.shutdown.changed() => break,
@@ -200,22 +218,19 @@ impl Worker {
                     None => break,
                 },
                 _ = async { tick.as_mut().expect("guarded").tick().await }, if tick.is_some() => {
-                    self.tick(&consumer).await;
+                    self.tick(&source.consumer).await;
                     continue;
                 }
                 _ = tokio::time::sleep_until(sync_at.unwrap_or_else(tokio::time::Instant::now)), if sync_at.is_some() => {
-                    if !self.sync(&consumer).await {
+                    if !self.sync(&source.consumer).await {
                         break;
                     }
                     continue;
                 }
-                m = consumer.recv() => m,
+                r = source.recv(&mut batch) => r,
             };
-            let first = match first {
-                Ok(m) => {
-                    consume_errors.reset();
-                    to_event(&m)
-                }
+            match first {
+                Ok(()) => consume_errors.reset(),
                 Err(e) => {
                     let delay = consume_errors.next_delay();
                     warn!("consume error, polling again in {delay:?}: {e}");
@@ -227,11 +242,12 @@ impl Worker {
                     }
                     continue;
                 }
-            };
+            }
             let Filled {
                 mut events,
                 control,
-            } = fill(first, &consumer, &mut self.control, &self.plugin).await;
+            } = fill(batch, &mut source, &mut self.control, &self.plugin).await;
+            source.share_where_possible();
             if self.shared_group {
                 // Taken before a rebalance moved their partition to another host, which
                 // starts at the offset committed on revoke: they are its to handle now.
@@ -253,12 +269,13 @@ impl Worker {
             }
             let mut batch = events;
             loop {
-                match self.handle_batch(batch, &consumer).await {
+                match self.handle_batch(batch, &source.consumer).await {
                     Handled::All => break,
                     Handled::Stopping => break 'consume,
                     Handled::Tripped { held, pause } => {
                         // Nothing handled waits off the disk through the pause.
-                        if !self.sync(&consumer).await || !self.wait_out_breaker(pause).await {
+                        if !self.sync(&source.consumer).await || !self.wait_out_breaker(pause).await
+                        {
                             break 'consume;
                         }
                         if held.is_empty() {
@@ -270,8 +287,8 @@ impl Worker {
             }
         }
         self.metrics.up.store(0, Relaxed);
-        self.sync(&consumer).await;
-        match consumer.commit_consumer_state(CommitMode::Sync) {
+        self.sync(&source.consumer).await;
+        match source.consumer.commit_consumer_state(CommitMode::Sync) {
             Ok(()) => info!("stopped; offsets committed"),
             // Nothing stored yet, or a rebalance in progress: nothing is lost, the events
             // are consumed again.
@@ -282,7 +299,7 @@ impl Worker {
             }
             Err(e) => info!("stopped; final commit: {e}"),
         }
-        consumer.unsubscribe();
+        source.consumer.unsubscribe();
         Ok(())
     }
 

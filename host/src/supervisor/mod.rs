@@ -24,6 +24,7 @@ pub use load::{StartError, load_all, load_errors, load_plugin};
 
 use crate::config::{Config, PluginConfig};
 use crate::kafka::ClusterView;
+use crate::kafka::shared_fetch::SharedFetch;
 use crate::metrics::{Metrics, ReloadOutcome};
 use crate::pipeline::{Control, Worker};
 use crate::sinks::Outputs;
@@ -84,6 +85,8 @@ pub struct Supervisor {
     /// Optimized compiles finished in the background, to replace baseline code.
     optimized_tx: mpsc::UnboundedSender<Optimized>,
     optimized_rx: Option<mpsc::UnboundedReceiver<Optimized>>,
+    /// The topic's shared fetch, if on.
+    shared_fetch: Option<Arc<SharedFetch>>,
 }
 
 /// The optimized compile of a version that runs on baseline code for now.
@@ -105,6 +108,7 @@ impl Supervisor {
         producer: FutureProducer,
         metrics: Arc<Metrics>,
         shutdown: tokio::sync::watch::Receiver<bool>,
+        shared_fetch: Option<Arc<SharedFetch>>,
     ) -> Supervisor {
         let (optimized_tx, optimized_rx) = mpsc::unbounded_channel();
         let mut s = Supervisor {
@@ -119,6 +123,7 @@ impl Supervisor {
             baseline_engine: None,
             optimized_tx,
             optimized_rx: Some(optimized_rx),
+            shared_fetch,
         };
         for (plugin, sandbox) in s.config.plugins.clone().into_iter().zip(sandboxes) {
             s.spawn(plugin, sandbox);
@@ -140,6 +145,7 @@ impl Supervisor {
             control_rx,
         )
         .sharing_the_group(self.config.state.shared_group)
+        .sharing_the_fetch(self.shared_fetch.clone())
         .syncing_every(Duration::from_millis(self.config.state.commit_interval_ms));
         let name = plugin.name.clone();
         let task = tokio::spawn(async move {

@@ -1,0 +1,269 @@
+//! Where one plugin's events come from: its own consumer (its group: membership, commits,
+//! lag), and for the partitions where the shared fetch holds the plugin's position, the
+//! shared fetch ([`crate::kafka::shared_fetch`]), with those partitions paused in the
+//! plugin's consumer.
+//!
+//! Each event of a partition is handed over once and in order, whichever path it came by:
+//! the source keeps each partition's next offset and drops anything below it. That is also
+//! what makes switching paths safe: a partition leaving the shared fetch resumes in the
+//! plugin's consumer where the consumer last handed an event over (librdkafka resumes a
+//! paused partition there), which is at or before the next offset, and is moved to the
+//! next offset.
+
+use crate::event::Event;
+use crate::kafka::consumer::{Callbacks, to_event};
+use crate::kafka::ready_now;
+use crate::kafka::shared_fetch::Reader;
+use crate::metrics::PluginMetrics;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaResult;
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+use tracing::debug;
+
+/// A batch being filled, and its limits.
+pub(super) struct Batch {
+    pub events: Vec<Event>,
+    pub bytes: usize,
+    pub max_events: usize,
+    pub max_bytes: usize,
+}
+
+impl Batch {
+    pub fn new(max_events: usize, max_bytes: usize) -> Batch {
+        Batch {
+            events: Vec::with_capacity(max_events),
+            bytes: 0,
+            max_events,
+            max_bytes,
+        }
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.events.len() >= self.max_events || self.bytes >= self.max_bytes
+    }
+
+    fn push(&mut self, e: Event) {
+        self.bytes += e.size();
+        self.events.push(e);
+    }
+}
+
+/// One plugin's events: its consumer, and its reader of the shared fetch, if any.
+pub(super) struct Source {
+    pub consumer: StreamConsumer<Callbacks>,
+    shared: Option<Reader>,
+    topic: String,
+    /// The next offset to hand over, per partition, once known.
+    next: HashMap<i32, i64>,
+    /// Partitions read from the shared fetch (paused in `consumer`).
+    attached: BTreeSet<i32>,
+    /// The partitions `consumer` holds, kept by its rebalance callback.
+    assigned: Arc<std::sync::Mutex<BTreeSet<i32>>>,
+    rebalances: Arc<AtomicU64>,
+    rebalances_seen: u64,
+    metrics: Arc<PluginMetrics>,
+}
+
+impl Source {
+    pub fn new(
+        consumer: StreamConsumer<Callbacks>,
+        shared: Option<Reader>,
+        topic: String,
+    ) -> Source {
+        let callbacks = consumer.context();
+        let (assigned, rebalances, metrics) = (
+            callbacks.assigned.clone(),
+            callbacks.rebalances.clone(),
+            callbacks.metrics.clone(),
+        );
+        Source {
+            consumer,
+            shared,
+            topic,
+            next: HashMap::new(),
+            attached: BTreeSet::new(),
+            assigned,
+            rebalances,
+            rebalances_seen: 0,
+            metrics,
+        }
+    }
+
+    /// Waits until at least one more event is ready and moves what is ready into `batch`.
+    /// Cancel-safe: nothing is taken unless it is in `batch` when this returns.
+    pub async fn recv(&mut self, batch: &mut Batch) -> KafkaResult<()> {
+        let before = batch.events.len();
+        loop {
+            self.ready(batch);
+            if batch.events.len() > before || batch.is_full() {
+                return Ok(());
+            }
+            let shared = self.shared.as_mut().filter(|_| !self.attached.is_empty());
+            let consumed = tokio::select! {
+                m = self.consumer.recv() => Some(m.map(|m| to_event(&m))?),
+                _ = async { shared.expect("guarded").appended().await }, if shared.is_some() => None,
+            };
+            if let Some(e) = consumed {
+                // The poll may have run a rebalance: see it before judging the event.
+                self.notice_rebalance();
+                if self.accept(&e) {
+                    batch.push(e);
+                    // More may be ready; the caller fills on with `ready`.
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Moves what is ready now into `batch`, without waiting.
+    pub fn ready(&mut self, batch: &mut Batch) {
+        self.notice_rebalance();
+        if let Some(reader) = self.shared.as_mut().filter(|_| !self.attached.is_empty()) {
+            let from = batch.events.len();
+            let taken = reader.take(
+                &mut batch.events,
+                batch.max_events.saturating_sub(from),
+                batch.max_bytes.saturating_sub(batch.bytes),
+            );
+            batch.bytes += taken.bytes;
+            for e in &batch.events[from..] {
+                self.next.insert(e.partition, e.offset + 1);
+            }
+            if !taken.lost.is_empty() {
+                self.fetch_again(&taken.lost);
+            }
+        }
+        while !batch.is_full() {
+            let e = match ready_now(self.consumer.recv()) {
+                Some(Ok(m)) => to_event(&m),
+                // An error is seen by the next `recv`.
+                _ => break,
+            };
+            self.notice_rebalance();
+            if self.accept(&e) {
+                batch.push(e);
+            }
+        }
+    }
+
+    /// Whether the consumer's event is to be handed over: not if its partition is read from
+    /// the shared fetch, or if it was handed over already.
+    fn accept(&mut self, e: &Event) -> bool {
+        if self.attached.contains(&e.partition) {
+            return false;
+        }
+        if self.next.get(&e.partition).is_some_and(|n| e.offset < *n) {
+            debug!(
+                partition = e.partition,
+                offset = e.offset,
+                "dropped: handed over already"
+            );
+            return false;
+        }
+        self.next.insert(e.partition, e.offset + 1);
+        true
+    }
+
+    /// After a batch: attaches the partitions the plugin fetches itself to the shared fetch
+    /// where it holds their next offset.
+    pub fn share_where_possible(&mut self) {
+        self.notice_rebalance();
+        let Some(reader) = self.shared.as_mut() else {
+            return;
+        };
+        let assigned: Vec<i32> = self
+            .assigned
+            .lock()
+            .expect("assigned lock")
+            .iter()
+            .copied()
+            .filter(|p| !self.attached.contains(p))
+            .collect();
+        for p in assigned {
+            let Some(next) = self.next.get(&p).copied() else {
+                continue;
+            };
+            if reader.attach(p, next) {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(&self.topic, p);
+                match self.consumer.pause(&tpl) {
+                    Ok(()) => {
+                        debug!(partition = p, next, "reading from the shared fetch");
+                        self.attached.insert(p);
+                    }
+                    Err(e) => {
+                        debug!(partition = p, "cannot pause, fetching for itself: {e}");
+                        reader.detach(&[p]);
+                    }
+                }
+            }
+        }
+        self.count_attached();
+    }
+
+    fn count_attached(&self) {
+        self.metrics
+            .shared_partitions
+            .store(self.attached.len() as i64, Relaxed);
+    }
+
+    /// A rebalance resets what the consumer fetches: partitions are fetched by the
+    /// consumer again (and shared again after the next batch); revoked ones are forgotten.
+    fn notice_rebalance(&mut self) {
+        let now = self.rebalances.load(Relaxed);
+        if now == self.rebalances_seen {
+            return;
+        }
+        self.rebalances_seen = now;
+        let attached: Vec<i32> = std::mem::take(&mut self.attached).into_iter().collect();
+        if let Some(reader) = self.shared.as_mut() {
+            reader.detach(&attached);
+        }
+        let assigned = self.assigned.lock().expect("assigned lock").clone();
+        self.next.retain(|p, _| assigned.contains(p));
+        let still: Vec<i32> = attached
+            .into_iter()
+            .filter(|p| assigned.contains(p))
+            .collect();
+        self.resume(&still);
+        self.count_attached();
+    }
+
+    /// Partitions the shared fetch gave up on: the consumer fetches them again.
+    fn fetch_again(&mut self, partitions: &[i32]) {
+        for p in partitions {
+            self.attached.remove(p);
+        }
+        self.resume(partitions);
+        self.count_attached();
+    }
+
+    /// Resumes `partitions` in the consumer, from their next offset.
+    fn resume(&mut self, partitions: &[i32]) {
+        if partitions.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            tpl.add_partition(&self.topic, *p);
+        }
+        if let Err(e) = self.consumer.resume(&tpl) {
+            debug!("resume: {e}");
+        }
+        for p in partitions {
+            // librdkafka resumes where the consumer last handed an event over; skip what the
+            // shared fetch handed over since (anything below `next` is dropped anyway).
+            if let Some(next) = self.next.get(p)
+                && let Err(e) =
+                    self.consumer
+                        .seek(&self.topic, *p, Offset::Offset(*next), Duration::ZERO)
+            {
+                debug!(partition = p, next, "seek: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! The shared fetch: plugins at the same place in the topic read one fetch of it, and a
+//! plugin that stops taking events (here: paused by its breaker) does not hold the others
+//! back once the window is full; it fetches for itself after its pause and rejoins. Every
+//! plugin's count stays exact throughout.
+
+mod common;
+
+use common::*;
+use eddy::Host;
+use eddy::metrics::Outcome;
+use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+const PARTITIONS: i32 = 6;
+const EVENTS: usize = 8000;
+
+fn write_config(dir: &Path, bootstrap: &str, marker: &str) {
+    let plugins = format!(
+        r#"
+[[plugin]]
+name = "first"
+path = "{analytics}"
+tick_interval_ms = 0
+[plugin.outputs]
+snapshots = "discard"
+
+[[plugin]]
+name = "second"
+path = "{analytics}"
+tick_interval_ms = 0
+[plugin.outputs]
+snapshots = "discard"
+
+[[plugin]]
+name = "broken"
+path = "{fixture}"
+max_batch = 50
+[plugin.breaker]
+failures = 3
+window = 50
+pause_ms = 60000
+max_pause_ms = 60000
+[plugin.config]
+mode = "panic"
+marker = "{marker}"
+
+[reload]
+debounce_ms = 100
+"#,
+        analytics = wasm("eddy_analytics"),
+        fixture = wasm("eddy_fixture_misbehave"),
+    );
+    // A 1 MiB window: the 8,000 events (~4 MiB) do not fit, so the window fills while the
+    // broken plugin is paused.
+    let text = config_text(bootstrap, PARTITIONS, &plugins).replacen(
+        &format!("partitions = {PARTITIONS}\n"),
+        &format!("partitions = {PARTITIONS}\nshared_fetch_mib = 1\n"),
+        1,
+    );
+    replace_file(&dir.join("plugins.toml"), text.as_bytes());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_plugin_does_not_hold_the_shared_fetch_and_every_count_stays_exact() {
+    init_logs();
+    let broker = broker(PARTITIONS);
+    let bootstrap = broker.bootstrap_servers().to_string();
+    let events = generate(EVENTS, &generator_options(11, 0));
+    produce_generated(&bootstrap, &events);
+    let total = EVENTS as u64;
+
+    let dir = tempfile::tempdir().unwrap();
+    // An empty marker: the broken plugin panics on every event, and its breaker pauses it
+    // for a minute.
+    write_config(dir.path(), &bootstrap, "");
+    let mut cfg = eddy::config::Config::load(&dir.path().join("plugins.toml")).unwrap();
+    assert_eq!(cfg.kafka.shared_fetch_mib, 1);
+    cfg.state.dir = dir.path().join("state");
+    let host = Host::start(cfg).await.expect("host starts");
+    let first = host.metrics().plugin("first");
+    let second = host.metrics().plugin("second");
+    let broken = host.metrics().plugin("broken");
+
+    // The healthy plugins get through everything while the broken one is paused: with the
+    // window held for it, they would stop after ~1 MiB of events.
+    let (f, s) = (first.clone(), second.clone());
+    wait_async(
+        Duration::from_secs(120),
+        "the healthy plugins to handle every event",
+        move || f.events_handled() >= total && s.events_handled() >= total,
+    )
+    .await;
+    assert_eq!(broken.breaker_state.load(Relaxed), 1, "still paused");
+    assert!(broken.events_handled() < total);
+    // They read from the shared fetch; the paused plugin was let go of it.
+    assert_eq!(first.shared_partitions.load(Relaxed), PARTITIONS as i64);
+    assert_eq!(second.shared_partitions.load(Relaxed), PARTITIONS as i64);
+    assert_eq!(broken.shared_partitions.load(Relaxed), 0);
+    let page = http_get(host.http_addr(), "/metrics").await;
+    assert!(
+        page.contains(&format!(
+            "eddy_shared_fetch_partitions{{plugin=\"first\"}} {PARTITIONS}"
+        )),
+        "{page}"
+    );
+
+    // A fix ends the pause: the broken plugin catches up by fetching for itself, then
+    // reads from the shared fetch again.
+    write_config(dir.path(), &bootstrap, "NOTHING-MATCHES");
+    let b = broken.clone();
+    wait_async(
+        Duration::from_secs(120),
+        "the fixed plugin to catch up and rejoin the shared fetch",
+        move || {
+            b.events_handled() >= total && b.shared_partitions.load(Relaxed) == PARTITIONS as i64
+        },
+    )
+    .await;
+
+    // Exactly once, each: a little later, still not one event more.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (name, m) in [("first", &first), ("second", &second)] {
+        assert_eq!(m.events(Outcome::Ok), total, "{name}");
+        assert_eq!(m.events_handled(), total, "{name}");
+    }
+    assert_eq!(
+        broken.events(Outcome::Ok) + broken.events(Outcome::DeadLetter),
+        total,
+        "every event accounted for, once"
+    );
+    assert_eq!(broken.events_handled(), total);
+    host.stop().await.unwrap();
+    for group in ["eddy-first", "eddy-second", "eddy-broken"] {
+        assert_eq!(
+            committed_total(&bootstrap, group, PARTITIONS),
+            total as i64,
+            "{group}"
+        );
+    }
+}
