@@ -12,15 +12,16 @@
 //!   (`plugin.rs` one `[[plugin]]`, `outputs.rs` where outputs go).
 //! - [`metrics`]: what is counted, per plugin and host-wide, and its Prometheus exposition.
 //! - [`kafka`]: client settings, the embedded broker, a plugin's consumer and its callbacks
-//!   (where partitions start, lag, connectivity), and what the host knows of the cluster.
+//!   (where partitions start, lag, connectivity), the topic's shared fetch, and what the
+//!   host knows of the cluster.
 //! - [`state`]: a plugin's state: the overlay the sandbox writes through, and the durable
 //!   store (one redb file per plugin) behind a trait, committed with the offsets.
 //! - [`wasm`]: engines, compiled programs and their cache, the sandbox lifecycle
 //!   (traps, swaps, probation), and the host side of each WIT interface in `wasm/host/`.
 //! - [`sinks`]: where outputs go, one [`sinks::Sink`] per kind (stdout, Kafka topic), and
 //!   dead letters.
-//! - [`pipeline`]: one plugin's worker: fill a batch, run it (isolating failing events),
-//!   deliver, commit, store offsets; and its breaker.
+//! - [`pipeline`]: one plugin's worker: take events (its consumer or the shared fetch), fill
+//!   a batch, run it (isolating failing events), deliver, commit, store offsets; its breaker.
 //! - [`supervisor`]: the running set of plugins: loading, hot reload, file watching.
 //! - [`http`]: the HTTP server (axum): `/metrics`, `/healthz`.
 //! - [`ops`]: `eddy state`, `eddy reset`, `eddy replay`.
