@@ -43,9 +43,9 @@ fn main() -> anyhow::Result<()> {
             partition: 0,
             offset: i as i64,
             timestamp_ms: Some(1_705_314_600_000 + i as i64),
-            key: Some(g.key.clone().into_bytes()),
+            key: Some(g.key.clone().into_bytes().into()),
             headers: Vec::new(),
-            payload: g.payload.clone(),
+            payload: g.payload.clone().into(),
         })
         .collect();
     let native_events: Vec<eddy_sdk::Event> = events.iter().map(common::sdk_event).collect();

@@ -35,9 +35,9 @@ fn events() -> Vec<Event> {
         partition: 0,
         offset: i as i64,
         timestamp_ms: Some(1_705_314_600_000 + 5 * i as i64),
-        key: Some(g.key.into_bytes()),
+        key: Some(g.key.into_bytes().into()),
         headers: Vec::new(),
-        payload: g.payload,
+        payload: g.payload.into(),
     })
     .collect()
 }
@@ -54,7 +54,7 @@ fn sandboxed(engine: &wasmtime::Engine, toml: &str, events: &[Event]) -> anyhow:
             .map_err(|t| anyhow::anyhow!("{t}"))?;
         drop(sandbox.take_outputs());
         let last = batch.last().unwrap();
-        let offsets = [((last.topic.clone(), 0), last.offset + 1)].into();
+        let offsets = [((last.topic.to_string(), 0), last.offset + 1)].into();
         sandbox.commit_batch(&offsets, eddy::state::Durability::Immediate)?;
     }
     Ok(started.elapsed().as_secs_f64() * 1e9 / events.len() as f64)

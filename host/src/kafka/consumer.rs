@@ -291,8 +291,9 @@ pub fn store_offsets(consumer: &StreamConsumer<Callbacks>, offsets: &Offsets) {
     }
 }
 
-/// The host's copy of a consumed message.
-pub fn to_event(m: &BorrowedMessage<'_>) -> Event {
+/// The host's copy of a consumed message, with `topic` as its topic name if it is that
+/// topic (one name shared by every event, not a copy each).
+pub fn to_event(m: &BorrowedMessage<'_>, topic: &Arc<str>) -> Event {
     let headers = m
         .headers()
         .map(|hs| {
@@ -305,12 +306,19 @@ pub fn to_event(m: &BorrowedMessage<'_>) -> Event {
         })
         .unwrap_or_default();
     Event {
-        topic: m.topic().to_string(),
+        topic: if m.topic() == &**topic {
+            topic.clone()
+        } else {
+            m.topic().into()
+        },
         partition: m.partition(),
         offset: m.offset(),
         timestamp_ms: m.timestamp().to_millis(),
-        key: m.key().map(<[u8]>::to_vec),
+        key: m.key().map(bytes::Bytes::copy_from_slice),
         headers,
-        payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+        payload: m
+            .payload()
+            .map(bytes::Bytes::copy_from_slice)
+            .unwrap_or_default(),
     }
 }

@@ -33,7 +33,7 @@ const APPEND_CHUNK: usize = 2048;
 
 /// The shared fetch of one topic, and its window.
 pub struct SharedFetch {
-    topic: String,
+    topic: Arc<str>,
     /// Bytes the window may hold before fetching waits for its readers.
     budget: usize,
     /// How long a reader may take nothing while the window is full before it is detached.
@@ -350,7 +350,7 @@ impl SharedFetch {
             .map_err(|e| anyhow::anyhow!("cannot create the shared fetch consumer: {e}"))?;
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let fetch = Arc::new(SharedFetch {
-            topic: topic.to_string(),
+            topic: topic.into(),
             budget,
             stall: Duration::from_secs(2),
             window: Mutex::new(Window::default()),
@@ -421,11 +421,11 @@ impl SharedFetch {
                 m = consumer.recv(), if !full => match m {
                     Ok(m) => {
                         errors.reset();
-                        fetched.push(to_event(&m));
+                        fetched.push(to_event(&m, &self.topic));
                         drop(m);
                         while fetched.len() < APPEND_CHUNK {
                             match super::ready_now(consumer.recv()) {
-                                Some(Ok(m)) => fetched.push(to_event(&m)),
+                                Some(Ok(m)) => fetched.push(to_event(&m, &self.topic)),
                                 _ => break,
                             }
                         }
@@ -545,7 +545,7 @@ mod tests {
             timestamp_ms: None,
             key: None,
             headers: Vec::new(),
-            payload: vec![0; 72],
+            payload: vec![0; 72].into(),
         }
     }
 

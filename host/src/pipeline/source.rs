@@ -56,7 +56,7 @@ impl Batch {
 pub(super) struct Source {
     pub consumer: StreamConsumer<Callbacks>,
     shared: Option<Reader>,
-    topic: String,
+    topic: Arc<str>,
     /// The next offset to hand over, per partition, once known.
     next: HashMap<i32, i64>,
     /// Partitions read from the shared fetch (paused in `consumer`).
@@ -69,11 +69,7 @@ pub(super) struct Source {
 }
 
 impl Source {
-    pub fn new(
-        consumer: StreamConsumer<Callbacks>,
-        shared: Option<Reader>,
-        topic: String,
-    ) -> Source {
+    pub fn new(consumer: StreamConsumer<Callbacks>, shared: Option<Reader>, topic: &str) -> Source {
         let callbacks = consumer.context();
         let (assigned, rebalances, metrics) = (
             callbacks.assigned.clone(),
@@ -83,7 +79,7 @@ impl Source {
         Source {
             consumer,
             shared,
-            topic,
+            topic: topic.into(),
             next: HashMap::new(),
             attached: BTreeSet::new(),
             assigned,
@@ -104,7 +100,7 @@ impl Source {
             }
             let shared = self.shared.as_mut().filter(|_| !self.attached.is_empty());
             let consumed = tokio::select! {
-                m = self.consumer.recv() => Some(m.map(|m| to_event(&m))?),
+                m = self.consumer.recv() => Some(m.map(|m| to_event(&m, &self.topic))?),
                 _ = async { shared.expect("guarded").appended().await }, if shared.is_some() => None,
             };
             if let Some(e) = consumed {
@@ -139,7 +135,7 @@ impl Source {
         }
         while !batch.is_full() {
             let e = match ready_now(self.consumer.recv()) {
-                Some(Ok(m)) => to_event(&m),
+                Some(Ok(m)) => to_event(&m, &self.topic),
                 // An error is seen by the next `recv`.
                 _ => break,
             };

@@ -172,7 +172,7 @@ impl Worker {
             shared_fetch,
         };
         let consumer = consumer::subscribe(&self.client, &self.plugin, &self.topic, callbacks)?;
-        Ok(Source::new(consumer, reader, self.topic.clone()))
+        Ok(Source::new(consumer, reader, &self.topic))
     }
 
     fn tick_interval(&self) -> Option<tokio::time::Interval> {
@@ -565,7 +565,7 @@ mod tests {
             timestamp_ms: None,
             key: None,
             headers: Vec::new(),
-            payload: Vec::new(),
+            payload: Default::default(),
         }
     }
 

@@ -82,7 +82,7 @@ impl DeadLetters {
                 letter.attempts.to_string(),
             );
             for (key, value) in [
-                (headers::SOURCE_TOPIC, e.topic.as_str()),
+                (headers::SOURCE_TOPIC, &*e.topic),
                 (headers::SOURCE_PARTITION, partition.as_str()),
                 (headers::SOURCE_OFFSET, offset.as_str()),
                 (headers::PLUGIN, self.plugin.as_str()),
@@ -95,9 +95,11 @@ impl DeadLetters {
                     value: Some(value),
                 });
             }
-            let mut record = FutureRecord::to(&self.topic).payload(&e.payload).headers(h);
+            let mut record = FutureRecord::to(&self.topic)
+                .payload(&e.payload[..])
+                .headers(h);
             if let Some(k) = &e.key {
-                record = record.key(k);
+                record = record.key(&k[..]);
             }
             let delivery = self
                 .producer

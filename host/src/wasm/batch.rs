@@ -22,7 +22,7 @@ pub(crate) fn empty_batch() -> Batch {
 /// `wit/eddy.wit`), reusing its buffers: after the first few calls, packing allocates
 /// nothing.
 pub(crate) fn pack(batch: &mut Batch, events: &[Event]) {
-    let topic = events.first().map_or("", |e| e.topic.as_str());
+    let topic = events.first().map_or("", |e| &*e.topic);
     if batch.topic != topic {
         batch.topic = topic.to_string();
     }
@@ -70,14 +70,14 @@ mod tests {
             partition: 2,
             offset,
             timestamp_ms: Some(offset * 10),
-            key: key.map(<[u8]>::to_vec),
+            key: key.map(bytes::Bytes::copy_from_slice),
             headers: (0..headers)
                 .map(|i| event::Header {
                     key: format!("h{i}"),
                     value: (i % 2 == 0).then(|| vec![i as u8]),
                 })
                 .collect(),
-            payload: payload.to_vec(),
+            payload: payload.to_vec().into(),
         };
         let events = [
             event(7, Some(b"k1"), b"{\"a\":1}", 0),
