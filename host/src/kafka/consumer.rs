@@ -194,6 +194,15 @@ impl ConsumerContext for Callbacks {
                 if let Err(e) = result {
                     error!(plugin = %self.plugin, "cannot take the assigned partitions: {e}");
                 }
+                // A partition the worker paused (it read it from the shared fetch) stays
+                // paused through a new assignment in librdkafka; the worker sees the
+                // rebalance only when the consumer hands it something, so the partition
+                // must fetch again here.
+                if self.shared_fetch.is_some()
+                    && let Err(e) = base.resume(tpl)
+                {
+                    warn!(plugin = %self.plugin, "cannot resume the assigned partitions: {e}");
+                }
             }
             RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 self.rebalances.fetch_add(1, Relaxed);

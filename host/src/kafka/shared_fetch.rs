@@ -266,6 +266,25 @@ impl Window {
         }
     }
 
+    /// Detaches every reader from every partition, telling each what it lost. Returns the
+    /// names of those that were attached, and the commands.
+    fn detach_everyone(&mut self) -> (Vec<String>, Vec<Command>) {
+        let ids: Vec<u64> = self.readers.keys().copied().collect();
+        let mut names = Vec::new();
+        let mut commands = Vec::new();
+        for id in ids {
+            let state = self.readers.get_mut(&id).expect("listed");
+            let partitions: Vec<i32> = state.cursors.keys().copied().collect();
+            if partitions.is_empty() {
+                continue;
+            }
+            names.push(state.name.clone());
+            state.lost.extend(&partitions);
+            commands.extend(self.detach(id, Some(&partitions)));
+        }
+        (names, commands)
+    }
+
     /// Detaches the readers that took nothing for `stall` while the window was full and
     /// events were waiting for them. Returns their names and the commands.
     fn detach_stalled(&mut self, stall: Duration, now: Instant) -> (Vec<String>, Vec<Command>) {
@@ -433,8 +452,18 @@ impl SharedFetch {
                         self.appended.send_modify(|n| *n += 1);
                     }
                     Err(e) => {
+                        // Whatever went wrong (a broker gone, a position out of range), the
+                        // plugins' own consumers know how to recover from it with their
+                        // group: hand every partition back to them. They rejoin after
+                        // their next batch, which reopens the partitions where they are.
+                        let (names, commands) = self.lock().detach_everyone();
+                        if !names.is_empty() {
+                            warn!(plugins = ?names, "shared fetch: {e}; the plugins fetch for themselves until they can share again");
+                        }
+                        self.send(commands);
+                        self.appended.send_modify(|n| *n += 1);
                         let delay = errors.next_delay();
-                        warn!("shared fetch: {e} (fetching again in {delay:?})");
+                        debug!("shared fetch: polling again in {delay:?}");
                         tokio::time::sleep(delay).await;
                     }
                 },
@@ -660,6 +689,45 @@ mod tests {
         let taken = w.take(stuck, &mut Vec::new(), 100, usize::MAX);
         assert_eq!(taken.lost, vec![0]);
         assert_eq!(taken.events, 0);
+    }
+
+    #[test]
+    fn a_fetch_error_hands_every_partition_back_to_every_reader() {
+        let mut w = Window::default();
+        let (a, b, idle) = (w.add_reader("a"), w.add_reader("b"), w.add_reader("idle"));
+        w.attach(a, 0, 0);
+        w.attach(a, 1, 0);
+        w.attach(b, 1, 0);
+        w.append((0..3).map(|o| event(1, o)).collect());
+        let (names, mut commands) = w.detach_everyone();
+        assert_eq!(names, vec!["a".to_string(), "b".to_string()]);
+        commands.sort_by_key(|c| format!("{c:?}"));
+        assert_eq!(
+            commands,
+            vec![
+                Command::Close { partition: 0 },
+                Command::Close { partition: 1 }
+            ]
+        );
+        assert_eq!(w.bytes, 0);
+        assert_eq!(w.take(a, &mut Vec::new(), 10, usize::MAX).lost, vec![0, 1]);
+        assert_eq!(w.take(b, &mut Vec::new(), 10, usize::MAX).lost, vec![1]);
+        assert!(
+            w.take(idle, &mut Vec::new(), 10, usize::MAX)
+                .lost
+                .is_empty()
+        );
+        // Reattaching reopens the partition where the reader is.
+        assert_eq!(
+            w.attach(a, 1, 3),
+            (
+                true,
+                Some(Command::Open {
+                    partition: 1,
+                    offset: 3
+                })
+            )
+        );
     }
 
     #[test]
