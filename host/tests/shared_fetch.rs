@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 const PARTITIONS: i32 = 6;
-const EVENTS: usize = 8000;
+const EVENTS: usize = 20_000;
 
 fn write_config(dir: &Path, bootstrap: &str, marker: &str) {
     let plugins = format!(
@@ -51,8 +51,8 @@ debounce_ms = 100
         analytics = wasm("eddy_analytics"),
         fixture = wasm("eddy_fixture_misbehave"),
     );
-    // A 1 MiB window: the 8,000 events (~4 MiB) do not fit, so the window fills while the
-    // broken plugin is paused.
+    // A 1 MiB window: the 20,000 events (~10 MiB, ~1.7 MiB per partition) do not fit, so
+    // the window fills while the broken plugin is paused, whichever partitions it holds.
     let text = config_text(bootstrap, PARTITIONS, &plugins).replacen(
         &format!("partitions = {PARTITIONS}\n"),
         &format!("partitions = {PARTITIONS}\nshared_fetch_mib = 1\n"),
@@ -93,15 +93,28 @@ async fn a_paused_plugin_does_not_hold_the_shared_fetch_and_every_count_stays_ex
     .await;
     assert_eq!(broken.breaker_state.load(Relaxed), 1, "still paused");
     assert!(broken.events_handled() < total);
-    // They read from the shared fetch; the paused plugin was let go of it.
-    assert_eq!(first.shared_partitions.load(Relaxed), PARTITIONS as i64);
-    assert_eq!(second.shared_partitions.load(Relaxed), PARTITIONS as i64);
+    // The paused plugin was let go of the shared fetch; the others read all of it (once
+    // they have caught up with it).
     assert_eq!(broken.shared_partitions.load(Relaxed), 0);
+    let (f, s) = (first.clone(), second.clone());
+    wait_async(
+        Duration::from_secs(30),
+        "the healthy plugins to read every partition from the shared fetch",
+        move || {
+            f.shared_partitions.load(Relaxed) == PARTITIONS as i64
+                && s.shared_partitions.load(Relaxed) == PARTITIONS as i64
+        },
+    )
+    .await;
     let page = http_get(host.http_addr(), "/metrics").await;
     assert!(
         page.contains(&format!(
             "eddy_shared_fetch_partitions{{plugin=\"first\"}} {PARTITIONS}"
         )),
+        "{page}"
+    );
+    assert!(
+        page.contains("eddy_shared_fetch_partitions{plugin=\"broken\"} 0"),
         "{page}"
     );
 

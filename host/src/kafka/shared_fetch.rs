@@ -17,9 +17,11 @@
 
 use crate::event::Event;
 use crate::kafka::consumer::to_event;
+use crate::metrics::PluginMetrics;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{ClientConfig, ClientContext, Offset, Statistics, TopicPartitionList};
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, mpsc, watch};
@@ -86,6 +88,18 @@ struct ReaderState {
     /// Where `take` starts looking, so every partition gets its turn.
     turn: usize,
     name: String,
+    /// Where the plugin's `eddy_shared_fetch_partitions` is kept up to date.
+    metrics: Option<Arc<PluginMetrics>>,
+}
+
+impl ReaderState {
+    /// Publishes how many partitions this reader reads here now.
+    fn publish(&self) {
+        if let Some(m) = &self.metrics {
+            m.shared_partitions
+                .store(self.cursors.len() as i64, Relaxed);
+        }
+    }
 }
 
 /// What [`Reader::take`] found.
@@ -103,7 +117,7 @@ fn cost(e: &Event) -> usize {
 }
 
 impl Window {
-    fn add_reader(&mut self, name: &str) -> u64 {
+    fn add_reader(&mut self, name: &str, metrics: Option<Arc<PluginMetrics>>) -> u64 {
         let id = self.next_reader;
         self.next_reader += 1;
         self.readers.insert(
@@ -114,6 +128,7 @@ impl Window {
                 last_take: Instant::now(),
                 turn: 0,
                 name: name.to_string(),
+                metrics,
             },
         );
         id
@@ -144,6 +159,7 @@ impl Window {
         let state = self.readers.get_mut(&reader).expect("a live reader");
         state.cursors.insert(partition, next);
         state.last_take = Instant::now();
+        state.publish();
         (true, command)
     }
 
@@ -236,6 +252,7 @@ impl Window {
                 .copied()
                 .collect(),
         };
+        state.publish();
         gone.into_iter().filter_map(|p| self.evict(p)).collect()
     }
 
@@ -382,9 +399,9 @@ impl SharedFetch {
         Ok(fetch)
     }
 
-    /// A reader for the plugin `name`.
-    pub fn reader(self: &Arc<Self>, name: &str) -> Reader {
-        let id = self.lock().add_reader(name);
+    /// A reader for the plugin `name`, which keeps its `eddy_shared_fetch_partitions`.
+    pub fn reader(self: &Arc<Self>, name: &str, metrics: Arc<PluginMetrics>) -> Reader {
+        let id = self.lock().add_reader(name, Some(metrics));
         Reader {
             fetch: self.clone(),
             id,
@@ -585,7 +602,7 @@ mod tests {
     #[test]
     fn readers_at_the_same_place_share_one_copy_and_the_slowest_keeps_it() {
         let mut w = Window::default();
-        let (a, b) = (w.add_reader("a"), w.add_reader("b"));
+        let (a, b) = (w.add_reader("a", None), w.add_reader("b", None));
         assert_eq!(
             w.attach(a, 0, 10),
             (
@@ -616,9 +633,9 @@ mod tests {
     fn a_reader_attaches_only_where_the_window_holds_its_next_offset() {
         let mut w = Window::default();
         let (a, late, ahead) = (
-            w.add_reader("a"),
-            w.add_reader("late"),
-            w.add_reader("ahead"),
+            w.add_reader("a", None),
+            w.add_reader("late", None),
+            w.add_reader("ahead", None),
         );
         w.attach(a, 0, 100);
         w.append((100..110).map(|o| event(0, o)).collect());
@@ -641,7 +658,7 @@ mod tests {
     #[test]
     fn the_last_reader_leaving_closes_the_partition_and_frees_its_bytes() {
         let mut w = Window::default();
-        let (a, b) = (w.add_reader("a"), w.add_reader("b"));
+        let (a, b) = (w.add_reader("a", None), w.add_reader("b", None));
         w.attach(a, 3, 0);
         w.attach(b, 3, 0);
         w.append((0..5).map(|o| event(3, o)).collect());
@@ -660,7 +677,7 @@ mod tests {
     #[test]
     fn a_reader_that_stalls_while_the_window_is_full_is_detached_and_told_so() {
         let mut w = Window::default();
-        let (fast, stuck) = (w.add_reader("fast"), w.add_reader("stuck"));
+        let (fast, stuck) = (w.add_reader("fast", None), w.add_reader("stuck", None));
         w.attach(fast, 0, 0);
         w.attach(stuck, 0, 0);
         w.attach(fast, 1, 0);
@@ -694,7 +711,11 @@ mod tests {
     #[test]
     fn a_fetch_error_hands_every_partition_back_to_every_reader() {
         let mut w = Window::default();
-        let (a, b, idle) = (w.add_reader("a"), w.add_reader("b"), w.add_reader("idle"));
+        let (a, b, idle) = (
+            w.add_reader("a", None),
+            w.add_reader("b", None),
+            w.add_reader("idle", None),
+        );
         w.attach(a, 0, 0);
         w.attach(a, 1, 0);
         w.attach(b, 1, 0);
@@ -733,7 +754,7 @@ mod tests {
     #[test]
     fn take_respects_its_limits_and_gives_every_partition_a_turn() {
         let mut w = Window::default();
-        let a = w.add_reader("a");
+        let a = w.add_reader("a", None);
         for p in 0..3 {
             w.attach(a, p, 0);
             w.append((0..10).map(|o| event(p, o)).collect());

@@ -14,7 +14,6 @@ use crate::event::Event;
 use crate::kafka::consumer::{Callbacks, to_event};
 use crate::kafka::ready_now;
 use crate::kafka::shared_fetch::Reader;
-use crate::metrics::PluginMetrics;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::{Offset, TopicPartitionList};
@@ -23,6 +22,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 use tracing::debug;
+
+/// How often a waiting plugin tries again to read its partitions from the shared fetch.
+const RETRY_SHARING: Duration = Duration::from_millis(500);
+
+/// What woke [`Source::recv`].
+enum Woke {
+    Consumed(Event),
+    Appended,
+    RetrySharing,
+}
 
 /// A batch being filled, and its limits.
 pub(super) struct Batch {
@@ -65,17 +74,12 @@ pub(super) struct Source {
     assigned: Arc<std::sync::Mutex<BTreeSet<i32>>>,
     rebalances: Arc<AtomicU64>,
     rebalances_seen: u64,
-    metrics: Arc<PluginMetrics>,
 }
 
 impl Source {
     pub fn new(consumer: StreamConsumer<Callbacks>, shared: Option<Reader>, topic: &str) -> Source {
         let callbacks = consumer.context();
-        let (assigned, rebalances, metrics) = (
-            callbacks.assigned.clone(),
-            callbacks.rebalances.clone(),
-            callbacks.metrics.clone(),
-        );
+        let (assigned, rebalances) = (callbacks.assigned.clone(), callbacks.rebalances.clone());
         Source {
             consumer,
             shared,
@@ -85,7 +89,6 @@ impl Source {
             assigned,
             rebalances,
             rebalances_seen: 0,
-            metrics,
         }
     }
 
@@ -98,19 +101,29 @@ impl Source {
             if batch.events.len() > before || batch.is_full() {
                 return Ok(());
             }
+            // While some partitions are fetched here, try now and then whether the shared
+            // fetch has reached them (a plugin that caught up and then waits has no batch
+            // after which to try).
+            let retry_sharing = self.shared.is_some()
+                && self.attached.len() < self.assigned.lock().expect("assigned lock").len();
             let shared = self.shared.as_mut().filter(|_| !self.attached.is_empty());
-            let consumed = tokio::select! {
-                m = self.consumer.recv() => Some(m.map(|m| to_event(&m, &self.topic))?),
-                _ = async { shared.expect("guarded").appended().await }, if shared.is_some() => None,
+            let woke = tokio::select! {
+                m = self.consumer.recv() => Woke::Consumed(m.map(|m| to_event(&m, &self.topic))?),
+                _ = async { shared.expect("guarded").appended().await }, if shared.is_some() => Woke::Appended,
+                _ = tokio::time::sleep(RETRY_SHARING), if retry_sharing => Woke::RetrySharing,
             };
-            if let Some(e) = consumed {
-                // The poll may have run a rebalance: see it before judging the event.
-                self.notice_rebalance();
-                if self.accept(&e) {
-                    batch.push(e);
-                    // More may be ready; the caller fills on with `ready`.
-                    return Ok(());
+            match woke {
+                Woke::Consumed(e) => {
+                    // The poll may have run a rebalance: see it before judging the event.
+                    self.notice_rebalance();
+                    if self.accept(&e) {
+                        batch.push(e);
+                        // More may be ready; the caller fills on with `ready`.
+                        return Ok(());
+                    }
                 }
+                Woke::Appended => {}
+                Woke::RetrySharing => self.share_where_possible(),
             }
         }
     }
@@ -198,13 +211,6 @@ impl Source {
                 }
             }
         }
-        self.count_attached();
-    }
-
-    fn count_attached(&self) {
-        self.metrics
-            .shared_partitions
-            .store(self.attached.len() as i64, Relaxed);
     }
 
     /// A rebalance resets what the consumer fetches: partitions are fetched by the
@@ -226,7 +232,6 @@ impl Source {
             .filter(|p| assigned.contains(p))
             .collect();
         self.resume(&still);
-        self.count_attached();
     }
 
     /// Partitions the shared fetch gave up on: the consumer fetches them again.
@@ -235,7 +240,6 @@ impl Source {
             self.attached.remove(p);
         }
         self.resume(partitions);
-        self.count_attached();
     }
 
     /// Resumes `partitions` in the consumer, from their next offset.

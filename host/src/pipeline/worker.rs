@@ -158,7 +158,9 @@ impl Worker {
 
     fn source(&self) -> anyhow::Result<Source> {
         let shared_fetch = self.shared_fetch.clone().filter(|_| !self.shared_group);
-        let reader = shared_fetch.as_ref().map(|s| s.reader(&self.plugin.name));
+        let reader = shared_fetch
+            .as_ref()
+            .map(|s| s.reader(&self.plugin.name, self.metrics.clone()));
         let callbacks = Callbacks {
             plugin: self.plugin.name.clone(),
             topic: self.topic.clone(),
