@@ -625,6 +625,11 @@ path = "a.wasm"
         assert!(e.contains("group.id"), "{e}");
         let e = error("[kafka]\nbrokers = \"embedded\"\n");
         assert!(e.contains("no [[plugin]] entries"), "{e}");
+        let e = error(&MINIMAL.replace("[kafka]", "[kafka]\nshared_fetch_mib = 5000"));
+        assert!(
+            e.contains("kafka.shared_fetch_mib") && e.contains("0 (off) to 4096 MiB"),
+            "{e}"
+        );
         let e = error(&format!("{MINIMAL}start_from = \"middle\"\n"));
         assert!(e.contains("start_from") || e.contains("middle"), "{e}");
     }

@@ -562,10 +562,6 @@ impl Reader {
             std::future::pending::<()>().await;
         }
     }
-
-    pub fn high_watermark(&self, partition: i32) -> Option<i64> {
-        self.fetch.high_watermark(partition)
-    }
 }
 
 impl Drop for Reader {
