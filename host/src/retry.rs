@@ -1,5 +1,6 @@
 //! The host's one retry policy: exponential backoff, capped, and cancellable at shutdown.
-//! Deliveries and state commits that fail are retried on it until they go through, and the
+//! Deliveries and state commits that fail are retried on it until they go through, a
+//! plugin's `retry` verdicts wait on it (on a blocking thread), and the
 //! HTTP server's accept loop backs off on it after an error (EMFILE, say), instead of
 //! retrying at once and spinning a core.
 
@@ -32,6 +33,14 @@ impl Policy {
         first: Duration::from_millis(10),
         max: Duration::from_secs(1),
     };
+
+    /// A plugin's `retry` verdicts: from `limits.retry_backoff_ms`, doubling up to 10 s.
+    pub fn plugin_retry(retry_backoff_ms: u64) -> Policy {
+        Policy {
+            first: Duration::from_millis(retry_backoff_ms),
+            max: Duration::from_secs(10),
+        }
+    }
 
     /// A fresh backoff on this policy.
     pub fn backoff(self) -> Backoff {
@@ -89,6 +98,26 @@ pub async fn sleep_unless_stopping(
     }
 }
 
+/// [`sleep_unless_stopping`] for a blocking thread (a plugin's retry backoff, which waits
+/// between calls into the sandbox): wakes every 10 ms to look at `shutdown`.
+pub fn sleep_blocking_unless_stopping(
+    delay: Duration,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<(), Stopping> {
+    const LOOK_EVERY: Duration = Duration::from_millis(10);
+    let until = std::time::Instant::now() + delay;
+    loop {
+        if *shutdown.borrow() || shutdown.has_changed().is_err() {
+            return Err(Stopping);
+        }
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        std::thread::sleep(left.min(LOOK_EVERY));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,6 +132,24 @@ mod tests {
         );
         b.reset();
         assert_eq!(b.next_delay(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_blocking_wait_ends_soon_after_the_host_stops() {
+        let (stop, shutdown) = watch::channel(false);
+        let started = std::time::Instant::now();
+        let waiting = std::thread::spawn(move || {
+            sleep_blocking_unless_stopping(Duration::from_secs(3600), &shutdown)
+        });
+        std::thread::sleep(Duration::from_millis(30));
+        stop.send(true).unwrap();
+        assert_eq!(waiting.join().unwrap(), Err(Stopping));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let (_sender, shutdown) = watch::channel(false);
+        assert_eq!(
+            sleep_blocking_unless_stopping(Duration::from_millis(20), &shutdown),
+            Ok(())
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -14,6 +14,12 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The longest a batch may wait for its retries, summed over `limits.max_retries` attempts:
+/// the plugin's consumer is not polled meanwhile, and Kafka drops a consumer from its group
+/// after `max.poll.interval.ms` (5 minutes by default) without a poll.
+pub const MAX_RETRY_WAIT: Duration = Duration::from_secs(120);
 
 /// Why `plugins.toml` could not be used. Callers print it as is.
 #[derive(Debug, thiserror::Error)]
@@ -452,8 +458,42 @@ impl Config {
                     format!("must be 1 to 65536 MiB, not {}", l.state_mib),
                 ));
             }
+            if !(1..=10_000_000).contains(&l.output_records) {
+                return Err(self.invalid(
+                    at("limits.output_records"),
+                    format!("must be 1 to 10000000 records, not {}", l.output_records),
+                ));
+            }
+            if !(1..=4096).contains(&l.output_mib) {
+                return Err(self.invalid(
+                    at("limits.output_mib"),
+                    format!("must be 1 to 4096 MiB, not {}", l.output_mib),
+                ));
+            }
             if l.max_retries > 100 {
                 return Err(self.invalid(at("limits.max_retries"), "must be at most 100"));
+            }
+            if l.retry_backoff_ms > 60_000 {
+                return Err(self.invalid(
+                    at("limits.retry_backoff_ms"),
+                    format!("must be at most 60000 ms, not {}", l.retry_backoff_ms),
+                ));
+            }
+            // Retries wait inside the batch, while the plugin's consumer is not polled: their
+            // waits together stay far below Kafka's max.poll.interval.ms (5 min by default).
+            let mut backoff = crate::retry::Policy::plugin_retry(l.retry_backoff_ms).backoff();
+            let worst: Duration = (0..l.max_retries).map(|_| backoff.next_delay()).sum();
+            if worst > MAX_RETRY_WAIT {
+                return Err(self.invalid(
+                    at("limits.max_retries"),
+                    format!(
+                        "{} retries from limits.retry_backoff_ms = {} wait up to {} s in one batch (the backoff doubles, up to 10 s a wait); at most {} s, so lower one of them",
+                        l.max_retries,
+                        l.retry_backoff_ms,
+                        worst.as_secs(),
+                        MAX_RETRY_WAIT.as_secs()
+                    ),
+                ));
             }
             let b = &p.breaker;
             if !(1..=100_000).contains(&b.window) {
@@ -588,6 +628,28 @@ path = "a.wasm"
     fn error(text: &str) -> String {
         let (_d, r) = with_wasm(text);
         r.unwrap_err().to_string()
+    }
+
+    #[test]
+    fn retries_that_would_wait_for_minutes_and_unbounded_outputs_are_refused() {
+        let limits = |body: &str| format!("{MINIMAL}[plugin.limits]\n{body}\n");
+        let e = error(&limits("retry_backoff_ms = 3600000"));
+        assert!(e.contains("plugin[0].limits.retry_backoff_ms"), "{e}");
+        assert!(e.contains("at most 60000 ms"), "{e}");
+        // 100 retries: 12.7 s of doubling, then 93 waits of 10 s.
+        let e = error(&limits("max_retries = 100"));
+        assert!(e.contains("plugin[0].limits.max_retries"), "{e}");
+        assert!(e.contains("wait up to 942 s in one batch"), "{e}");
+        let (_d, c) = with_wasm(&limits("max_retries = 15\nretry_backoff_ms = 100"));
+        assert_eq!(c.unwrap().plugins[0].limits.max_retries, 15);
+        for (key, value) in [
+            ("output_records", 0),
+            ("output_mib", 0),
+            ("output_mib", 5000),
+        ] {
+            let e = error(&limits(&format!("{key} = {value}")));
+            assert!(e.contains(&format!("plugin[0].limits.{key}")), "{e}");
+        }
     }
 
     #[test]

@@ -69,6 +69,20 @@ pub struct Limits {
     /// call, and its events are dead-lettered with the reason.
     #[serde(default = "default_state_mib")]
     pub state_mib: u64,
+    /// Most output records one call (a batch, a tick) may emit. A call past it fails like a
+    /// trap (`kind="output"`): its events are isolated and the one that floods is
+    /// dead-lettered with a reason naming this limit.
+    #[serde(default = "default_output_records")]
+    pub output_records: u64,
+    /// Most output bytes (payloads, keys and output names) one call may emit, in MiB; past
+    /// it, as for `output_records`.
+    #[serde(default = "default_output_mib")]
+    pub output_mib: u64,
+    /// Most log lines the plugin may write per second (a burst of this many, refilled
+    /// continuously); lines past it are dropped and counted in
+    /// `eddy_plugin_log_lines_dropped_total`. A line is cut at 4 KiB.
+    #[serde(default = "default_log_lines_per_s")]
+    pub log_lines_per_s: u32,
 }
 
 impl Default for Limits {
@@ -79,6 +93,9 @@ impl Default for Limits {
             max_retries: default_max_retries(),
             retry_backoff_ms: default_retry_backoff_ms(),
             state_mib: default_state_mib(),
+            output_records: default_output_records(),
+            output_mib: default_output_mib(),
+            log_lines_per_s: default_log_lines_per_s(),
         }
     }
 }
@@ -174,6 +191,15 @@ fn default_retry_backoff_ms() -> u64 {
 }
 fn default_state_mib() -> u64 {
     64
+}
+fn default_output_records() -> u64 {
+    100_000
+}
+fn default_output_mib() -> u64 {
+    32
+}
+fn default_log_lines_per_s() -> u32 {
+    100
 }
 
 impl PluginConfig {

@@ -177,6 +177,12 @@ fn families(metrics: &Metrics) -> Vec<MetricFamily> {
     ));
     out.push(per_plugin_counter(
         plugins,
+        "eddy_plugin_log_lines_dropped_total",
+        "Plugin log lines dropped by limits.log_lines_per_s.",
+        |m| &m.log_lines_dropped,
+    ));
+    out.push(per_plugin_counter(
+        plugins,
         "eddy_ticks_total",
         "on-tick calls.",
         |m| &m.ticks,

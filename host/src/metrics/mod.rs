@@ -43,16 +43,24 @@ pub enum TrapKind {
     Deadline,
     /// The memory cap (`limits.memory_mib`) was hit.
     Memory,
+    /// One call emitted more than `limits.output_records` records or `limits.output_mib`.
+    Output,
 }
 
 impl TrapKind {
-    pub const ALL: [TrapKind; 3] = [TrapKind::Trap, TrapKind::Deadline, TrapKind::Memory];
+    pub const ALL: [TrapKind; 4] = [
+        TrapKind::Trap,
+        TrapKind::Deadline,
+        TrapKind::Memory,
+        TrapKind::Output,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             TrapKind::Trap => "trap",
             TrapKind::Deadline => "deadline",
             TrapKind::Memory => "memory",
+            TrapKind::Output => "output",
         }
     }
 }
@@ -69,12 +77,13 @@ pub enum DeadLetterReason {
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 5] = [
+    pub const ALL: [DeadLetterReason; 6] = [
         DeadLetterReason::Verdict,
         DeadLetterReason::RetriesExhausted,
         DeadLetterReason::Failed(TrapKind::Trap),
         DeadLetterReason::Failed(TrapKind::Deadline),
         DeadLetterReason::Failed(TrapKind::Memory),
+        DeadLetterReason::Failed(TrapKind::Output),
     ];
 
     pub fn label(self) -> &'static str {

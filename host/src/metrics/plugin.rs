@@ -16,11 +16,13 @@ pub struct PluginMetrics {
     pub(crate) events: [AtomicU64; 3],
     /// `retry` verdicts received (each retry attempt counts).
     pub retries: AtomicU64,
-    pub(crate) traps: [AtomicU64; 3],
+    pub(crate) traps: [AtomicU64; 4],
     pub instance_restarts: AtomicU64,
     pub output_records: AtomicU64,
     pub output_failures: AtomicU64,
     pub ticks: AtomicU64,
+    /// Plugin log lines dropped by `limits.log_lines_per_s`.
+    pub log_lines_dropped: AtomicU64,
     /// Events consumed but not yet handled, summed over the plugin's partitions (-1: unknown).
     pub consumer_lag: AtomicI64,
     /// 1 while the plugin is loaded and consuming.
@@ -35,7 +37,7 @@ pub struct PluginMetrics {
     pub breaker_state: AtomicI64,
     /// Times the breaker opened.
     pub breaker_trips: AtomicU64,
-    pub(crate) dead_letters: [AtomicU64; 5],
+    pub(crate) dead_letters: [AtomicU64; 6],
     pub(crate) reloads: [AtomicU64; 3],
     pub(crate) version: Mutex<Version>,
     pub(crate) batch_buckets: [AtomicU64; LATENCY_BUCKETS.len()],

@@ -1,18 +1,26 @@
 //! What happens to a batch inside the sandbox: verdicts, retries, and isolation of the
-//! events a plugin fails on. When a call traps (panic, CPU deadline, memory cap), its effects
-//! are discarded, the instance is rebuilt, and the batch is run again in smaller pieces,
-//! recursively, until the failing events are alone: they are dead-lettered with the trap as
-//! the reason, the others get their verdicts (see [`piece_size`] for how small). A poison
-//! event never blocks its partition. Pure of Kafka and async: runs on a blocking thread.
+//! events a plugin fails on. When a call traps (panic, CPU deadline, memory cap, output
+//! limit), its effects are discarded, the instance is rebuilt, and the batch is run again in
+//! smaller pieces, recursively, until the failing events are alone: they are dead-lettered
+//! with the trap as the reason, the others get their verdicts (see [`piece_size`] for how
+//! small). A poison event never blocks its partition.
+//!
+//! A call that answers `retry` for some events keeps none of its effects (the sandbox drops
+//! them): the other events of the call run again without those, and each retried event is
+//! handed again alone after a backoff, so whatever an event wrote or emitted counts once, from
+//! the attempt that did not answer `retry`. The backoff is capped and
+//! ends at once when the host stops (see [`Policy::plugin_retry`]) (the batch is then dropped, to be consumed again).
+//! Pure of Kafka and async: runs on a blocking thread.
 
 use super::breaker::Breaker;
 use crate::config::PluginConfig;
 use crate::event::Event;
 use crate::metrics::{DeadLetterReason, PluginMetrics, TrapKind};
+use crate::retry::{Policy, sleep_blocking_unless_stopping};
 use crate::wasm::{Sandbox, Trap, Verdict};
-use std::ops::Range;
+use std::borrow::Cow;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
+use tokio::sync::watch;
 use tracing::warn;
 
 /// What the worker decided for one event after verdicts, retries and traps.
@@ -35,6 +43,9 @@ pub(super) struct Ran {
     pub trapped: bool,
     /// Why the breaker opened, if it did.
     pub tripped: Option<String>,
+    /// The host began to stop while retried events waited: the batch is not done (its
+    /// dispositions are not all final) and must be dropped.
+    pub stopping: bool,
 }
 
 /// Runs a batch through the sandbox and turns verdicts, traps and retries into one
@@ -45,6 +56,7 @@ pub(super) fn run_events(
     plugin: &PluginConfig,
     metrics: &PluginMetrics,
     breaker: &mut Breaker,
+    shutdown: &watch::Receiver<bool>,
 ) -> Ran {
     let mut isolation = Isolation {
         sandbox,
@@ -55,7 +67,7 @@ pub(super) fn run_events(
         trapped: false,
         tripped: None,
     };
-    isolation.run(0..events.len());
+    isolation.run(&(0..events.len()).collect::<Vec<_>>());
     let Isolation {
         sandbox,
         breaker,
@@ -69,8 +81,9 @@ pub(super) fn run_events(
 
     let mut attempts = vec![1u32; verdicts.len()];
     let limits = &plugin.limits;
-    let mut backoff = Duration::from_millis(limits.retry_backoff_ms);
+    let mut backoff = Policy::plugin_retry(limits.retry_backoff_ms).backoff();
     let mut trapped = trapped;
+    let mut stopping = false;
     for _ in 0..limits.max_retries {
         let again: Vec<usize> = (0..verdicts.len())
             .filter(|i| matches!(verdicts[*i], Ok(Verdict::Retry(_))))
@@ -79,8 +92,10 @@ pub(super) fn run_events(
             break;
         }
         metrics.retries.fetch_add(again.len() as u64, Relaxed);
-        std::thread::sleep(backoff);
-        backoff *= 2;
+        if sleep_blocking_unless_stopping(backoff.next_delay(), shutdown).is_err() {
+            stopping = true;
+            break;
+        }
         for i in again {
             attempts[i] += 1;
             verdicts[i] =
@@ -124,6 +139,7 @@ pub(super) fn run_events(
         dispositions,
         trapped,
         tripped,
+        stopping,
     }
 }
 
@@ -140,23 +156,37 @@ struct Isolation<'a> {
 }
 
 impl Isolation<'_> {
-    /// Runs `range` in one call; if that fails, runs it again in smaller pieces the same way,
-    /// so the events the plugin fails on end up alone (and dead-lettered with the trap) while
-    /// the others get their verdicts, in order. The failed call's state and outputs were
-    /// discarded (and a version on probation was replaced by the previous one, which runs the
-    /// pieces). Stops, leaving the later events undecided, when the breaker opens.
-    fn run(&mut self, range: Range<usize>) {
-        if self.tripped.is_some() || range.is_empty() {
+    /// Runs the events at `indices` (in order) in one call; if that fails, runs them again
+    /// in smaller pieces the same way, so the events the plugin fails on end up alone (and
+    /// dead-lettered with the trap) while the others get their verdicts, in order. The failed
+    /// call's state and outputs were discarded (and a version on probation was replaced by
+    /// the previous one, which runs the pieces). A call that answered `retry` for some events
+    /// kept no effects either: the others run again without them. Stops, leaving the later
+    /// events undecided, when the breaker opens.
+    fn run(&mut self, indices: &[usize]) {
+        if self.tripped.is_some() || indices.is_empty() {
             return;
         }
-        match call(self.sandbox, &self.events[range.clone()], self.metrics) {
+        let events = gather(self.events, indices);
+        match call(self.sandbox, &events, self.metrics) {
+            Ok(verdicts) if verdicts.iter().any(|v| matches!(v, Verdict::Retry(_))) => {
+                let mut rest = Vec::with_capacity(indices.len());
+                for (&i, v) in indices.iter().zip(verdicts) {
+                    if matches!(v, Verdict::Retry(_)) {
+                        self.verdicts[i] = Some(Ok(v));
+                    } else {
+                        rest.push(i);
+                    }
+                }
+                self.run(&rest);
+            }
             Ok(verdicts) => {
-                self.breaker.succeeded(range.len());
-                for (slot, v) in self.verdicts[range].iter_mut().zip(verdicts) {
-                    *slot = Some(Ok(v));
+                self.breaker.succeeded(indices.len());
+                for (&i, v) in indices.iter().zip(verdicts) {
+                    self.verdicts[i] = Some(Ok(v));
                 }
             }
-            Err(trap) if range.len() == 1 => {
+            Err(trap) if indices.len() == 1 => {
                 self.trapped = true;
                 if self.breaker.failed() {
                     self.tripped = Some(format!(
@@ -164,25 +194,33 @@ impl Isolation<'_> {
                         self.breaker.recent_failures()
                     ));
                 }
-                self.verdicts[range.start] = Some(Err(trap));
+                self.verdicts[indices[0]] = Some(Err(trap));
             }
             Err(trap) => {
                 self.trapped = true;
-                let piece = piece_size(range.len(), trap.kind);
-                if range.len() == self.events.len() {
+                let piece = piece_size(indices.len(), trap.kind);
+                if indices.len() == self.events.len() {
                     warn!(
-                        events = range.len(),
+                        events = indices.len(),
                         "batch failed ({trap}); isolating the failing events (pieces of {piece})"
                     );
                 }
-                let mut start = range.start;
-                while start < range.end {
-                    let end = (start + piece).min(range.end);
-                    self.run(start..end);
-                    start = end;
+                for chunk in indices.chunks(piece) {
+                    self.run(chunk);
                 }
             }
         }
+    }
+}
+
+/// The events at `indices`: borrowed when they are a run of the batch (always, unless a call
+/// answered `retry` for some of them).
+fn gather<'e>(events: &'e [Event], indices: &[usize]) -> Cow<'e, [Event]> {
+    let (first, last) = (indices[0], indices[indices.len() - 1]);
+    if last - first + 1 == indices.len() {
+        Cow::Borrowed(&events[first..=last])
+    } else {
+        Cow::Owned(indices.iter().map(|&i| events[i].clone()).collect())
     }
 }
 
@@ -197,7 +235,9 @@ fn piece_size(n: usize, kind: TrapKind) -> usize {
     match kind {
         TrapKind::Deadline | TrapKind::Memory => 1,
         // Always smaller than `n` (which is at least 2 here), or it would never end.
-        TrapKind::Trap => ((n as f64).sqrt().ceil() as usize).clamp(1, n - 1),
+        // An output flood is found like a panic; pieces of a batch whose events together
+        // emitted too much may each fit.
+        TrapKind::Trap | TrapKind::Output => ((n as f64).sqrt().ceil() as usize).clamp(1, n - 1),
     }
 }
 
@@ -207,6 +247,9 @@ fn call(
     metrics: &PluginMetrics,
 ) -> Result<Vec<Verdict>, Trap> {
     let result = sandbox.call_batch(events);
+    metrics
+        .log_lines_dropped
+        .fetch_add(sandbox.take_log_lines_dropped(), Relaxed);
     if let Err(trap) = &result {
         metrics.trap(trap.kind);
         metrics.instance_restarts.fetch_add(1, Relaxed);
@@ -221,7 +264,7 @@ mod tests {
     #[test]
     fn isolation_pieces_always_shrink() {
         for n in 2..2_000 {
-            for kind in [TrapKind::Trap, TrapKind::Deadline, TrapKind::Memory] {
+            for kind in TrapKind::ALL {
                 let piece = piece_size(n, kind);
                 assert!((1..n).contains(&piece), "n = {n}, {kind:?}: {piece}");
             }

@@ -358,9 +358,10 @@ impl Worker {
     ) -> Handled {
         let started = Instant::now();
         let mut breaker = std::mem::replace(&mut self.breaker, Breaker::new(Default::default()));
+        let shutdown = self.shutdown.clone();
         let (mut events, (ran, breaker)) = self
             .in_sandbox(events, move |sandbox, events, plugin, metrics| {
-                let ran = run_events(sandbox, events, plugin, metrics, &mut breaker);
+                let ran = run_events(sandbox, events, plugin, metrics, &mut breaker, &shutdown);
                 (ran, breaker)
             })
             .await;
@@ -369,7 +370,14 @@ impl Worker {
             dispositions,
             trapped,
             tripped,
+            stopping,
         } = ran;
+        if stopping {
+            // Retried events were still waiting: nothing of the batch is kept, and it is
+            // consumed again at the next start.
+            self.sandbox().abort_batch();
+            return Handled::Stopping;
+        }
         let held = events.split_off(dispositions.len());
         if let Some(rb) = self.sandbox().take_rolled_back() {
             self.metrics.reload(ReloadOutcome::RolledBack);
@@ -513,6 +521,9 @@ impl Worker {
         let (_, result) = self
             .in_sandbox(Vec::new(), move |sandbox, _, _, metrics| {
                 let r = sandbox.call_tick(now);
+                metrics
+                    .log_lines_dropped
+                    .fetch_add(sandbox.take_log_lines_dropped(), Relaxed);
                 if let Err(trap) = &r {
                     metrics.trap(trap.kind);
                     metrics.instance_restarts.fetch_add(1, Relaxed);

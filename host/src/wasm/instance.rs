@@ -6,7 +6,6 @@
 use super::host::HostState;
 use crate::config::Limits;
 use crate::state::PluginState;
-use std::sync::Arc;
 use std::time::Duration;
 use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, Store};
@@ -103,14 +102,26 @@ impl StoreData {
                 max_bytes: 0,
                 hit: false,
             },
-            host: HostState {
-                plugin: "".into(),
-                state: PluginState::in_memory(0),
-                outputs: Vec::new(),
-                outputs_mark: 0,
-                output_names: Arc::default(),
-            },
+            host: HostState::new(&empty_plugin(), PluginState::in_memory(0)),
         }
+    }
+}
+
+/// A plugin entry with nothing in it, for [`StoreData::empty`].
+fn empty_plugin() -> crate::config::PluginConfig {
+    crate::config::PluginConfig {
+        name: String::new(),
+        path: Default::default(),
+        group: None,
+        start_from: Default::default(),
+        max_batch: 1,
+        batch_linger_ms: 0,
+        tick_interval_ms: 0,
+        dead_letter_topic: None,
+        limits: Limits::default(),
+        breaker: Default::default(),
+        outputs: Default::default(),
+        config: Default::default(),
     }
 }
 

@@ -131,6 +131,7 @@ impl Sandbox {
                 Arc::new(plugin.outputs.keys().cloned().collect()),
             ),
         };
+        self.store.data_mut().host.set_limits(&plugin.limits);
         let from_digest = self.program.digest.clone();
         let version_changed = program.digest != from_digest;
         let result = self.replace_instance(program.clone()).and_then(|()| {
@@ -171,7 +172,9 @@ impl Sandbox {
     fn restore(&mut self, previous: Previous) {
         self.config_json = previous.config_json;
         self.limits = previous.limits;
-        self.store.data_mut().host.output_names = previous.output_names;
+        let host = &mut self.store.data_mut().host;
+        host.output_names = previous.output_names;
+        host.set_limits(&self.limits);
         if let Err(e) = self.replace_instance(previous.program) {
             tracing::error!(path = %self.program.path.display(), "cannot restore the previous version: {e}");
         }
@@ -200,7 +203,7 @@ impl Sandbox {
             });
         };
         self.store.set_epoch_deadline(deadline_ticks(&self.limits));
-        self.store.data_mut().host.outputs_mark = self.store.data().host.outputs.len();
+        self.store.data_mut().host.begin_call();
         let result = linked.plugin.call_init(&mut self.store, &self.config_json);
         let host = &mut self.store.data_mut().host;
         match result {
@@ -226,8 +229,9 @@ impl Sandbox {
         }
     }
 
-    /// Runs `events` through the plugin. On success its state changes join the batch in
-    /// progress and its outputs are queued (see [`Sandbox::take_outputs`],
+    /// Runs `events` through the plugin. A call that answers `retry` for any event keeps
+    /// none of its effects (and a fresh instance replaces the one that made them). Otherwise,
+    /// on success its state changes join the batch in progress and its outputs are queued (see [`Sandbox::take_outputs`],
     /// [`Sandbox::commit_batch`]). On a trap they are discarded and the instance is rebuilt
     /// (or, on probation, the previous version restored) before this returns, so the sandbox
     /// is ready for the next call.
@@ -245,9 +249,22 @@ impl Sandbox {
         }
         let linked = self.linked.as_ref().ok_or_else(not_linked)?;
         self.store.set_epoch_deadline(deadline_ticks(&self.limits));
-        self.store.data_mut().host.outputs_mark = self.store.data().host.outputs.len();
+        self.store.data_mut().host.begin_call();
         pack(&mut self.packed, events);
         match linked.plugin.call_on_batch(&mut self.store, &self.packed) {
+            Ok(verdicts)
+                if verdicts.len() == events.len()
+                    && verdicts.iter().any(|v| matches!(v, Verdict::Retry(_))) =>
+            {
+                // Which of the call's writes and outputs belong to the events it wants again
+                // is not known, so none stay (see `pipeline/isolation.rs`); the instance goes
+                // too, since the SDK caches what it wrote.
+                self.discard_call();
+                if let Err(e) = self.replace_instance(self.program.clone()) {
+                    tracing::error!(path = %self.program.path.display(), "cannot recreate the instance after a retry: {e}");
+                }
+                Ok(verdicts)
+            }
             Ok(verdicts) if verdicts.len() == events.len() => {
                 self.store.data_mut().host.state.end_call(true);
                 Ok(verdicts)
@@ -268,7 +285,7 @@ impl Sandbox {
     pub fn call_tick(&mut self, now_ms: i64) -> Result<(), Trap> {
         let linked = self.linked.as_ref().ok_or_else(not_linked)?;
         self.store.set_epoch_deadline(deadline_ticks(&self.limits));
-        self.store.data_mut().host.outputs_mark = self.store.data().host.outputs.len();
+        self.store.data_mut().host.begin_call();
         match linked.plugin.call_on_tick(&mut self.store, now_ms) {
             Ok(()) => {
                 self.store.data_mut().host.state.end_call(true);
@@ -276,6 +293,11 @@ impl Sandbox {
             }
             Err(e) => Err(self.fail(&e)),
         }
+    }
+
+    /// Plugin log lines dropped by `limits.log_lines_per_s` since the last call of this.
+    pub fn take_log_lines_dropped(&mut self) -> u64 {
+        std::mem::take(&mut self.store.data_mut().host.log_budget.dropped_uncounted)
     }
 
     /// The outputs queued by this batch's successful calls, for delivery.
@@ -352,7 +374,13 @@ impl Sandbox {
     fn classify(&mut self, e: &wasmtime::Error) -> Trap {
         use crate::metrics::TrapKind;
         let memory_hit = std::mem::take(&mut self.store.data_mut().memory.hit);
-        let kind = if memory_hit {
+        let output_limit = self.store.data_mut().host.output_budget.exceeded.take();
+        let kind = if let Some(limit) = output_limit {
+            return Trap {
+                kind: TrapKind::Output,
+                message: limit,
+            };
+        } else if memory_hit {
             TrapKind::Memory
         } else if matches!(
             e.downcast_ref::<wasmtime::Trap>(),
@@ -370,6 +398,7 @@ impl Sandbox {
                 "grew past limits.memory_mib = {} MiB",
                 self.limits.memory_mib
             ),
+            TrapKind::Output => unreachable!("returned above"),
             TrapKind::Trap => {
                 let cause = e.root_cause().to_string();
                 tracing::debug!(path = %self.program.path.display(), "trap: {}", error_chain(e));

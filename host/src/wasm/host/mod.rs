@@ -6,9 +6,12 @@ mod logging;
 mod output;
 mod state;
 
+pub(crate) use logging::LogBudget;
+pub(crate) use output::OutputBudget;
+
 use super::bindings::eddy::plugin::types;
 use super::bindings::eddy::plugin::types::OutputRecord;
-use crate::config::PluginConfig;
+use crate::config::{Limits, PluginConfig};
 use crate::state::PluginState;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -23,6 +26,10 @@ pub struct HostState {
     pub(crate) outputs_mark: usize,
     /// Output names `plugins.toml` maps for this plugin.
     pub(crate) output_names: Arc<BTreeSet<String>>,
+    /// What the current call may still emit.
+    pub(crate) output_budget: OutputBudget,
+    /// How many log lines the plugin may still write, and how many were dropped.
+    pub(crate) log_budget: LogBudget,
 }
 
 impl HostState {
@@ -33,7 +40,22 @@ impl HostState {
             outputs: Vec::new(),
             outputs_mark: 0,
             output_names: Arc::new(plugin.outputs.keys().cloned().collect()),
+            output_budget: OutputBudget::new(&plugin.limits),
+            log_budget: LogBudget::new(plugin.limits.log_lines_per_s),
         }
+    }
+
+    /// Before each call into the plugin: what it emits from here on is the call's own (to
+    /// drop on a trap), and its output budget is full again.
+    pub(crate) fn begin_call(&mut self) {
+        self.outputs_mark = self.outputs.len();
+        self.output_budget.refill();
+    }
+
+    /// New limits (a swap, or going back after one).
+    pub(crate) fn set_limits(&mut self, limits: &Limits) {
+        self.output_budget = OutputBudget::new(limits);
+        self.log_budget.set_rate(limits.log_lines_per_s);
     }
 }
 

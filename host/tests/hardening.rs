@@ -1,0 +1,233 @@
+//! What a plugin cannot do to the host however it misbehaves, and what holds when it asks for
+//! a retry (issue 16): a plugin that emits in a loop through the raw import is stopped at its
+//! output limit and its event dead-lettered with a reason naming the limit; one that logs in
+//! a loop is throttled and the dropped lines counted; the effects of a call that answers
+//! `retry` do not stay, so a retried event's state writes and outputs count once.
+
+mod common;
+
+use common::*;
+use eddy::Host;
+use eddy::metrics::{DeadLetterReason, Outcome, TrapKind};
+use std::sync::atomic::Ordering::Relaxed;
+
+const PARTITIONS: i32 = 2;
+
+/// `good` generated events with `marked` events carrying the marker `MARK` among them (none
+/// first), each a valid activity event.
+fn records_with_marks(good: usize, marked: usize) -> Vec<(Option<Vec<u8>>, Vec<u8>)> {
+    let mut records: Vec<(Option<Vec<u8>>, Vec<u8>)> = generate(good, &generator_options(3, 0))
+        .into_iter()
+        .map(|g| (Some(g.key.into_bytes()), g.payload))
+        .collect();
+    for i in 0..marked {
+        let payload = format!(r#"{{"user_id":"m{i}","event_type":"click","note":"MARK"}}"#);
+        records.insert(
+            (i + 1) * good / (marked + 1),
+            (Some(b"m".to_vec()), payload.into_bytes()),
+        );
+    }
+    records
+}
+
+async fn wait_all_handled(m: &std::sync::Arc<eddy::metrics::PluginMetrics>, total: u64) {
+    let m = m.clone();
+    wait_async(
+        std::time::Duration::from_secs(120),
+        "every event accounted for",
+        move || m.events_handled() >= total,
+    )
+    .await;
+}
+
+/// A running test: the broker with `records` in the topic, and a host running the
+/// `misbehave` fixture as plugin `name` in `mode`, with `limits` (TOML lines) and its output
+/// `out` going to the topic `<name>-out`.
+struct Running {
+    broker: eddy::kafka::EmbeddedBroker,
+    bootstrap: String,
+    config: eddy::config::Config,
+    host: Host,
+    plugin: std::sync::Arc<eddy::metrics::PluginMetrics>,
+}
+
+async fn start(
+    records: &[(Option<Vec<u8>>, Vec<u8>)],
+    name: &str,
+    mode: &str,
+    limits: &str,
+) -> Running {
+    init_logs();
+    let broker = broker(PARTITIONS);
+    let bootstrap = broker.bootstrap_servers().to_string();
+    produce(&bootstrap, TOPIC, records);
+    let entry = format!(
+        "[[plugin]]\nname = \"{name}\"\npath = \"{}\"\n[plugin.limits]\n{limits}\n[plugin.outputs]\nout = {{ topic = \"{name}-out\" }}\n[plugin.config]\nmode = \"{mode}\"\nmarker = \"MARK\"\n",
+        wasm("eddy_fixture_misbehave")
+    );
+    let config = config(&config_text(&bootstrap, PARTITIONS, &entry));
+    let host = Host::start(config.clone()).await.expect("host starts");
+    let plugin = host.metrics().plugin(name);
+    Running {
+        broker,
+        bootstrap,
+        config,
+        host,
+        plugin,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_emits_in_a_loop_is_stopped_at_its_output_limit() {
+    let records = records_with_marks(300, 2);
+    // A generous CPU deadline: without the output limit, the loop runs until it and copies
+    // gigabytes into the host meanwhile.
+    let Running {
+        broker: _broker,
+        bootstrap,
+        host,
+        plugin: m,
+        ..
+    } = start(
+        &records,
+        "flood",
+        "flood",
+        "cpu_ms = 400\noutput_records = 1000\noutput_mib = 8",
+    )
+    .await;
+    wait_all_handled(&m, records.len() as u64).await;
+    assert_eq!(m.events(Outcome::Ok), 300, "the good events went through");
+    assert_eq!(
+        m.dead_letters(DeadLetterReason::Failed(TrapKind::Output)),
+        2,
+        "each flooding event dead-lettered for its output"
+    );
+    assert_eq!(
+        m.traps(TrapKind::Deadline),
+        0,
+        "stopped well before the deadline"
+    );
+    host.stop().await.expect("clean stop");
+    let dlq = read_topic(&bootstrap, "flood-dlq", 2);
+    assert_eq!(dlq.len(), 2);
+    for d in &dlq {
+        let reason = header(d, "eddy.reason").unwrap();
+        assert!(reason.contains("limits.output_mib = 8 MiB"), "{reason}");
+    }
+    // Nothing the flooding calls emitted was delivered.
+    assert!(read_topic(&bootstrap, "flood-out", 0).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_logs_in_a_loop_is_throttled_and_the_dropped_lines_counted() {
+    // 20 marked events, 200 lines each: 4,000 lines in well under a second.
+    let records = records_with_marks(200, 20);
+    let total = records.len() as u64;
+    let Running {
+        broker: _broker,
+        host,
+        plugin: m,
+        ..
+    } = start(&records, "chatty", "chatter", "log_lines_per_s = 50").await;
+    wait_all_handled(&m, total).await;
+    assert_eq!(m.events(Outcome::Ok), total, "logging never fails an event");
+    let page = http_get(host.http_addr(), "/metrics").await;
+    let dropped: u64 = page
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"eddy_plugin_log_lines_dropped_total{plugin="chatty"} "#))
+        .unwrap_or_else(|| panic!("no dropped-lines counter in\n{page}"))
+        .parse()
+        .unwrap();
+    // At most a burst of 50 plus 50 a second for however long it took got through.
+    assert!(
+        dropped >= 3_000,
+        "dropped {dropped} of 4,000 lines at 50 a second"
+    );
+    assert_eq!(m.log_lines_dropped.load(Relaxed), dropped);
+    host.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_events_state_writes_and_outputs_count_once() {
+    let marked = 5;
+    let records = records_with_marks(200, marked);
+    let total = records.len() as u64;
+    // The fixture answers `retry` for a marked event unless it is alone in its call, after it
+    // wrote state and emitted: the host hands it again alone, where it succeeds.
+    let Running {
+        broker: _broker,
+        bootstrap,
+        config,
+        host,
+        plugin: m,
+    } = start(
+        &records,
+        "retrier",
+        "retry-after-effects",
+        "max_retries = 3\nretry_backoff_ms = 1",
+    )
+    .await;
+    wait_all_handled(&m, total).await;
+    assert_eq!(
+        m.events(Outcome::Ok),
+        total,
+        "each marked event succeeded alone"
+    );
+    assert!(m.retries.load(Relaxed) > 0, "the retry path ran");
+    host.stop().await.expect("clean stop");
+    let number = |key: &str| -> u64 {
+        let value = eddy::ops::get(&config, "retrier", key).unwrap().unwrap();
+        serde_json::from_slice(&value).unwrap()
+    };
+    assert_eq!(
+        number("effects"),
+        marked as u64,
+        "each marked event's write once"
+    );
+    assert_eq!(number("seen"), total);
+    let out = read_topic(&bootstrap, "retrier-out", marked);
+    assert_eq!(out.len(), marked, "one output per marked event");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_backoff_ends_at_once_when_the_host_stops_and_keeps_nothing() {
+    let records = records_with_marks(100, 1);
+    // The marked event answers `retry` every time, and its retries wait 10 + 10 + 10 s.
+    let Running {
+        broker: _broker,
+        bootstrap,
+        host,
+        plugin: m,
+        ..
+    } = start(
+        &records,
+        "waits",
+        "retry",
+        "max_retries = 3\nretry_backoff_ms = 10000",
+    )
+    .await;
+    {
+        let m = m.clone();
+        wait_async(
+            std::time::Duration::from_secs(60),
+            "the marked event to wait for its first retry",
+            move || m.retries.load(Relaxed) >= 1,
+        )
+        .await;
+    }
+    let handled = m.events_handled();
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(5), host.stop()).await;
+    assert!(
+        stopped.is_ok(),
+        "the host stopped while a retry waited, not 30 s later"
+    );
+    // The batch with the waiting event was dropped, not committed: it is consumed again at
+    // the next start, and nothing past the marked event was committed on its partition.
+    assert_eq!(m.events_handled(), handled);
+    let committed = committed_total(&bootstrap, "eddy-waits", PARTITIONS);
+    assert!(
+        committed < records.len() as i64,
+        "committed {committed} of {}: the marked event's batch must not be",
+        records.len()
+    );
+}
