@@ -231,3 +231,47 @@ async fn a_retry_backoff_ends_at_once_when_the_host_stops_and_keeps_nothing() {
         records.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_state_quota_dead_letters_with_the_limit_named_and_never_panics() {
+    // Every event keeps 1 KiB more state; 1 MiB holds about 900 of them.
+    let records = records_with_marks(0, 1_500);
+    let total = records.len() as u64;
+    let Running {
+        broker: _broker,
+        bootstrap,
+        host,
+        plugin: m,
+        ..
+    } = start(
+        &records,
+        "hoarder",
+        "hoard",
+        "state_mib = 1\n[plugin.breaker]\nfailures = 0",
+    )
+    .await;
+    wait_all_handled(&m, total).await;
+    let refused = m.dead_letters(DeadLetterReason::Failed(TrapKind::StateQuota));
+    assert!(
+        (400..=700).contains(&refused),
+        "{refused} of {total} refused for the quota: the rest fit in 1 MiB"
+    );
+    assert_eq!(m.events(Outcome::Ok) + refused, total);
+    assert_eq!(
+        m.traps(TrapKind::Trap),
+        0,
+        "no panic, in the SDK or elsewhere"
+    );
+    let page = http_get(host.http_addr(), "/metrics").await;
+    assert!(
+        page.contains(&format!(
+            r#"eddy_dead_letters_total{{plugin="hoarder",reason="state_quota"}} {refused}"#
+        )),
+        "{page}"
+    );
+    host.stop().await.expect("clean stop");
+    let dlq = read_topic(&bootstrap, "hoarder-dlq", refused as usize);
+    let reason = header(&dlq[0], "eddy.reason").unwrap();
+    assert!(reason.contains("over limits.state_mib = 1"), "{reason}");
+    assert!(!reason.contains("panicked"), "{reason}");
+}

@@ -45,14 +45,17 @@ pub enum TrapKind {
     Memory,
     /// One call emitted more than `limits.output_records` records or `limits.output_mib`.
     Output,
+    /// A state write would have taken the plugin's state past `limits.state_mib`.
+    StateQuota,
 }
 
 impl TrapKind {
-    pub const ALL: [TrapKind; 4] = [
+    pub const ALL: [TrapKind; 5] = [
         TrapKind::Trap,
         TrapKind::Deadline,
         TrapKind::Memory,
         TrapKind::Output,
+        TrapKind::StateQuota,
     ];
 
     pub fn label(self) -> &'static str {
@@ -61,6 +64,7 @@ impl TrapKind {
             TrapKind::Deadline => "deadline",
             TrapKind::Memory => "memory",
             TrapKind::Output => "output",
+            TrapKind::StateQuota => "state_quota",
         }
     }
 }
@@ -77,13 +81,14 @@ pub enum DeadLetterReason {
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 6] = [
+    pub const ALL: [DeadLetterReason; 7] = [
         DeadLetterReason::Verdict,
         DeadLetterReason::RetriesExhausted,
         DeadLetterReason::Failed(TrapKind::Trap),
         DeadLetterReason::Failed(TrapKind::Deadline),
         DeadLetterReason::Failed(TrapKind::Memory),
         DeadLetterReason::Failed(TrapKind::Output),
+        DeadLetterReason::Failed(TrapKind::StateQuota),
     ];
 
     pub fn label(self) -> &'static str {

@@ -16,7 +16,7 @@ pub struct PluginMetrics {
     pub(crate) events: [AtomicU64; 3],
     /// `retry` verdicts received (each retry attempt counts).
     pub retries: AtomicU64,
-    pub(crate) traps: [AtomicU64; 4],
+    pub(crate) traps: [AtomicU64; 5],
     pub instance_restarts: AtomicU64,
     pub output_records: AtomicU64,
     pub output_failures: AtomicU64,
@@ -37,7 +37,7 @@ pub struct PluginMetrics {
     pub breaker_state: AtomicI64,
     /// Times the breaker opened.
     pub breaker_trips: AtomicU64,
-    pub(crate) dead_letters: [AtomicU64; 6],
+    pub(crate) dead_letters: [AtomicU64; 7],
     pub(crate) reloads: [AtomicU64; 3],
     pub(crate) version: Mutex<Version>,
     pub(crate) batch_buckets: [AtomicU64; LATENCY_BUCKETS.len()],

@@ -236,8 +236,11 @@ fn piece_size(n: usize, kind: TrapKind) -> usize {
         TrapKind::Deadline | TrapKind::Memory => 1,
         // Always smaller than `n` (which is at least 2 here), or it would never end.
         // An output flood is found like a panic; pieces of a batch whose events together
-        // emitted too much may each fit.
-        TrapKind::Trap | TrapKind::Output => ((n as f64).sqrt().ceil() as usize).clamp(1, n - 1),
+        // emitted too much may each fit, and so may those of one that wrote past a state
+        // quota that is nearly full.
+        TrapKind::Trap | TrapKind::Output | TrapKind::StateQuota => {
+            ((n as f64).sqrt().ceil() as usize).clamp(1, n - 1)
+        }
     }
 }
 

@@ -3,6 +3,11 @@
 wasmtime::component::bindgen!({
     path: "../wit",
     world: "plugin",
-    // `emit` traps past a call's output limits (see `host/output.rs`).
-    imports: { "eddy:plugin/output.emit": trappable },
+    // `emit` traps past a call's output limits (see `host/output.rs`), a state write past
+    // the state quota (see `host/state.rs`).
+    imports: {
+        "eddy:plugin/output.emit": trappable,
+        "eddy:plugin/state.set": trappable,
+        "eddy:plugin/state.set-many": trappable,
+    },
 });

@@ -374,12 +374,20 @@ impl Sandbox {
     fn classify(&mut self, e: &wasmtime::Error) -> Trap {
         use crate::metrics::TrapKind;
         let memory_hit = std::mem::take(&mut self.store.data_mut().memory.hit);
-        let output_limit = self.store.data_mut().host.output_budget.exceeded.take();
-        let kind = if let Some(limit) = output_limit {
-            return Trap {
-                kind: TrapKind::Output,
-                message: limit,
-            };
+        let host = &mut self.store.data_mut().host;
+        let limit_hit = match (
+            host.output_budget.exceeded.take(),
+            host.state_quota_exceeded.take(),
+        ) {
+            (Some(output), _) => Some((TrapKind::Output, output)),
+            (None, Some(quota)) => Some((
+                TrapKind::StateQuota,
+                format!("{quota} (expire or delete keys, or raise the limit)"),
+            )),
+            (None, None) => None,
+        };
+        let kind = if let Some((kind, message)) = limit_hit {
+            return Trap { kind, message };
         } else if memory_hit {
             TrapKind::Memory
         } else if matches!(
@@ -398,7 +406,7 @@ impl Sandbox {
                 "grew past limits.memory_mib = {} MiB",
                 self.limits.memory_mib
             ),
-            TrapKind::Output => unreachable!("returned above"),
+            TrapKind::Output | TrapKind::StateQuota => unreachable!("returned above"),
             TrapKind::Trap => {
                 let cause = e.root_cause().to_string();
                 tracing::debug!(path = %self.program.path.display(), "trap: {}", error_chain(e));

@@ -557,8 +557,9 @@ impl State {
         if !sets.is_empty()
             && let Err(e) = self.backend.set_many(&sets)
         {
-            // A refused write (quota) must not be silently lost: fail the batch, which the
-            // host then retries or dead-letters with this message.
+            // A refused write must not be silently lost: fail the batch, which the host
+            // dead-letters with this message. (A write past the state quota never gets here:
+            // the host stops the call itself, with a reason naming the limit.)
             panic!("state write refused: {e}");
         }
     }

@@ -30,6 +30,8 @@ pub struct HostState {
     pub(crate) output_budget: OutputBudget,
     /// How many log lines the plugin may still write, and how many were dropped.
     pub(crate) log_budget: LogBudget,
+    /// Set when the call wrote past the state quota; taken by the trap's classification.
+    pub(crate) state_quota_exceeded: Option<String>,
 }
 
 impl HostState {
@@ -42,6 +44,7 @@ impl HostState {
             output_names: Arc::new(plugin.outputs.keys().cloned().collect()),
             output_budget: OutputBudget::new(&plugin.limits),
             log_budget: LogBudget::new(plugin.limits.log_lines_per_s),
+            state_quota_exceeded: None,
         }
     }
 
@@ -50,6 +53,7 @@ impl HostState {
     pub(crate) fn begin_call(&mut self) {
         self.outputs_mark = self.outputs.len();
         self.output_budget.refill();
+        self.state_quota_exceeded = None;
     }
 
     /// New limits (a swap, or going back after one).

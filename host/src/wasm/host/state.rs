@@ -1,4 +1,8 @@
 //! `eddy:plugin/state`: the plugin's own key/value state, nobody else's.
+//!
+//! A write past `limits.state_mib` traps (`kind="state_quota"`): the events of the call are
+//! dead-lettered with a reason naming the limit, whatever the plugin does with the error (the
+//! SDK used to panic on it, which read as a bug in the plugin).
 
 use super::HostState;
 use crate::state::StateError;
@@ -13,15 +17,26 @@ impl state::Host for HostState {
         keys.iter().map(|k| self.state.get(k)).collect()
     }
 
-    fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), state::StateError> {
+    fn set(
+        &mut self,
+        key: String,
+        value: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), state::StateError>> {
         self.set_many(vec![(key, value)])
     }
 
-    fn set_many(&mut self, entries: Vec<(String, Vec<u8>)>) -> Result<(), state::StateError> {
-        self.state.set_many(entries).map_err(|e| match e {
-            StateError::QuotaExceeded(m) => state::StateError::QuotaExceeded(m),
-            StateError::Invalid(m) => state::StateError::Invalid(m),
-        })
+    fn set_many(
+        &mut self,
+        entries: Vec<(String, Vec<u8>)>,
+    ) -> wasmtime::Result<Result<(), state::StateError>> {
+        match self.state.set_many(entries) {
+            Ok(()) => Ok(Ok(())),
+            Err(StateError::QuotaExceeded(m)) => {
+                self.state_quota_exceeded = Some(m.clone());
+                wasmtime::bail!("{m}")
+            }
+            Err(StateError::Invalid(m)) => Ok(Err(state::StateError::Invalid(m))),
+        }
     }
 
     fn delete(&mut self, key: String) {
