@@ -41,7 +41,8 @@ async fn wait_all_handled(m: &std::sync::Arc<eddy::metrics::PluginMetrics>, tota
 }
 
 /// A running test: the broker with `records` in the topic, and a host running the
-/// `misbehave` fixture as plugin `name` in `mode`, with `limits` (TOML lines) and its output
+/// `misbehave` fixture as plugin `name` in `mode`, with `settings` (TOML lines of its
+/// `[[plugin]]` entry, tables such as `[plugin.limits]` included) and its output
 /// `out` going to the topic `<name>-out`.
 struct Running {
     broker: eddy::kafka::EmbeddedBroker,
@@ -55,14 +56,14 @@ async fn start(
     records: &[(Option<Vec<u8>>, Vec<u8>)],
     name: &str,
     mode: &str,
-    limits: &str,
+    settings: &str,
 ) -> Running {
     init_logs();
     let broker = broker(PARTITIONS);
     let bootstrap = broker.bootstrap_servers().to_string();
     produce(&bootstrap, TOPIC, records);
     let entry = format!(
-        "[[plugin]]\nname = \"{name}\"\npath = \"{}\"\n[plugin.limits]\n{limits}\n[plugin.outputs]\nout = {{ topic = \"{name}-out\" }}\n[plugin.config]\nmode = \"{mode}\"\nmarker = \"MARK\"\n",
+        "[[plugin]]\nname = \"{name}\"\npath = \"{}\"\n{settings}\n[plugin.outputs]\nout = {{ topic = \"{name}-out\" }}\n[plugin.config]\nmode = \"{mode}\"\nmarker = \"MARK\"\n",
         wasm("eddy_fixture_misbehave")
     );
     let config = config(&config_text(&bootstrap, PARTITIONS, &entry));
@@ -92,7 +93,7 @@ async fn a_plugin_that_emits_in_a_loop_is_stopped_at_its_output_limit() {
         &records,
         "flood",
         "flood",
-        "cpu_ms = 400\noutput_records = 1000\noutput_mib = 8",
+        "[plugin.limits]\ncpu_ms = 400\noutput_records = 1000\noutput_mib = 8",
     )
     .await;
     wait_all_handled(&m, records.len() as u64).await;
@@ -128,7 +129,13 @@ async fn a_plugin_that_logs_in_a_loop_is_throttled_and_the_dropped_lines_counted
         host,
         plugin: m,
         ..
-    } = start(&records, "chatty", "chatter", "log_lines_per_s = 50").await;
+    } = start(
+        &records,
+        "chatty",
+        "chatter",
+        "[plugin.limits]\nlog_lines_per_s = 50",
+    )
+    .await;
     wait_all_handled(&m, total).await;
     assert_eq!(m.events(Outcome::Ok), total, "logging never fails an event");
     let page = http_get(host.http_addr(), "/metrics").await;
@@ -164,7 +171,7 @@ async fn a_retried_events_state_writes_and_outputs_count_once() {
         &records,
         "retrier",
         "retry-after-effects",
-        "max_retries = 3\nretry_backoff_ms = 1",
+        "[plugin.limits]\nmax_retries = 3\nretry_backoff_ms = 1",
     )
     .await;
     wait_all_handled(&m, total).await;
@@ -203,7 +210,7 @@ async fn a_retry_backoff_ends_at_once_when_the_host_stops_and_keeps_nothing() {
         &records,
         "waits",
         "retry",
-        "max_retries = 3\nretry_backoff_ms = 10000",
+        "[plugin.limits]\nmax_retries = 3\nretry_backoff_ms = 10000",
     )
     .await;
     {
@@ -247,7 +254,7 @@ async fn a_full_state_quota_dead_letters_with_the_limit_named_and_never_panics()
         &records,
         "hoarder",
         "hoard",
-        "state_mib = 1\n[plugin.breaker]\nfailures = 0",
+        "[plugin.limits]\nstate_mib = 1\n[plugin.breaker]\nfailures = 0",
     )
     .await;
     wait_all_handled(&m, total).await;
@@ -274,4 +281,80 @@ async fn a_full_state_quota_dead_letters_with_the_limit_named_and_never_panics()
     let reason = header(&dlq[0], "eddy.reason").unwrap();
     assert!(reason.contains("over limits.state_mib = 1"), "{reason}");
     assert!(!reason.contains("panicked"), "{reason}");
+}
+
+/// A consumer of the host's group that joins, takes its share of the partitions, and leaves
+/// without consuming: two rebalances for the host.
+fn join_and_leave(bootstrap: &str, group: &str) {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("session.timeout.ms", "6000")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[TOPIC]).unwrap();
+    let started = std::time::Instant::now();
+    while consumer.assignment().unwrap().count() == 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "the second member never got a partition"
+        );
+        let _ = consumer.poll(std::time::Duration::from_millis(50));
+    }
+    consumer.unsubscribe();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_while_a_batch_fills_applies_no_event_twice() {
+    let records = records_with_marks(300, 0);
+    let total = records.len() as u64;
+    // The first batch takes every event at once, then lingers for more while the group
+    // rebalances twice; each new assignment starts at the offsets saved with the state,
+    // which do not hold that batch yet, so its events are fetched again.
+    let Running {
+        broker: _broker,
+        bootstrap,
+        config,
+        host,
+        plugin: m,
+    } = start(
+        &records,
+        "counter",
+        "panic",
+        "max_batch = 100000\nbatch_linger_ms = 20000",
+    )
+    .await;
+    {
+        let bootstrap = bootstrap.clone();
+        tokio::task::spawn_blocking(move || join_and_leave(&bootstrap, "eddy-counter"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        m.events_handled(),
+        0,
+        "the rebalances came while the batch filled"
+    );
+    {
+        let (m, bootstrap) = (m.clone(), bootstrap.clone());
+        wait_async(
+            std::time::Duration::from_secs(90),
+            "every event handled and its offset committed",
+            move || {
+                m.events_handled() >= total
+                    && committed_total(&bootstrap, "eddy-counter", PARTITIONS) == total as i64
+            },
+        )
+        .await;
+    }
+    host.stop().await.expect("clean stop");
+    assert_eq!(m.events_handled(), total, "each event handled once");
+    let seen = eddy::ops::get(&config, "counter", "seen").unwrap().unwrap();
+    assert_eq!(
+        serde_json::from_slice::<u64>(&seen).unwrap(),
+        total,
+        "each event applied to the state once"
+    );
 }
