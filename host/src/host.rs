@@ -68,6 +68,15 @@ impl Host {
             consumer_client.set("fetch.wait.max.ms", "10");
         }
 
+        // Static group membership, so a restarted host gets its partitions back at once.
+        // Only with durable state: its locked files keep two hosts from sharing the id.
+        if config.state.durable && !config.kafka.settings.contains_key("group.instance.id") {
+            consumer_client.set(
+                "group.instance.id",
+                kafka::host_instance_id(&config.state.dir),
+            );
+        }
+
         let engine = wasm::engine()?;
         // What the saved offsets of durable state are checked against.
         let cluster = if config.state.durable {

@@ -13,7 +13,7 @@
 
 mod produce;
 
-pub use produce::{ProduceOptions, produce_blocking};
+pub use produce::{ProduceOptions, Undelivered, produce_blocking};
 
 use crate::clock::format_rfc3339_ms;
 use serde_json::json;

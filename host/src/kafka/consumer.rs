@@ -250,8 +250,13 @@ fn partitions(tpl: &TopicPartitionList) -> String {
         .join(",")
 }
 
+/// The shortest `session.timeout.ms` with which consumers are static group members.
+pub const MIN_STATIC_SESSION_MS: u64 = 6000;
+
 /// Creates `plugin`'s consumer (its own group; offsets stored by the worker once an event's
 /// effects are delivered, committed by librdkafka every 5 s) and subscribes it to `topic`.
+/// A `group.instance.id` in `client` is the host's: the consumer's is it and the plugin's
+/// name, a static member of the group (with a session of [`MIN_STATIC_SESSION_MS`] or more).
 pub fn subscribe(
     client: &ClientConfig,
     plugin: &PluginConfig,
@@ -272,6 +277,23 @@ pub fn subscribe(
         if c.get(k).is_none() {
             c.set(k, v);
         }
+    }
+    // Static membership: the host's id (see `host_instance_id`, or `[kafka.settings]`),
+    // made this plugin's own. Not below Apache Kafka's minimum session (6 s, which it
+    // refuses anyway): tansu 0.6.0 holds each static join for 3 s and each sync for 3 s, so
+    // a shorter session expires while joining and the group rebalances in a loop (measured).
+    let session_ms: u64 = c
+        .get("session.timeout.ms")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    match c.get("group.instance.id").map(str::to_string) {
+        Some(host) if session_ms >= MIN_STATIC_SESSION_MS => {
+            c.set("group.instance.id", format!("{host}-{}", plugin.name));
+        }
+        Some(_) => {
+            c.remove("group.instance.id");
+        }
+        None => {}
     }
     let consumer: StreamConsumer<Callbacks> = c.create_with_context(callbacks).map_err(|e| {
         anyhow::anyhow!(

@@ -19,6 +19,10 @@ enum Command {
         requests: usize,
         reply: mpsc::Sender<()>,
     },
+    RoundTripTime {
+        delay: std::time::Duration,
+        reply: mpsc::Sender<Result<(), String>>,
+    },
     Stop,
 }
 
@@ -72,6 +76,13 @@ impl EmbeddedBroker {
                             cluster.request_errors(RDKafkaApiKey::Produce, &errors);
                             let _ = reply.send(());
                         }
+                        Command::RoundTripTime { delay, reply } => {
+                            let _ = reply.send(
+                                cluster
+                                    .broker_round_trip_time(-1, delay)
+                                    .map_err(|e| e.to_string()),
+                            );
+                        }
                         Command::Stop => break,
                     }
                 }
@@ -103,6 +114,19 @@ impl EmbeddedBroker {
             .map_err(|_| anyhow::anyhow!("the embedded broker has stopped"))?;
         rx.recv()
             .map_err(|_| anyhow::anyhow!("the embedded broker has stopped"))
+    }
+
+    /// Delays every answer of the broker by `delay` (zero: no delay). The broker still
+    /// handles each request when it arrives, so a client that gives up waiting may have
+    /// written what it believes lost: a stalled broker, for tests.
+    pub fn set_round_trip_time(&self, delay: std::time::Duration) -> anyhow::Result<()> {
+        let (reply, rx) = mpsc::channel();
+        self.commands
+            .send(Command::RoundTripTime { delay, reply })
+            .map_err(|_| anyhow::anyhow!("the embedded broker has stopped"))?;
+        rx.recv()
+            .map_err(|_| anyhow::anyhow!("the embedded broker has stopped"))?
+            .map_err(|e| anyhow::anyhow!("cannot delay the embedded broker: {e}"))
     }
 
     pub fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {

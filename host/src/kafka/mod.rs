@@ -29,6 +29,38 @@ pub fn client_config(kafka: &KafkaConfig, brokers: &str) -> ClientConfig {
     c
 }
 
+/// This host's static group membership id (`group.instance.id`), the same at every start of
+/// the same host: its hostname and a digest of its state directory (two hosts cannot share
+/// one: each plugin's state file is locked by the host using it). Each plugin's consumer
+/// adds its plugin's name ([`consumer::subscribe`]). With it, a restarted host (after a
+/// crash or a stop) takes its partitions back at once instead of waiting for the dead
+/// member's session to time out.
+pub fn host_instance_id(state_dir: &std::path::Path) -> String {
+    use sha2::Digest;
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_default();
+    // Absolute, not canonical: the same before and after the directory is created.
+    let dir = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    let hash = sha2::Sha256::digest(dir.as_os_str().as_encoded_bytes());
+    let hex: String = hash[..6].iter().map(|b| format!("{b:02x}")).collect();
+    // Kafka allows letters, digits, `.`, `_` and `-` in the id.
+    let host: String = hostname
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(64)
+        .collect();
+    format!("eddy-{host}-{hex}")
+}
+
 /// Waits until the cluster at `client`'s bootstrap servers answers a metadata request, for
 /// at most `timeout`. Errors name the brokers and what to check: without this, a typo in
 /// `brokers` would leave the host running and consuming nothing, with only librdkafka's

@@ -341,15 +341,22 @@ impl Supervisor {
                 self.baseline_engine()
             };
             let compiled = tokio::task::spawn_blocking(move || {
+                let mut baseline_failed = None;
                 if let Some(baseline) = baseline {
                     match Program::compile_baseline(&baseline, &path) {
                         Err(crate::wasm::LoadError::Compile { message, .. }) => {
-                            warn!(path = %path.display(), "the baseline compiler cannot compile it ({message}); compiling optimized code instead");
+                            baseline_failed = Some(message);
                         }
                         done => return done,
                     }
                 }
-                Program::compile(&engine, &path, Some(&cache))
+                // Said only if the optimized compiler takes it: bytes that are no component
+                // at all get one refusal, for the reason both compilers share.
+                let optimized = Program::compile(&engine, &path, Some(&cache));
+                if let (Ok(_), Some(message)) = (&optimized, baseline_failed) {
+                    warn!(path = %path.display(), "the baseline compiler cannot compile it ({message}): it runs on optimized code once that is compiled");
+                }
+                optimized
             })
             .await
             .expect("compile task");

@@ -251,14 +251,21 @@ impl<'a> Activity<'a> {
         }
         // UTF-8 checked once for the whole payload (ASCII a word at a time), not string by
         // string: the fields a plugin never reads are then skipped without a check.
+        // Text in another encoding is named on the error paths only (UTF-16 and UTF-32 of
+        // ASCII are valid UTF-8, and serde would call them a syntax error at line 1).
         let text = std::str::from_utf8(payload).map_err(|e| {
-            ParseError(format!(
-                "not an activity event: not UTF-8 (invalid byte at offset {})",
-                e.valid_up_to()
-            ))
+            ParseError(other_encoding(payload).unwrap_or_else(|| {
+                format!(
+                    "not an activity event: not UTF-8 (invalid byte at offset {})",
+                    e.valid_up_to()
+                )
+            }))
         })?;
-        let activity: Activity = serde_json::from_str(text)
-            .map_err(|e| ParseError(format!("not an activity event: {e}")))?;
+        let activity: Activity = serde_json::from_str(text).map_err(|e| {
+            ParseError(
+                other_encoding(payload).unwrap_or_else(|| format!("not an activity event: {e}")),
+            )
+        })?;
         // Each number is finite, but their product may not be: an infinite amount would end
         // up as `null` in outputs and state (e.g. wiping analytics' revenue sum).
         if activity.amount().is_some_and(|x| !x.is_finite()) {
@@ -344,6 +351,28 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<i64> {
     Some(secs * 1000 + millis)
 }
 
+/// The reason for a payload that is JSON text in an encoding other than UTF-8 (told by its
+/// byte-order mark, or by the NUL bytes around its first ASCII character, as RFC 4627 §3
+/// does), or that starts with a UTF-8 byte-order mark; `None` for anything else.
+fn other_encoding(payload: &[u8]) -> Option<String> {
+    let named = match payload {
+        [0xEF, 0xBB, 0xBF, ..] => {
+            return Some(
+                "not an activity event: starts with a UTF-8 byte-order mark, which JSON forbids"
+                    .into(),
+            );
+        }
+        [0x00, 0x00, 0xFE, 0xFF, ..] | [0x00, 0x00, 0x00, 1..=0xFF, ..] => "UTF-32 (big-endian)",
+        [0xFF, 0xFE, 0x00, 0x00, ..] | [1..=0xFF, 0x00, 0x00, 0x00, ..] => "UTF-32 (little-endian)",
+        [0xFE, 0xFF, ..] | [0x00, 1..=0xFF, ..] => "UTF-16 (big-endian)",
+        [0xFF, 0xFE, ..] | [1..=0xFF, 0x00, ..] => "UTF-16 (little-endian)",
+        _ => return None,
+    };
+    Some(format!(
+        "not an activity event: {named} text, expected UTF-8 JSON"
+    ))
+}
+
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
 fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
@@ -413,6 +442,74 @@ mod tests {
         assert_eq!(b.event_type, EventType::Logout);
         let c = Activity::from_json(br#"{"user_id":"u","event_type":"wishlist"}"#).unwrap();
         assert_eq!(c.event_type, EventType::Other("wishlist".into()));
+    }
+
+    /// A payload in another encoding gets a reason naming the encoding, not a JSON syntax
+    /// error at line 1 column 1.
+    #[test]
+    fn text_in_another_encoding_is_named_as_such() {
+        let event = r#"{"user_id":"u","event_type":"click"}"#;
+        let utf16 = |big: bool| -> Vec<u8> {
+            event
+                .encode_utf16()
+                .flat_map(|u| {
+                    if big {
+                        u.to_be_bytes()
+                    } else {
+                        u.to_le_bytes()
+                    }
+                })
+                .collect()
+        };
+        let utf32 = |big: bool| -> Vec<u8> {
+            event
+                .chars()
+                .flat_map(|c| {
+                    let c = c as u32;
+                    if big {
+                        c.to_be_bytes()
+                    } else {
+                        c.to_le_bytes()
+                    }
+                })
+                .collect()
+        };
+        let with = |prefix: &[u8], rest: Vec<u8>| [prefix, &rest].concat();
+        let latin1 = b"{\"user_id\":\"Jos\xe9\",\"event_type\":\"click\"}".to_vec();
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("UTF-16LE", utf16(false), "UTF-16"),
+            ("UTF-16BE", utf16(true), "UTF-16"),
+            (
+                "UTF-16LE with BOM",
+                with(&[0xFF, 0xFE], utf16(false)),
+                "UTF-16",
+            ),
+            (
+                "UTF-16BE with BOM",
+                with(&[0xFE, 0xFF], utf16(true)),
+                "UTF-16",
+            ),
+            ("UTF-32LE", utf32(false), "UTF-32"),
+            ("UTF-32BE", utf32(true), "UTF-32"),
+            ("Latin-1", latin1, "not UTF-8"),
+            (
+                "gzip",
+                vec![0x1f, 0x8b, 0x08, 0x00, 0x00, 0x00],
+                "not UTF-8",
+            ),
+            (
+                "UTF-8 BOM",
+                with(&[0xEF, 0xBB, 0xBF], event.into()),
+                "byte-order mark",
+            ),
+        ];
+        for (name, payload, says) in cases {
+            let reason = Activity::from_json(&payload).unwrap_err().0;
+            assert!(
+                reason.contains(says) && !reason.contains("expected value"),
+                "{name}: {reason}"
+            );
+        }
     }
 
     #[test]
