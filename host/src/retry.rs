@@ -34,14 +34,6 @@ impl Policy {
         max: Duration::from_secs(1),
     };
 
-    /// A plugin's `retry` verdicts: from `limits.retry_backoff_ms`, doubling up to 10 s.
-    pub fn plugin_retry(retry_backoff_ms: u64) -> Policy {
-        Policy {
-            first: Duration::from_millis(retry_backoff_ms),
-            max: Duration::from_secs(10),
-        }
-    }
-
     /// A fresh backoff on this policy.
     pub fn backoff(self) -> Backoff {
         Backoff {

@@ -16,6 +16,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+/// The longest wait before a retried event is handed again: `limits.retry_backoff_ms`
+/// doubles after each attempt, up to this.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(10);
+
 /// The longest a batch may wait for its retries, summed over `limits.max_retries` attempts:
 /// the plugin's consumer is not polled meanwhile, and Kafka drops a consumer from its group
 /// after `max.poll.interval.ms` (5 minutes by default) without a poll.
@@ -481,8 +485,12 @@ impl Config {
             }
             // Retries wait inside the batch, while the plugin's consumer is not polled: their
             // waits together stay far below Kafka's max.poll.interval.ms (5 min by default).
-            let mut backoff = crate::retry::Policy::plugin_retry(l.retry_backoff_ms).backoff();
-            let worst: Duration = (0..l.max_retries).map(|_| backoff.next_delay()).sum();
+            let worst: Duration = (0..l.max_retries)
+                .map(|k| {
+                    Duration::from_millis(l.retry_backoff_ms.saturating_mul(1 << k.min(40)))
+                        .min(MAX_RETRY_DELAY)
+                })
+                .sum();
             if worst > MAX_RETRY_WAIT {
                 return Err(self.invalid(
                     at("limits.max_retries"),

@@ -9,7 +9,7 @@
 //! them): the other events of the call run again without those, and each retried event is
 //! handed again alone after a backoff, so whatever an event wrote or emitted counts once, from
 //! the attempt that did not answer `retry`. The backoff is capped and
-//! ends at once when the host stops (see [`Policy::plugin_retry`]) (the batch is then dropped, to be consumed again).
+//! ends at once when the host stops (the batch is then dropped, to be consumed again).
 //! Pure of Kafka and async: runs on a blocking thread.
 
 use super::breaker::Breaker;
@@ -20,6 +20,7 @@ use crate::retry::{Policy, sleep_blocking_unless_stopping};
 use crate::wasm::{Sandbox, Trap, Verdict};
 use std::borrow::Cow;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 use tokio::sync::watch;
 use tracing::warn;
 
@@ -81,7 +82,11 @@ pub(super) fn run_events(
 
     let mut attempts = vec![1u32; verdicts.len()];
     let limits = &plugin.limits;
-    let mut backoff = Policy::plugin_retry(limits.retry_backoff_ms).backoff();
+    let mut backoff = Policy {
+        first: Duration::from_millis(limits.retry_backoff_ms),
+        max: crate::config::MAX_RETRY_DELAY,
+    }
+    .backoff();
     let mut trapped = trapped;
     let mut stopping = false;
     for _ in 0..limits.max_retries {
