@@ -77,8 +77,9 @@ alerts = {{ topic = "fraud-alerts" }}
     .await
     .unwrap();
 
-    // Exactly once: a little later, still not one event more.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Exactly once: once every group has committed to the end of the topic, no event is
+    // left to arrive, and still not one event more.
+    wait_settled(&bootstrap, &names, PARTITIONS, EVENTS as u64).await;
     for name in names {
         let m = host.metrics().plugin(name);
         assert_eq!(m.events_handled(), EVENTS as u64, "plugin {name}");

@@ -37,7 +37,7 @@ async fn plugins_that_panic_loop_eat_memory_or_retry_forever_hurt_nothing_else()
     let bad = ["panics", "loops", "grows", "retries"];
     let all: Vec<&str> = REAL.iter().chain(bad.iter()).copied().collect();
     wait_handled(&host, &all, total).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_settled(&bootstrap, &all, PARTITIONS, total).await;
 
     for name in REAL {
         let m = host.metrics().plugin(name);

@@ -126,7 +126,7 @@ async fn malformed_events_are_dead_lettered_with_the_reason_and_nothing_traps() 
         .await
         .expect("host starts");
     wait_handled(&host, &REAL, total).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_settled(&bootstrap, &REAL, PARTITIONS, total).await;
     for name in REAL {
         let m = host.metrics().plugin(name);
         assert_eq!(m.events_handled(), total, "{name}: every event once");

@@ -131,8 +131,15 @@ async fn a_paused_plugin_does_not_hold_the_shared_fetch_and_every_count_stays_ex
     )
     .await;
 
-    // Exactly once, each: a little later, still not one event more.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Exactly once, each: once every group has committed to the end of the topic, no event
+    // is left to arrive, and still not one event more.
+    wait_settled(
+        &bootstrap,
+        &["first", "second", "broken"],
+        PARTITIONS,
+        total,
+    )
+    .await;
     for (name, m) in [("first", &first), ("second", &second)] {
         assert_eq!(m.events(Outcome::Ok), total, "{name}");
         assert_eq!(m.events_handled(), total, "{name}");

@@ -5,6 +5,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+/// How many versions [`PluginMetrics::version_history`] keeps.
+pub const VERSION_HISTORY: usize = 16;
+
 /// Upper bounds of the batch-latency histogram buckets, in seconds.
 pub(crate) const LATENCY_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
@@ -40,6 +43,8 @@ pub struct PluginMetrics {
     pub(crate) dead_letters: [AtomicU64; 7],
     pub(crate) reloads: [AtomicU64; 3],
     pub(crate) version: Mutex<Version>,
+    /// The last [`VERSION_HISTORY`] versions run, oldest first (the current one last).
+    history: Mutex<std::collections::VecDeque<Version>>,
     pub(crate) batch_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     pub(crate) batch_count: AtomicU64,
     pub(crate) batch_nanos: AtomicU64,
@@ -91,7 +96,23 @@ impl PluginMetrics {
     }
 
     pub fn set_version(&self, version: Version) {
+        let mut history = self.history.lock().expect("metrics lock");
+        if history.len() == VERSION_HISTORY {
+            history.pop_front();
+        }
+        history.push_back(version.clone());
         *self.version.lock().expect("metrics lock") = version;
+    }
+
+    /// The versions this plugin ran, oldest first, the current one last (at most
+    /// [`VERSION_HISTORY`]): what ran between two looks at [`PluginMetrics::version`].
+    pub fn version_history(&self) -> Vec<Version> {
+        self.history
+            .lock()
+            .expect("metrics lock")
+            .iter()
+            .cloned()
+            .collect()
     }
 
     pub fn version(&self) -> Version {

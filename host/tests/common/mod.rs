@@ -214,6 +214,49 @@ pub fn committed_total(bootstrap: &str, group: &str, partitions: i32) -> i64 {
     total
 }
 
+/// Waits until each of `groups` has committed offsets on the input topic summing to `end`
+/// (the topic's `end` records all consumed and their effects delivered), seen on two checks
+/// in a row, or panics after `timeout`. After that no event of the topic is left to arrive,
+/// so what the plugins handled can be counted exactly, with no fixed wait.
+pub fn wait_committed(
+    bootstrap: &str,
+    groups: &[&str],
+    partitions: i32,
+    end: i64,
+    timeout: Duration,
+) {
+    let mut in_a_row = 0;
+    wait_for(
+        timeout,
+        "every group to commit to the end of the topic",
+        || {
+            let done = groups
+                .iter()
+                .all(|g| committed_total(bootstrap, g, partitions) == end);
+            in_a_row = if done { in_a_row + 1 } else { 0 };
+            in_a_row >= 2
+        },
+    );
+}
+
+/// [`wait_committed`] for the default groups (`eddy-<name>`) of `names`, from async code.
+pub async fn wait_settled(bootstrap: &str, names: &[&str], partitions: i32, end: u64) {
+    let bootstrap = bootstrap.to_string();
+    let groups: Vec<String> = names.iter().map(|n| format!("eddy-{n}")).collect();
+    tokio::task::spawn_blocking(move || {
+        let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
+        wait_committed(
+            &bootstrap,
+            &groups,
+            partitions,
+            end as i64,
+            Duration::from_secs(60),
+        )
+    })
+    .await
+    .unwrap();
+}
+
 /// Waits until `f` is true, or panics with `what` after `timeout`.
 pub fn wait_for(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
