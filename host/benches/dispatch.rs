@@ -32,6 +32,7 @@ fn main() -> anyhow::Result<()> {
         fraud_every: 0,
         start_ms: 1_705_314_600_000,
         spacing_ms: 10,
+        ..Default::default()
     })
     .take(512)
     .collect();

@@ -27,6 +27,7 @@ fn events() -> Vec<Event> {
         fraud_every: 500,
         start_ms: 1_705_314_600_000,
         spacing_ms: 5,
+        ..Default::default()
     })
     .take(total)
     .enumerate()

@@ -116,6 +116,7 @@ log = "discard"
                     fraud_every: 0,
                     start_ms: eddy::clock::now_ms(),
                     spacing_ms: 1,
+                    ..Default::default()
                 },
             };
             eddy::generator::produce_blocking(&client, &opts, &stop, &AtomicU64::new(0))

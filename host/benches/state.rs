@@ -111,6 +111,7 @@ fn main() -> anyhow::Result<()> {
             fraud_every: 0,
             start_ms: 1_705_314_600_000,
             spacing_ms: 10,
+            ..Default::default()
         },
     };
     eddy::generator::produce_blocking(&client, &opts, &AtomicBool::new(false), &AtomicU64::new(0))?;

@@ -154,7 +154,12 @@ impl Host {
                     seed: config.generator.seed,
                     fraud_every: config.generator.fraud_every,
                     start_ms: clock::now_ms(),
-                    spacing_ms: (1000 / i64::from(config.generator.rate)).max(1),
+                    spacing_ms: config.generator.spacing_ms.map_or_else(
+                        || (1000 / i64::from(config.generator.rate)).max(1),
+                        |ms| ms.min(i64::MAX as u64) as i64,
+                    ),
+                    users: config.generator.users,
+                    event_timestamps: config.generator.event_timestamps,
                 },
             };
             info!(

@@ -98,6 +98,15 @@ enum Command {
         /// makes the events byte-for-byte reproducible.
         #[arg(long)]
         start_ms: Option<i64>,
+        /// How many distinct users the events come from.
+        #[arg(long, default_value_t = eddy::generator::DEFAULT_USERS)]
+        users: u64,
+        /// Event time between consecutive events in milliseconds (default: 1000 / rate).
+        #[arg(long)]
+        spacing_ms: Option<i64>,
+        /// Stamp each Kafka record with its event's time, not the time it was produced.
+        #[arg(long)]
+        event_timestamps: bool,
         /// A librdkafka setting, e.g. -X security.protocol=SASL_SSL (repeatable).
         #[arg(short = 'X', value_parser = parse_setting)]
         settings: Vec<(String, String)>,
@@ -217,6 +226,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             fraud_every,
             start_ms,
+            users,
+            spacing_ms,
+            event_timestamps,
             settings,
         } => {
             let kafka = KafkaConfig {
@@ -236,11 +248,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     seed,
                     fraud_every,
                     start_ms: start_ms.unwrap_or_else(eddy::clock::now_ms),
-                    spacing_ms: if rate > 0 {
+                    spacing_ms: spacing_ms.unwrap_or(if rate > 0 {
                         (1000 / i64::from(rate)).max(1)
                     } else {
                         1
-                    },
+                    }),
+                    users,
+                    event_timestamps,
                 },
             };
             let stop = std::sync::Arc::new(AtomicBool::new(false));

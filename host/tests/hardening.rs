@@ -358,3 +358,119 @@ async fn a_rebalance_while_a_batch_fills_applies_no_event_twice() {
         "each event applied to the state once"
     );
 }
+
+/// Item 7: per-user keys under a `[plugin.expire]` rule go once event time has passed their
+/// last write by the rule's duration (never before), with the batch that moved the time on,
+/// and are counted; the rest stay. Events carry their event time as Kafka timestamp, 100 ms
+/// apart: 300 s of event time for 3,000 events, and a rule of 20 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_expire_by_event_time_and_the_state_stays_bounded() {
+    init_logs();
+    // One partition: a batch then spans at most `max_batch` events of event time (2 s).
+    let broker = broker(1);
+    let bootstrap = broker.bootstrap_servers().to_string();
+    let total = 3_000u64;
+    let generator = eddy::generator::GeneratorOptions {
+        spacing_ms: 100,
+        users: 1_000_000,
+        event_timestamps: true,
+        ..generator_options(11, 0)
+    };
+    let mut client = rdkafka::ClientConfig::new();
+    client.set("bootstrap.servers", &bootstrap);
+    let opts = eddy::generator::ProduceOptions {
+        topic: TOPIC.into(),
+        events: Some(total),
+        rate: 0,
+        generator: generator.clone(),
+    };
+    let sent = eddy::generator::produce_blocking(
+        &client,
+        &opts,
+        &std::sync::atomic::AtomicBool::new(false),
+        &std::sync::atomic::AtomicU64::new(0),
+    )
+    .expect("produced");
+    assert_eq!(sent, total);
+    let entry = format!(
+        "[[plugin]]\nname = \"analytics\"\npath = \"{}\"\nmax_batch = 20\n\
+         [plugin.expire]\nafter = {{ \"user:\" = \"20s\", \"journey:\" = \"20s\" }}\n\
+         [plugin.outputs]\nsnapshots = \"discard\"\n",
+        wasm("eddy_analytics")
+    );
+    let config = config(&config_text(&bootstrap, 1, &entry));
+    let host = Host::start(config.clone()).await.expect("host starts");
+    let m = host.metrics().plugin("analytics");
+    wait_all_handled(&m, total).await;
+    wait_settled(&bootstrap, &["analytics"], 1, total).await;
+    host.stop().await.expect("clean stop");
+
+    // Each user's last event time, and the latest event time of all.
+    let mut last: std::collections::BTreeMap<String, i64> = Default::default();
+    // Users with a funnel event (page view, add to cart, purchase): those with a journey: key.
+    let mut funnel = std::collections::BTreeMap::new();
+    // Gaps between a key's writes: one of more than 20 s may have let it expire in between.
+    let mut gaps = Vec::new();
+    for g in generate(total as usize, &generator) {
+        let event: serde_json::Value = serde_json::from_slice(&g.payload).unwrap();
+        let kind = event["event_type"].as_str().unwrap();
+        if ["page_view", "add_to_cart", "purchase"].contains(&kind)
+            && let Some(t) = funnel.insert(g.key.clone(), g.time_ms)
+        {
+            gaps.push(g.time_ms - t);
+        }
+        if let Some(t) = last.insert(g.key, g.time_ms) {
+            gaps.push(g.time_ms - t);
+        }
+    }
+    let latest = *last.values().max().unwrap();
+    let path = eddy::state::path_for(&config.state.dir, "analytics");
+    let snap = eddy::state::store::read_only_snapshot(&path, "analytics").expect("state file");
+    let kept = |user: &str| snap.state.contains_key(&format!("user:{user}"));
+    let (mut recent, mut old) = (0, 0);
+    for (user, t) in &last {
+        if *t > latest - 20_000 {
+            recent += 1;
+            assert!(
+                kept(user),
+                "{user} was last seen {} ms before the end: too early to expire",
+                latest - t
+            );
+            assert!(snap.expires.contains_key(&format!("user:{user}")));
+        } else if *t < latest - 22_000 {
+            old += 1;
+            assert!(
+                !kept(user),
+                "{user} was last seen {} ms before the end: should have expired",
+                latest - t
+            );
+        }
+    }
+    assert!(
+        recent > 0 && old > recent,
+        "{recent} recent users, {old} old ones"
+    );
+    // The totals do not expire (no rule), and every expired key was counted.
+    assert_eq!(
+        snap.state.get("total").map(|v| v.as_slice()),
+        Some(total.to_string().as_bytes())
+    );
+    let count = |prefix: &str| snap.state.keys().filter(|k| k.starts_with(prefix)).count();
+    let (users, journeys) = (count("user:"), count("journey:"));
+    // Every key gone was counted, and so was each time a key expired and came back: a gap of
+    // more than 24 s certainly, of less than 18 s never (a batch spans up to 2 s).
+    let gone = (last.len() - users + funnel.len() - journeys) as u64;
+    let gaps_over = |ms: i64| gaps.iter().filter(|g| **g > ms).count() as u64;
+    let counted = m.state_keys_expired.load(Relaxed);
+    assert!(
+        (gone + gaps_over(24_000)..=gone + gaps_over(18_000)).contains(&counted),
+        "{counted} counted expired, {gone} keys gone, {} + {} gaps",
+        gaps_over(24_000),
+        gaps_over(18_000) - gaps_over(24_000)
+    );
+    assert_eq!(
+        m.state_expiring_keys.load(Relaxed),
+        (users + journeys) as i64
+    );
+    assert_eq!(snap.expires.len(), users + journeys);
+}

@@ -166,6 +166,7 @@ pub fn seeded_broker(total: u64) -> anyhow::Result<(eddy::kafka::EmbeddedBroker,
                 fraud_every: 500,
                 start_ms: 1_705_314_600_000,
                 spacing_ms: 5,
+                ..Default::default()
             },
         },
         &AtomicBool::new(false),

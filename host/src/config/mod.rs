@@ -8,7 +8,10 @@ mod outputs;
 mod plugin;
 
 pub use outputs::OutputTarget;
-pub use plugin::{BreakerPolicy, Limits, MAX_BREAKER_PAUSE_MS, PluginConfig, StartFrom};
+pub use plugin::{
+    BreakerPolicy, Expire, ExpireClock, ExpireRule, Limits, MAX_BREAKER_PAUSE_MS, PluginConfig,
+    StartFrom,
+};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -146,6 +149,17 @@ pub struct GeneratorConfig {
     /// Inject a burst of fraud-like purchases every this many events; 0 for never.
     #[serde(default = "default_fraud_every")]
     pub fraud_every: u64,
+    /// How many distinct users the traffic comes from.
+    #[serde(default = "default_users")]
+    pub users: u64,
+    /// Event time between consecutive events, in milliseconds; `1000 / rate` (real time) by
+    /// default. Larger, with `event_timestamps`, it simulates hours of traffic in minutes.
+    #[serde(default)]
+    pub spacing_ms: Option<u64>,
+    /// Stamp each Kafka record with its event's time instead of the time it was produced:
+    /// what the plugins' event clock (`[plugin.expire]`) then follows.
+    #[serde(default)]
+    pub event_timestamps: bool,
 }
 
 impl Default for GeneratorConfig {
@@ -154,8 +168,15 @@ impl Default for GeneratorConfig {
             rate: 0,
             seed: default_seed(),
             fraud_every: default_fraud_every(),
+            users: default_users(),
+            spacing_ms: None,
+            event_timestamps: false,
         }
     }
+}
+
+fn default_users() -> u64 {
+    5000
 }
 
 /// `[state]`: where plugins' state lives.
@@ -503,6 +524,9 @@ impl Config {
                     ),
                 ));
             }
+            if let Err((prefix, message)) = p.expire.rules() {
+                return Err(self.invalid(at(&format!("expire.after.\"{prefix}\"")), message));
+            }
             let b = &p.breaker;
             if !(1..=100_000).contains(&b.window) {
                 return Err(self.invalid(
@@ -658,6 +682,38 @@ path = "a.wasm"
             let e = error(&limits(&format!("{key} = {value}")));
             assert!(e.contains(&format!("plugin[0].limits.{key}")), "{e}");
         }
+    }
+
+    #[test]
+    fn expiry_rules_take_friendly_durations_and_name_a_bad_one() {
+        let expire = |body: &str| format!("{MINIMAL}[plugin.expire]\n{body}\n");
+        let (_d, c) = with_wasm(&expire(
+            "clock = \"host\"\nafter = { \"user:\" = \"24h\", \"user:vip:\" = \"7d\", \"s:\" = \"1h 30m\" }",
+        ));
+        let p = &c.unwrap().plugins[0];
+        assert_eq!(p.expire.clock, ExpireClock::Host);
+        let rules: Vec<(String, i64)> = p
+            .expire
+            .rules()
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.prefix, r.after_ms))
+            .collect();
+        assert_eq!(
+            rules,
+            [
+                ("user:vip:".to_string(), 7 * 86_400_000),
+                ("user:".to_string(), 86_400_000),
+                ("s:".to_string(), 5_400_000)
+            ]
+        );
+        let e = error(&expire("after = { \"user:\" = \"a day\" }"));
+        assert!(e.contains("plugin[0].expire.after.\"user:\""), "{e}");
+        assert!(e.contains("is not a duration like"), "{e}");
+        let e = error(&expire("after = { \"user:\" = \"500ms\" }"));
+        assert!(e.contains("less than 1 s"), "{e}");
+        let e = error(&expire("clock = \"wall\""));
+        assert!(e.contains("wall"), "{e}");
     }
 
     #[test]

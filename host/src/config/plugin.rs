@@ -39,6 +39,8 @@ pub struct PluginConfig {
     pub limits: Limits,
     #[serde(default)]
     pub breaker: BreakerPolicy,
+    #[serde(default)]
+    pub expire: Expire,
     /// Output name (as the plugin emits it) → destination.
     #[serde(default)]
     pub outputs: BTreeMap<String, OutputTarget>,
@@ -98,6 +100,81 @@ impl Default for Limits {
             log_lines_per_s: default_log_lines_per_s(),
         }
     }
+}
+
+/// `[plugin.expire]`: state keys that go away on their own, so that state kept per user (or
+/// per anything unbounded) stays bounded. The host deletes them; a plugin cannot forget to.
+///
+/// A key under a prefix of `after` expires that long after its last write (the longest
+/// matching prefix decides; a key under none never expires). It is deleted with the first
+/// batch committed once its time has passed (in the same transaction as that batch), so it
+/// is never gone early and never more than a batch late. A plugin that needs exact window
+/// edges compares event times itself; expiry is what keeps the state from growing.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expire {
+    #[serde(default)]
+    pub clock: ExpireClock,
+    /// Key prefix → how long after its last write a key under it expires: `"90s"`, `"10m"`,
+    /// `"24h"`, `"7d"` (at least 1 s).
+    #[serde(default)]
+    pub after: BTreeMap<String, String>,
+}
+
+/// The clock `[plugin.expire]` measures by.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExpireClock {
+    /// Event time: the latest Kafka record timestamp the plugin has been handed. A replay of
+    /// last week's events expires keys as it did then, and a quiet stream expires nothing.
+    #[default]
+    Event,
+    /// The host's wall clock, also while the stream is quiet (checked on every tick).
+    Host,
+}
+
+/// One `[plugin.expire]` entry, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpireRule {
+    pub prefix: String,
+    pub after_ms: i64,
+}
+
+impl Expire {
+    /// The rules, longest prefix first (the first that matches a key decides), or what is
+    /// wrong with one: `(prefix, message)`.
+    pub fn rules(&self) -> Result<Vec<ExpireRule>, (String, String)> {
+        let mut rules = Vec::with_capacity(self.after.len());
+        for (prefix, text) in &self.after {
+            let after = parse_duration(text).map_err(|m| (prefix.clone(), m))?;
+            rules.push(ExpireRule {
+                prefix: prefix.clone(),
+                after_ms: after,
+            });
+        }
+        rules.sort_by_key(|r| std::cmp::Reverse(r.prefix.len()));
+        Ok(rules)
+    }
+}
+
+/// `"90s"`, `"10m"`, `"24h"`, `"7d"`, `"1h 30m"` → milliseconds (jiff's friendly format; a
+/// day is 24 hours, months and years are refused).
+fn parse_duration(text: &str) -> Result<i64, String> {
+    let not_one = |e: jiff::Error| {
+        format!("`{text}` is not a duration like \"90s\", \"10m\", \"24h\" or \"7d\" ({e})")
+    };
+    let span: jiff::Span = text.parse().map_err(not_one)?;
+    let d = span
+        .to_duration(jiff::SpanRelativeTo::days_are_24_hours())
+        .map_err(not_one)?;
+    let ms = d.as_millis();
+    if ms < 1_000 {
+        return Err(format!("`{text}` is less than 1 s"));
+    }
+    if ms > 3_650 * 86_400_000 {
+        return Err(format!("`{text}` is more than 10 years"));
+    }
+    Ok(ms as i64)
 }
 
 /// `[plugin.breaker]`: when a plugin keeps failing, stop feeding it for a while (see

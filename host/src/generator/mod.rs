@@ -160,8 +160,6 @@ const DEVICES: [(&str, &str, &str, &str); 6] = [
         "Mozilla/5.0 (iPad; CPU OS 17_2) Safari/604.1",
     ),
 ];
-/// Users the generator draws from.
-const USERS: u64 = 5000;
 /// Sessions in progress at once.
 const ACTIVE_SESSIONS: usize = 32;
 /// Purchases in one injected fraud burst.
@@ -187,6 +185,29 @@ pub struct GeneratorOptions {
     pub start_ms: i64,
     /// Time between consecutive events' timestamps.
     pub spacing_ms: i64,
+    /// How many distinct users sessions are drawn from.
+    pub users: u64,
+    /// Give each Kafka record its event's time as its timestamp (else the producer's clock
+    /// stamps it). With a `spacing_ms` larger than the real pace, this simulates hours of
+    /// traffic in minutes for the plugins' event clock (`[plugin.expire]`); a broker may
+    /// refuse timestamps far in the future (Kafka 3.6+: more than an hour, by default).
+    pub event_timestamps: bool,
+}
+
+/// The users sessions are drawn from unless told otherwise.
+pub const DEFAULT_USERS: u64 = 5000;
+
+impl Default for GeneratorOptions {
+    fn default() -> Self {
+        GeneratorOptions {
+            seed: 42,
+            fraud_every: 0,
+            start_ms: 0,
+            spacing_ms: 1,
+            users: DEFAULT_USERS,
+            event_timestamps: false,
+        }
+    }
 }
 
 /// One generated record.
@@ -195,6 +216,8 @@ pub struct Generated {
     /// The Kafka key: the user id, so a user's events stay in one partition, in order.
     pub key: String,
     pub payload: Vec<u8>,
+    /// The event's time (its `timestamp` field), Unix milliseconds.
+    pub time_ms: i64,
 }
 
 /// An endless stream of events.
@@ -212,7 +235,7 @@ impl Generator {
     pub fn new(opts: GeneratorOptions) -> Generator {
         let mut rng = Rng::new(opts.seed);
         let sessions = (0..ACTIVE_SESSIONS)
-            .map(|_| new_session(&mut rng))
+            .map(|_| new_session(&mut rng, opts.users))
             .collect();
         Generator {
             rng,
@@ -242,7 +265,7 @@ impl Generator {
         let rng = &mut self.rng;
         let i = rng.below(self.sessions.len() as u64) as usize;
         if rng.below(30) == 0 {
-            self.sessions[i] = new_session(rng);
+            self.sessions[i] = new_session(rng, self.opts.users);
         }
         let roll = rng.below(100);
         let s = &mut self.sessions[i];
@@ -396,6 +419,7 @@ fn render(
     Generated {
         key: user.to_string(),
         payload: serde_json::to_vec(&event).expect("JSON"),
+        time_ms,
     }
 }
 
@@ -409,8 +433,8 @@ impl Iterator for Generator {
     }
 }
 
-fn new_session(rng: &mut Rng) -> Session {
-    let user = format!("user-{:05}", rng.below(USERS) + 1);
+fn new_session(rng: &mut Rng, users: u64) -> Session {
+    let user = format!("user-{:05}", rng.below(users.max(1)) + 1);
     Session {
         id: format!("sess-{:016x}", rng.next_u64()),
         place: rng.below(PLACES.len() as u64) as usize,
@@ -452,6 +476,7 @@ mod tests {
             fraud_every,
             start_ms: 1_705_314_600_000,
             spacing_ms: 10,
+            ..Default::default()
         }
     }
 

@@ -146,6 +146,9 @@ pub fn produce_blocking(
         let mut record = BaseRecord::to(&opts.topic)
             .key(event.key.as_bytes())
             .payload(&event.payload);
+        if opts.generator.event_timestamps {
+            record = record.timestamp(event.time_ms);
+        }
         loop {
             match producer.send(record) {
                 Ok(()) => break,

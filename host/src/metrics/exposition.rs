@@ -181,6 +181,36 @@ fn families(metrics: &Metrics) -> Vec<MetricFamily> {
         "Plugin log lines dropped by limits.log_lines_per_s.",
         |m| &m.log_lines_dropped,
     ));
+    out.push(per_plugin_gauge(
+        plugins,
+        "eddy_plugin_state_keys",
+        "Keys in a plugin's committed state.",
+        |m| m.state_keys.load(Relaxed) as f64,
+    ));
+    out.push(per_plugin_gauge(
+        plugins,
+        "eddy_plugin_state_bytes",
+        "Size of a plugin's committed state (keys + values), what limits.state_mib caps.",
+        |m| m.state_bytes.load(Relaxed) as f64,
+    ));
+    out.push(per_plugin_gauge(
+        plugins,
+        "eddy_plugin_state_limit_bytes",
+        "limits.state_mib, in bytes.",
+        |m| m.state_limit_bytes.load(Relaxed) as f64,
+    ));
+    out.push(per_plugin_gauge(
+        plugins,
+        "eddy_plugin_state_expiring_keys",
+        "Keys of a plugin's state that carry an expiry ([plugin.expire]).",
+        |m| m.state_expiring_keys.load(Relaxed) as f64,
+    ));
+    out.push(per_plugin_counter(
+        plugins,
+        "eddy_plugin_state_keys_expired_total",
+        "State keys deleted because their [plugin.expire] time had passed.",
+        |m| &m.state_keys_expired,
+    ));
     out.push(per_plugin_counter(
         plugins,
         "eddy_ticks_total",

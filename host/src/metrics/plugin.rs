@@ -26,6 +26,15 @@ pub struct PluginMetrics {
     pub ticks: AtomicU64,
     /// Plugin log lines dropped by `limits.log_lines_per_s`.
     pub log_lines_dropped: AtomicU64,
+    /// The committed state: keys, bytes (keys + values, what `limits.state_mib` caps), and
+    /// how many keys carry an expiry; set after each commit.
+    pub state_keys: AtomicI64,
+    pub state_bytes: AtomicI64,
+    pub state_expiring_keys: AtomicI64,
+    /// `limits.state_mib` in bytes.
+    pub state_limit_bytes: AtomicI64,
+    /// State keys deleted by `[plugin.expire]`.
+    pub state_keys_expired: AtomicU64,
     /// Events consumed but not yet handled, summed over the plugin's partitions (-1: unknown).
     pub consumer_lag: AtomicI64,
     /// 1 while the plugin is loaded and consuming.

@@ -60,6 +60,18 @@ impl Worker {
         }
     }
 
+    /// Sets the state gauges from the committed state and counts the keys that expired.
+    fn count_state(&mut self) {
+        let expired = self.sandbox().take_expired_keys();
+        let state = self.sandbox().state();
+        let (keys, bytes, expiring) = (state.len(), state.bytes(), state.expiring_keys());
+        let m = &self.metrics;
+        m.state_keys.store(keys as i64, Relaxed);
+        m.state_bytes.store(bytes as i64, Relaxed);
+        m.state_expiring_keys.store(expiring as i64, Relaxed);
+        m.state_keys_expired.fetch_add(expired, Relaxed);
+    }
+
     /// Commits the batch's state with `offsets` (one transaction when state is durable), on
     /// the disk at once if `sync` or if the last sync is `commit_interval` old, else with a
     /// later sync (see [`Durability`]). Returns the offsets that are on the disk now (this
@@ -99,6 +111,7 @@ impl Worker {
             match result {
                 Ok(()) => {
                     self.metrics.observe_commit(started.elapsed());
+                    self.count_state();
                     if let Some(saved) = &self.saved {
                         saved
                             .lock()

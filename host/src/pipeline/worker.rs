@@ -106,6 +106,15 @@ impl Worker {
     ) -> Worker {
         metrics.set_version(version_of(sandbox.program()));
         metrics.set_breaker(BreakerState::Closed);
+        let loaded = sandbox.state();
+        metrics.state_keys.store(loaded.len() as i64, Relaxed);
+        metrics.state_bytes.store(loaded.bytes() as i64, Relaxed);
+        metrics
+            .state_expiring_keys
+            .store(loaded.expiring_keys() as i64, Relaxed);
+        metrics
+            .state_limit_bytes
+            .store((plugin.limits.state_mib << 20) as i64, Relaxed);
         let plugin_breaker = plugin.breaker.clone();
         let saved = sandbox
             .state()
@@ -326,6 +335,9 @@ impl Worker {
                 // A new version or config deserves a fresh start, not the old one's pause.
                 self.breaker = Breaker::new(plugin.breaker.clone());
                 self.metrics.set_breaker(BreakerState::Closed);
+                self.metrics
+                    .state_limit_bytes
+                    .store((plugin.limits.state_mib << 20) as i64, Relaxed);
                 self.plugin = plugin;
                 let version = version_of(self.sandbox().program());
                 self.metrics.set_version(version);

@@ -14,10 +14,18 @@
 //! Reads are served from memory (the committed map mirrors the file), so they never wait on
 //! disk; `limits.state_mib` bounds that memory.
 //!
+//! Expiry (`[plugin.expire]`): a key written under a prefix with a rule gets an expiry time
+//! (its clock's "now" at the commit plus the rule's duration), kept with it in the store.
+//! Each commit first reads the clock (event time: the latest record timestamp of the batches
+//! so far; or the wall clock), then deletes every key whose time has passed as part of the
+//! same batch (so the deletions reach the file in the same transaction as the offsets), then
+//! sets the expiry of the keys the batch wrote. A rewrite pushes a key's expiry back.
+//!
 //! Keeping state here (not in the instance's memory) is what lets the host throw an instance
 //! away after a trap, or swap it for a new version, without losing anything.
 
-use super::{Change, Durability, DurableStore, Offsets, StoreError};
+use super::{Change, Durability, DurableStore, ExpireClock, ExpireRule, Offsets, StoreError};
+use crate::state::store::META_EVENT_TIME;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The longest key a plugin may use.
@@ -58,6 +66,17 @@ pub struct PluginState {
     unsynced: BTreeSet<String>,
     unsynced_offsets: Offsets,
     unsynced_meta: BTreeMap<String, String>,
+    /// Expiry: the rules (longest prefix first) and their clock.
+    rules: Vec<ExpireRule>,
+    clock: ExpireClock,
+    /// When each expiring committed key expires, and the same ordered by time.
+    expires: BTreeMap<String, i64>,
+    due: BTreeSet<(i64, String)>,
+    /// The latest event time of the committed batches, and of the batch in progress.
+    event_time: i64,
+    batch_event_time: i64,
+    /// Keys expired since the last [`PluginState::take_expired`].
+    expired_uncounted: u64,
 }
 
 /// An overlay's entries as the store takes them.
@@ -85,6 +104,13 @@ impl PluginState {
             unsynced: BTreeSet::new(),
             unsynced_offsets: Offsets::new(),
             unsynced_meta: BTreeMap::new(),
+            rules: Vec::new(),
+            clock: ExpireClock::default(),
+            expires: BTreeMap::new(),
+            due: BTreeSet::new(),
+            event_time: i64::MIN,
+            batch_event_time: i64::MIN,
+            expired_uncounted: 0,
         }
     }
 
@@ -102,8 +128,109 @@ impl PluginState {
             .sum();
         state.committed = snapshot.state;
         state.offsets = snapshot.offsets;
+        state.due = snapshot
+            .expires
+            .iter()
+            .map(|(k, at)| (*at, k.clone()))
+            .collect();
+        state.expires = snapshot.expires;
+        if let Some(t) = snapshot.meta.get(META_EVENT_TIME) {
+            state.event_time = t.parse().unwrap_or(i64::MIN);
+        }
         state.store = Some(Box::new(store));
         Ok(state)
+    }
+
+    /// Sets the `[plugin.expire]` rules (at load and on every swap). Keys written before keep
+    /// the expiry they had until they are written again.
+    pub fn set_expiry(&mut self, clock: ExpireClock, rules: Vec<ExpireRule>) {
+        self.clock = clock;
+        self.rules = rules;
+    }
+
+    /// A new `limits.state_mib` (a swap): later writes are held to it; what is there stays.
+    pub fn set_cap(&mut self, cap_bytes: u64) {
+        self.cap_bytes = cap_bytes as i64;
+    }
+
+    /// Notes the latest record timestamp of a call's events: the event clock.
+    pub fn saw_event_time(&mut self, timestamp_ms: i64) {
+        self.batch_event_time = self.batch_event_time.max(timestamp_ms);
+    }
+
+    /// Keys deleted by expiry since the last call of this.
+    pub fn take_expired(&mut self) -> u64 {
+        std::mem::take(&mut self.expired_uncounted)
+    }
+
+    /// How many committed keys carry an expiry.
+    pub fn expiring_keys(&self) -> usize {
+        self.expires.len()
+    }
+
+    /// The expiry clock's reading for the commit in progress.
+    fn clock_now(&self) -> i64 {
+        match self.clock {
+            ExpireClock::Event => self.event_time.max(self.batch_event_time),
+            ExpireClock::Host => crate::clock::now_ms(),
+        }
+    }
+
+    /// When `key`, written now, expires under the rules.
+    fn expiry_for(&self, key: &str, now: i64) -> Option<i64> {
+        self.rules
+            .iter()
+            .find(|r| key.starts_with(r.prefix.as_str()))
+            .map(|r| now.saturating_add(r.after_ms))
+    }
+
+    /// Turns every committed key whose time has passed into a deletion of the batch (unless
+    /// the batch wrote it again), then works out the expiry of each key the batch touches:
+    /// the keys whose expiry changes, with their new one. Changes nothing else, so a commit
+    /// that fails can run it again.
+    fn expire_and_schedule(&mut self, now: i64) -> Vec<(String, Option<i64>)> {
+        if self.rules.is_empty() && self.expires.is_empty() {
+            return Vec::new();
+        }
+        let passed: Vec<String> = self
+            .due
+            .iter()
+            .take_while(|(at, _)| *at <= now)
+            .map(|(_, key)| key.clone())
+            .filter(|key| !self.batch.contains_key(key))
+            .collect();
+        for key in passed {
+            self.batch_delta -= entry_size(&key, self.committed.get(&key));
+            self.batch.insert(key, None);
+        }
+        let mut changed = Vec::new();
+        for (key, value) in &self.batch {
+            let new = value.as_ref().and_then(|_| self.expiry_for(key, now));
+            if self.expires.get(key).copied() != new {
+                changed.push((key.clone(), new));
+            }
+        }
+        changed
+    }
+
+    /// Applies expiry changes to memory once they are committed, counting the keys that went
+    /// because their time had passed.
+    fn apply_expiries(&mut self, changed: Vec<(String, Option<i64>)>, now: i64) {
+        for (key, at) in changed {
+            let old = match at {
+                Some(at) => {
+                    self.due.insert((at, key.clone()));
+                    self.expires.insert(key.clone(), at)
+                }
+                None => self.expires.remove(&key),
+            };
+            if let Some(old) = old {
+                self.due.remove(&(old, key));
+                if at.is_none() && old <= now {
+                    self.expired_uncounted += 1;
+                }
+            }
+        }
     }
 
     pub fn is_durable(&self) -> bool {
@@ -248,10 +375,22 @@ impl PluginState {
         durability: Durability,
     ) -> Result<(), StoreError> {
         self.end_call(true);
+        let now = self.clock_now();
+        let changed = self.expire_and_schedule(now);
+        let event_time = now.to_string();
+        let mut meta = meta.to_vec();
+        if !self.rules.is_empty()
+            && self.clock == ExpireClock::Event
+            && self.batch_event_time > self.event_time
+        {
+            meta.push((META_EVENT_TIME, &event_time));
+        }
+        let meta = meta.as_slice();
         if let Some(store) = &self.store {
             match durability {
                 Durability::Deferred => {
-                    // Only the keys: their values are in `committed` when the sync comes.
+                    // Only the keys: their values (and expiries) are in memory when the
+                    // sync comes.
                     self.unsynced.extend(self.batch.keys().cloned());
                     self.unsynced_offsets
                         .extend(offsets.iter().map(|(k, v)| (k.clone(), *v)));
@@ -262,7 +401,8 @@ impl PluginState {
                     if self.unsynced_offsets.is_empty() && self.unsynced.is_empty() =>
                 {
                     if !self.batch.is_empty() || !offsets.is_empty() {
-                        store.commit(&mut changes(&self.batch), offsets, meta)?;
+                        let mut expiries = changed.iter().map(|(k, at)| (k.as_str(), *at));
+                        store.commit(&mut changes(&self.batch), &mut expiries, offsets, meta)?;
                     }
                 }
                 Durability::Immediate => {
@@ -275,6 +415,26 @@ impl PluginState {
                         .filter(|k| !batch.contains_key(*k))
                         .map(|k| (k.as_str(), committed.get(k).map(Vec::as_slice)));
                     let mut all_changes = earlier.chain(changes(batch));
+                    // Every key of both with its expiry as it will be: the file has none
+                    // of the deferred commits' expiries yet.
+                    let expiry_in_use = !self.rules.is_empty() || !self.expires.is_empty();
+                    let new_expiry: BTreeMap<&str, Option<i64>> =
+                        changed.iter().map(|(k, at)| (k.as_str(), *at)).collect();
+                    let expires = &self.expires;
+                    let mut all_expiries = self
+                        .unsynced
+                        .iter()
+                        .filter(|k| !batch.contains_key(*k))
+                        .map(|k| k.as_str())
+                        .chain(batch.keys().map(String::as_str))
+                        .filter(|_| expiry_in_use)
+                        .map(|k| {
+                            let at = match new_expiry.get(k) {
+                                Some(at) => *at,
+                                None => expires.get(k).copied(),
+                            };
+                            (k, at)
+                        });
                     let mut all_offsets = self.unsynced_offsets.clone();
                     all_offsets.extend(offsets.iter().map(|(k, v)| (k.clone(), *v)));
                     let mut all_meta = self.unsynced_meta.clone();
@@ -283,7 +443,7 @@ impl PluginState {
                         .iter()
                         .map(|(k, v)| (k.as_str(), v.as_str()))
                         .collect();
-                    store.commit(&mut all_changes, &all_offsets, &all_meta)?;
+                    store.commit(&mut all_changes, &mut all_expiries, &all_offsets, &all_meta)?;
                     drop(all_changes);
                     self.unsynced.clear();
                     self.unsynced_offsets.clear();
@@ -301,6 +461,9 @@ impl PluginState {
                 }
             }
         }
+        self.apply_expiries(changed, now);
+        self.event_time = self.event_time.max(self.batch_event_time);
+        self.batch_event_time = i64::MIN;
         self.committed_bytes += std::mem::take(&mut self.batch_delta);
         self.offsets
             .extend(offsets.iter().map(|(k, v)| (k.clone(), *v)));
@@ -309,6 +472,7 @@ impl PluginState {
 
     /// Forgets the batch's changes (and the call's).
     pub fn abort_batch(&mut self) {
+        self.batch_event_time = i64::MIN;
         self.call.clear();
         self.batch.clear();
         self.call_delta = 0;
@@ -332,7 +496,7 @@ impl PluginState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::StateStore;
+    use crate::state::{ExpiryChange, StateStore};
 
     fn kv(k: &str, v: &str) -> (String, Vec<u8>) {
         (k.to_string(), v.as_bytes().to_vec())
@@ -453,6 +617,117 @@ mod tests {
         assert_eq!(s.bytes(), 2);
     }
 
+    fn rules(rules: &[(&str, i64)]) -> Vec<ExpireRule> {
+        let mut expire = crate::config::Expire::default();
+        for (prefix, secs) in rules {
+            expire.after.insert(prefix.to_string(), format!("{secs}s"));
+        }
+        expire.rules().unwrap()
+    }
+
+    /// One batch whose latest event is at `t` seconds, writing `writes`.
+    fn batch_at(s: &mut PluginState, t: i64, writes: &[(&str, &str)], durability: Durability) {
+        s.saw_event_time(t * 1000);
+        s.set_many(writes.iter().map(|(k, v)| kv(k, v)).collect())
+            .unwrap();
+        s.commit_batch(&Offsets::new(), &[], durability).unwrap();
+    }
+
+    #[test]
+    fn keys_expire_by_event_time_after_their_last_write() {
+        let mut s = state();
+        s.set_expiry(
+            ExpireClock::Event,
+            rules(&[("recent:", 60), ("recent:vip:", 600)]),
+        );
+        batch_at(
+            &mut s,
+            1_000,
+            &[("recent:a", "1"), ("recent:vip:b", "1"), ("total", "1")],
+            Durability::Immediate,
+        );
+        assert_eq!(s.expiring_keys(), 2, "`total` is under no rule");
+        // 59 s later: nothing is due; `recent:a` is written again, which pushes it back.
+        batch_at(&mut s, 1_059, &[("recent:a", "2")], Durability::Immediate);
+        // 61 s after the first write, 2 s after the second: still there.
+        batch_at(&mut s, 1_061, &[], Durability::Immediate);
+        assert_eq!(s.get("recent:a"), Some(b"2".to_vec()));
+        assert_eq!(s.take_expired(), 0);
+        // 60 s after its last write it goes, with the batch that brought the time past it.
+        batch_at(&mut s, 1_119, &[("other", "x")], Durability::Immediate);
+        assert_eq!(s.get("recent:a"), None);
+        assert_eq!(s.take_expired(), 1);
+        // The longest prefix decides: `recent:vip:b` lives 600 s.
+        assert_eq!(s.get("recent:vip:b"), Some(b"1".to_vec()));
+        // Time does not run backwards: a late event does not bring the clock back.
+        batch_at(&mut s, 900, &[], Durability::Immediate);
+        batch_at(&mut s, 1_600, &[], Durability::Immediate);
+        assert_eq!(s.get("recent:vip:b"), None);
+        assert_eq!((s.len(), s.expiring_keys(), s.take_expired()), (2, 0, 1));
+        assert_eq!(s.bytes(), 6 + 6, "total=1 and other=x");
+    }
+
+    #[test]
+    fn expiry_survives_a_restart_with_deferred_commits_and_frees_the_quota() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = crate::state::path_for(dir.path(), "p");
+        let open = || {
+            let mut s = PluginState::durable(StateStore::open(&path, "p").unwrap(), 40).unwrap();
+            s.set_expiry(ExpireClock::Event, rules(&[("u:", 10)]));
+            s
+        };
+        let mut s = open();
+        batch_at(&mut s, 100, &[("u:1", "aaaaaaaa")], Durability::Deferred);
+        batch_at(&mut s, 105, &[("u:2", "bbbbbbbb")], Durability::Deferred);
+        batch_at(&mut s, 106, &[("keep", "1")], Durability::Immediate);
+        drop(s);
+        let mut s = open();
+        assert_eq!((s.len(), s.expiring_keys()), (3, 2));
+        // The quota (40 bytes) is full: u:1 and u:2 take 22 bytes, keep 5.
+        let err = s.set_many(vec![kv("u:3", &"c".repeat(20))]).unwrap_err();
+        assert!(matches!(err, StateError::QuotaExceeded(_)));
+        s.end_call(false);
+        // The event clock was saved: at 111 s, u:1 (written at 100 s) is gone, u:2 is not.
+        batch_at(&mut s, 111, &[], Durability::Immediate);
+        assert_eq!((s.get("u:1"), s.get("u:2").is_some()), (None, true));
+        batch_at(
+            &mut s,
+            115,
+            &[("u:3", &"c".repeat(20))],
+            Durability::Immediate,
+        );
+        drop(s);
+        let s = open();
+        assert_eq!(s.get("u:2"), None);
+        assert_eq!(s.len(), 2, "keep and u:3");
+        assert_eq!(s.expiring_keys(), 1);
+    }
+
+    #[test]
+    fn a_failed_commit_keeps_keys_due_and_the_retry_expires_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = crate::state::path_for(dir.path(), "p");
+        let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let store = Flaky {
+            store: StateStore::open(&path, "p").unwrap(),
+            failing: failing.clone(),
+        };
+        let mut s = PluginState::durable(store, 1 << 20).unwrap();
+        s.set_expiry(ExpireClock::Event, rules(&[("u:", 10)]));
+        batch_at(&mut s, 100, &[("u:1", "x")], Durability::Immediate);
+        failing.store(true, std::sync::atomic::Ordering::Relaxed);
+        s.saw_event_time(200_000);
+        assert!(
+            s.commit_batch(&Offsets::new(), &[], Durability::Immediate)
+                .is_err()
+        );
+        s.abort_batch();
+        assert_eq!(s.get("u:1"), Some(b"x".to_vec()), "nothing changed");
+        failing.store(false, std::sync::atomic::Ordering::Relaxed);
+        batch_at(&mut s, 200, &[], Durability::Immediate);
+        assert_eq!((s.get("u:1"), s.take_expired()), (None, 1));
+    }
+
     /// A [`StateStore`] whose commits fail while `failing` is set.
     #[derive(Debug)]
     struct Flaky {
@@ -467,6 +742,7 @@ mod tests {
         fn commit(
             &self,
             changes: &mut dyn Iterator<Item = Change<'_>>,
+            expiries: &mut dyn Iterator<Item = ExpiryChange<'_>>,
             offsets: &Offsets,
             meta: &[(&str, &str)],
         ) -> Result<(), StoreError> {
@@ -475,7 +751,7 @@ mod tests {
                     path: self.path().to_path_buf(),
                 });
             }
-            self.store.commit(changes, offsets, meta)
+            self.store.commit(changes, expiries, offsets, meta)
         }
         fn path(&self) -> &std::path::Path {
             self.store.path()

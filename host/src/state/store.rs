@@ -27,13 +27,19 @@ const STATE: TableDefinition<&str, &[u8]> = TableDefinition::new("state");
 /// (topic, partition) → the next offset to consume.
 const OFFSETS: TableDefinition<(&str, i32), i64> = TableDefinition::new("offsets");
 const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+/// Key → when it expires (milliseconds on the plugin's `[plugin.expire]` clock), for the
+/// keys that do.
+const EXPIRES: TableDefinition<&str, i64> = TableDefinition::new("expires");
 
 /// The Kafka cluster the offsets refer to.
 pub const META_CLUSTER: &str = "kafka.cluster_id";
 /// The plugin version (content digest) that last committed.
 pub const META_WRITER: &str = "plugin.digest";
+/// The latest event time (Kafka record timestamp, ms) the committed state has seen: the
+/// event clock of `[plugin.expire]`.
+pub const META_EVENT_TIME: &str = "state.event_time_ms";
 
-use super::{Change, DurableStore, Offsets};
+use super::{Change, DurableStore, ExpiryChange, Offsets};
 use crate::kafka::ClusterView;
 use crate::kafka::cluster::EMBEDDED_PREFIX;
 
@@ -65,6 +71,8 @@ pub enum StoreError {
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Snapshot {
     pub state: BTreeMap<String, Vec<u8>>,
+    /// When each expiring key expires.
+    pub expires: BTreeMap<String, i64>,
     pub offsets: Offsets,
     pub meta: BTreeMap<String, String>,
 }
@@ -107,6 +115,7 @@ impl StateStore {
             txn.open_table(STATE)?;
             txn.open_table(OFFSETS)?;
             txn.open_table(META)?;
+            txn.open_table(EXPIRES)?;
             Ok(())
         })?;
         Ok(store)
@@ -124,11 +133,13 @@ impl StateStore {
         })
     }
 
-    /// Applies a batch in one atomic transaction: the state changes (`None` deletes) and the
-    /// offsets the batch advanced, plus metadata; on disk when it returns.
+    /// Applies a batch in one atomic transaction: the state changes (`None` deletes), the
+    /// expiries that changed, and the offsets the batch advanced, plus metadata; on disk
+    /// when it returns.
     pub fn commit(
         &self,
         changes: &mut dyn Iterator<Item = Change<'_>>,
+        expiries: &mut dyn Iterator<Item = ExpiryChange<'_>>,
         offsets: &Offsets,
         meta: &[(&str, &str)],
     ) -> Result<(), StoreError> {
@@ -138,6 +149,13 @@ impl StateStore {
                 match v {
                     Some(v) => state.insert(k, v)?,
                     None => state.remove(k)?,
+                };
+            }
+            let mut expires = txn.open_table(EXPIRES)?;
+            for (k, at) in expiries {
+                match at {
+                    Some(at) => expires.insert(k, at)?,
+                    None => expires.remove(k)?,
                 };
             }
             let mut table = txn.open_table(OFFSETS)?;
@@ -170,9 +188,11 @@ impl StateStore {
             txn.delete_table(STATE)?;
             txn.delete_table(OFFSETS)?;
             txn.delete_table(META)?;
+            txn.delete_table(EXPIRES)?;
             txn.open_table(STATE)?;
             txn.open_table(OFFSETS)?;
             txn.open_table(META)?;
+            txn.open_table(EXPIRES)?;
             Ok(())
         })
     }
@@ -238,6 +258,17 @@ fn read_snapshot(db: &impl ReadableDatabase) -> Result<Snapshot, redb::Error> {
         snap.meta
             .insert(k.value().to_string(), v.value().to_string());
     }
+    // A file written before expiry existed has no such table.
+    match txn.open_table(EXPIRES) {
+        Ok(table) => {
+            for entry in table.iter()? {
+                let (k, v) = entry?;
+                snap.expires.insert(k.value().to_string(), v.value());
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
     Ok(snap)
 }
 
@@ -285,10 +316,11 @@ impl DurableStore for StateStore {
     fn commit(
         &self,
         changes: &mut dyn Iterator<Item = Change<'_>>,
+        expiries: &mut dyn Iterator<Item = ExpiryChange<'_>>,
         offsets: &Offsets,
         meta: &[(&str, &str)],
     ) -> Result<(), StoreError> {
-        StateStore::commit(self, changes, offsets, meta)
+        StateStore::commit(self, changes, expiries, offsets, meta)
     }
 
     fn path(&self) -> &Path {
@@ -344,6 +376,7 @@ pub fn open_checked(
     if let Some(id) = &cluster.id {
         store.commit(
             &mut std::iter::empty(),
+            &mut std::iter::empty(),
             &Offsets::new(),
             &[(META_CLUSTER, id)],
         )?;
@@ -365,15 +398,26 @@ mod tests {
             let offsets = [(("t".to_string(), 0), 10), (("t".to_string(), 3), 7)]
                 .into_iter()
                 .collect();
-            s.commit(&mut changes, &offsets, &[(META_CLUSTER, "c1")])
-                .unwrap();
+            let mut expiries = [("b", Some(5_000))].into_iter();
+            s.commit(
+                &mut changes,
+                &mut expiries,
+                &offsets,
+                &[(META_CLUSTER, "c1")],
+            )
+            .unwrap();
             let mut changes = [("a", None), ("c", Some(&b"3"[..]))].into_iter();
+            let mut expiries = [("c", Some(9_000))].into_iter();
             let offsets = [(("t".to_string(), 0), 12)].into_iter().collect();
-            s.commit(&mut changes, &offsets, &[]).unwrap();
+            s.commit(&mut changes, &mut expiries, &offsets, &[])
+                .unwrap();
         }
         let s = StateStore::open(&path, "p").unwrap();
         let snap = s.load().unwrap();
         assert_eq!(snap.state.keys().collect::<Vec<_>>(), ["b", "c"]);
+        let expires: Vec<(&str, i64)> =
+            snap.expires.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        assert_eq!(expires, [("b", 5_000), ("c", 9_000)]);
         assert_eq!(snap.offsets[&("t".to_string(), 0)], 12);
         assert_eq!(snap.offsets[&("t".to_string(), 3)], 7);
         assert_eq!(snap.meta[META_CLUSTER], "c1");

@@ -120,6 +120,7 @@ fn empty_plugin() -> crate::config::PluginConfig {
         dead_letter_topic: None,
         limits: Limits::default(),
         breaker: Default::default(),
+        expire: Default::default(),
         outputs: Default::default(),
         config: Default::default(),
     }

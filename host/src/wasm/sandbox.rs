@@ -30,6 +30,7 @@ struct Previous {
     program: Arc<Program>,
     config_json: String,
     limits: Limits,
+    expire: crate::config::Expire,
     output_names: Arc<BTreeSet<String>>,
 }
 
@@ -41,6 +42,8 @@ pub struct Sandbox {
     linked: Option<Linked>,
     config_json: String,
     limits: Limits,
+    /// `[plugin.expire]` as in force (to go back to after a failed swap).
+    expire: crate::config::Expire,
     /// The guest's stderr (a panic message lands here).
     stderr: MemoryOutputPipe,
     previous: Option<Previous>,
@@ -91,6 +94,7 @@ impl Sandbox {
             linked: Some(linked),
             config_json: plugin.config_json(),
             limits: plugin.limits.clone(),
+            expire: plugin.expire.clone(),
             stderr,
             previous: None,
             probation_left: 0,
@@ -126,12 +130,14 @@ impl Sandbox {
             program: self.program.clone(),
             config_json: std::mem::replace(&mut self.config_json, plugin.config_json()),
             limits: std::mem::replace(&mut self.limits, plugin.limits.clone()),
+            expire: std::mem::replace(&mut self.expire, plugin.expire.clone()),
             output_names: std::mem::replace(
                 &mut self.store.data_mut().host.output_names,
                 Arc::new(plugin.outputs.keys().cloned().collect()),
             ),
         };
         self.store.data_mut().host.set_limits(&plugin.limits);
+        self.store.data_mut().host.set_expiry(&plugin.expire);
         let from_digest = self.program.digest.clone();
         let version_changed = program.digest != from_digest;
         let result = self.replace_instance(program.clone()).and_then(|()| {
@@ -172,9 +178,11 @@ impl Sandbox {
     fn restore(&mut self, previous: Previous) {
         self.config_json = previous.config_json;
         self.limits = previous.limits;
+        self.expire = previous.expire;
         let host = &mut self.store.data_mut().host;
         host.output_names = previous.output_names;
         host.set_limits(&self.limits);
+        host.set_expiry(&self.expire);
         if let Err(e) = self.replace_instance(previous.program) {
             tracing::error!(path = %self.program.path.display(), "cannot restore the previous version: {e}");
         }
@@ -249,7 +257,11 @@ impl Sandbox {
         }
         let linked = self.linked.as_ref().ok_or_else(not_linked)?;
         self.store.set_epoch_deadline(deadline_ticks(&self.limits));
-        self.store.data_mut().host.begin_call();
+        let host = &mut self.store.data_mut().host;
+        host.begin_call();
+        if let Some(latest) = events.iter().filter_map(|e| e.timestamp_ms).max() {
+            host.state.saw_event_time(latest);
+        }
         pack(&mut self.packed, events);
         match linked.plugin.call_on_batch(&mut self.store, &self.packed) {
             Ok(verdicts)
@@ -293,6 +305,11 @@ impl Sandbox {
             }
             Err(e) => Err(self.fail(&e)),
         }
+    }
+
+    /// State keys deleted by `[plugin.expire]` since the last call of this.
+    pub fn take_expired_keys(&mut self) -> u64 {
+        self.store.data_mut().host.state.take_expired()
     }
 
     /// Plugin log lines dropped by `limits.log_lines_per_s` since the last call of this.

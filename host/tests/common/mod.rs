@@ -97,6 +97,7 @@ pub fn generator_options(seed: u64, fraud_every: u64) -> GeneratorOptions {
         fraud_every,
         start_ms: 1_705_314_600_000,
         spacing_ms: 250,
+        ..Default::default()
     }
 }
 

@@ -35,7 +35,9 @@ pub struct HostState {
 }
 
 impl HostState {
-    pub fn new(plugin: &PluginConfig, state: PluginState) -> HostState {
+    pub fn new(plugin: &PluginConfig, mut state: PluginState) -> HostState {
+        let rules = plugin.expire.rules().unwrap_or_default();
+        state.set_expiry(plugin.expire.clock, rules);
         HostState {
             plugin: plugin.name.as_str().into(),
             state,
@@ -60,6 +62,16 @@ impl HostState {
     pub(crate) fn set_limits(&mut self, limits: &Limits) {
         self.output_budget = OutputBudget::new(limits);
         self.log_budget.set_rate(limits.log_lines_per_s);
+        self.state.set_cap(limits.state_mib << 20);
+    }
+}
+
+impl HostState {
+    /// New `[plugin.expire]` rules (a swap, or going back after one). Checked when
+    /// `plugins.toml` was read.
+    pub(crate) fn set_expiry(&mut self, expire: &crate::config::Expire) {
+        let rules = expire.rules().unwrap_or_default();
+        self.state.set_expiry(expire.clock, rules);
     }
 }
 
