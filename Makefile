@@ -6,7 +6,7 @@
 PLUGINS := eddy-logger eddy-analytics eddy-alert eddy-fraud eddy-fixture-misbehave eddy-fixture-wrong-world eddy-fixture-old-contract eddy-fixture-noop eddy-fixture-echo
 CARGO ?= cargo
 
-.PHONY: run test tansu promtool plugins target check lint bench-reload bench-state bench-throughput bench-dispatch bench-plugins bench-memory bench-peer bench-isolation fuzz
+.PHONY: run test tansu promtool plugins target check lint bench-reload bench-state bench-throughput bench-dispatch bench-plugins bench-memory bench-peer bench-isolation soak fuzz
 
 run: plugins
 	$(CARGO) run --release -p eddy -- run --config plugins.toml
@@ -89,6 +89,11 @@ bench-isolation: plugins
 # Resident memory of the host with the four plugins, and per additional plugin.
 bench-memory: plugins
 	$(CARGO) bench -p eddy --bench memory
+
+# Millions of distinct users through the shipped plugins.toml, hours of event time in minutes:
+# state size and resident memory sampled every 15 s must level off (EDDY_SOAK_SECONDS, 240).
+soak: plugins
+	$(CARGO) bench -p eddy --bench soak
 
 # Fuzz the event decoding (SDK parser + the four plugins) and plugins.toml parsing for
 # FUZZ_SECONDS each, from the seeds (corpus/malformed/, fuzz/seeds/, the plugins.toml files).

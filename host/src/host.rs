@@ -159,6 +159,7 @@ impl Host {
                         |ms| ms.min(i64::MAX as u64) as i64,
                     ),
                     users: config.generator.users,
+                    session_events: config.generator.session_events,
                     event_timestamps: config.generator.event_timestamps,
                 },
             };

@@ -101,6 +101,9 @@ enum Command {
         /// How many distinct users the events come from.
         #[arg(long, default_value_t = eddy::generator::DEFAULT_USERS)]
         users: u64,
+        /// Mean events of a user's session.
+        #[arg(long, default_value_t = eddy::generator::DEFAULT_SESSION_EVENTS)]
+        session_events: u64,
         /// Event time between consecutive events in milliseconds (default: 1000 / rate).
         #[arg(long)]
         spacing_ms: Option<i64>,
@@ -227,6 +230,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             fraud_every,
             start_ms,
             users,
+            session_events,
             spacing_ms,
             event_timestamps,
             settings,
@@ -254,6 +258,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         1
                     }),
                     users,
+                    session_events,
                     event_timestamps,
                 },
             };

@@ -9,6 +9,7 @@ mod common;
 use common::*;
 use eddy::Host;
 use eddy::metrics::{DeadLetterReason, Outcome, TrapKind};
+use rdkafka::Message;
 use std::sync::atomic::Ordering::Relaxed;
 
 const PARTITIONS: i32 = 2;
@@ -58,6 +59,17 @@ async fn start(
     mode: &str,
     settings: &str,
 ) -> Running {
+    start_with(records, name, mode, settings, "").await
+}
+
+/// [`start`], with `client_settings` (TOML lines) added to the host's `[kafka.settings]`.
+async fn start_with(
+    records: &[(Option<Vec<u8>>, Vec<u8>)],
+    name: &str,
+    mode: &str,
+    settings: &str,
+    client_settings: &str,
+) -> Running {
     init_logs();
     let broker = broker(PARTITIONS);
     let bootstrap = broker.bootstrap_servers().to_string();
@@ -66,7 +78,12 @@ async fn start(
         "[[plugin]]\nname = \"{name}\"\npath = \"{}\"\n{settings}\n[plugin.outputs]\nout = {{ topic = \"{name}-out\" }}\n[plugin.config]\nmode = \"{mode}\"\nmarker = \"MARK\"\n",
         wasm("eddy_fixture_misbehave")
     );
-    let config = config(&config_text(&bootstrap, PARTITIONS, &entry));
+    let text = config_text(&bootstrap, PARTITIONS, &entry).replacen(
+        "[kafka.settings]\n",
+        &format!("[kafka.settings]\n{client_settings}\n"),
+        1,
+    );
+    let config = config(&text);
     let host = Host::start(config.clone()).await.expect("host starts");
     let plugin = host.metrics().plugin(name);
     Running {
@@ -473,4 +490,78 @@ async fn keys_expire_by_event_time_and_the_state_stays_bounded() {
         (users + journeys) as i64
     );
     assert_eq!(snap.expires.len(), users + journeys);
+}
+
+/// Item 5: what can never be delivered is dead-lettered, never a wedge. The host's producer
+/// takes at most 100,000 bytes a record; the plugin emits a 120 KB record for each marked
+/// event and dead-letters the event, one of which is itself 150 KB. Before, delivery retried
+/// the refused record until shutdown and the plugin never committed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_that_can_never_be_delivered_are_dead_lettered_not_retried_forever() {
+    let mut records = records_with_marks(200, 1);
+    let big = format!(
+        r#"{{"user_id":"big","event_type":"click","note":"MARK","pad":"{}"}}"#,
+        "p".repeat(150_000)
+    );
+    records.push((Some(b"big".to_vec()), big.into_bytes()));
+    let Running {
+        broker: _broker,
+        bootstrap,
+        host,
+        plugin: m,
+        ..
+    } = start_with(
+        &records,
+        "oversize",
+        "oversize",
+        "",
+        "\"message.max.bytes\" = \"100000\"",
+    )
+    .await;
+    wait_all_handled(&m, records.len() as u64).await;
+    // Committed to the end: nothing wedged.
+    wait_settled(&bootstrap, &["oversize"], PARTITIONS, records.len() as u64).await;
+    assert_eq!(m.events(Outcome::Ok), 200);
+    assert_eq!(m.events(Outcome::DeadLetter), 2);
+    assert_eq!(
+        m.outputs_undeliverable.load(Relaxed),
+        2,
+        "both 120 KB records"
+    );
+    // The big event's dead letter and both records' (each over 100,000 bytes) go without
+    // their payload; the small marked event's goes whole.
+    assert_eq!(m.dead_letters_without_payload.load(Relaxed), 3);
+    assert_eq!(m.dead_letters_lost.load(Relaxed), 0);
+    host.stop().await.expect("clean stop");
+    let dlq = read_topic(&bootstrap, "oversize-dlq", 4);
+    assert_eq!(dlq.len(), 4, "two events and two output records");
+    let (outputs, events): (Vec<_>, Vec<_>) =
+        dlq.iter().partition(|d| header(d, "eddy.output").is_some());
+    for d in &outputs {
+        assert_eq!(header(d, "eddy.output").as_deref(), Some("out"));
+        let reason = header(d, "eddy.reason").unwrap();
+        assert!(
+            reason.contains("output `out` cannot be delivered"),
+            "{reason}"
+        );
+        assert!(reason.to_lowercase().contains("too large"), "{reason}");
+        let dropped = header(d, "eddy.payload.dropped").expect("stripped");
+        assert!(dropped.contains("120000 bytes of payload"), "{dropped}");
+        assert!(d.payload().is_none_or(|p| p.is_empty()));
+    }
+    let whole: Vec<_> = events
+        .iter()
+        .filter(|d| header(d, "eddy.payload.dropped").is_none())
+        .collect();
+    assert_eq!(whole.len(), 1, "the small event's dead letter is whole");
+    assert!(whole[0].payload().unwrap().windows(4).any(|w| w == b"MARK"));
+    let stripped = events
+        .iter()
+        .find(|d| header(d, "eddy.payload.dropped").is_some())
+        .expect("the big event's dead letter");
+    assert_eq!(
+        header(stripped, "eddy.reason").as_deref(),
+        Some("marked: over the size")
+    );
+    assert!(header(stripped, "eddy.source.offset").is_some());
 }

@@ -152,6 +152,9 @@ pub struct GeneratorConfig {
     /// How many distinct users the traffic comes from.
     #[serde(default = "default_users")]
     pub users: u64,
+    /// Mean events of a user's session (then another user's session starts).
+    #[serde(default = "default_session_events")]
+    pub session_events: u64,
     /// Event time between consecutive events, in milliseconds; `1000 / rate` (real time) by
     /// default. Larger, with `event_timestamps`, it simulates hours of traffic in minutes.
     #[serde(default)]
@@ -169,6 +172,7 @@ impl Default for GeneratorConfig {
             seed: default_seed(),
             fraud_every: default_fraud_every(),
             users: default_users(),
+            session_events: default_session_events(),
             spacing_ms: None,
             event_timestamps: false,
         }
@@ -177,6 +181,9 @@ impl Default for GeneratorConfig {
 
 fn default_users() -> u64 {
     5000
+}
+fn default_session_events() -> u64 {
+    30
 }
 
 /// `[state]`: where plugins' state lives.

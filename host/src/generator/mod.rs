@@ -187,6 +187,9 @@ pub struct GeneratorOptions {
     pub spacing_ms: i64,
     /// How many distinct users sessions are drawn from.
     pub users: u64,
+    /// Mean events of a session (a new session, and user, replaces it with a chance of one
+    /// in this many per event).
+    pub session_events: u64,
     /// Give each Kafka record its event's time as its timestamp (else the producer's clock
     /// stamps it). With a `spacing_ms` larger than the real pace, this simulates hours of
     /// traffic in minutes for the plugins' event clock (`[plugin.expire]`); a broker may
@@ -196,6 +199,8 @@ pub struct GeneratorOptions {
 
 /// The users sessions are drawn from unless told otherwise.
 pub const DEFAULT_USERS: u64 = 5000;
+/// Mean events of a session unless told otherwise.
+pub const DEFAULT_SESSION_EVENTS: u64 = 30;
 
 impl Default for GeneratorOptions {
     fn default() -> Self {
@@ -205,6 +210,7 @@ impl Default for GeneratorOptions {
             start_ms: 0,
             spacing_ms: 1,
             users: DEFAULT_USERS,
+            session_events: DEFAULT_SESSION_EVENTS,
             event_timestamps: false,
         }
     }
@@ -264,7 +270,7 @@ impl Generator {
         }
         let rng = &mut self.rng;
         let i = rng.below(self.sessions.len() as u64) as usize;
-        if rng.below(30) == 0 {
+        if rng.below(self.opts.session_events.max(1)) == 0 {
             self.sessions[i] = new_session(rng, self.opts.users);
         }
         let roll = rng.below(100);

@@ -1,5 +1,5 @@
-//! `/healthz`: whether every plugin is consuming with its breaker closed, and whether Kafka
-//! is reachable; per plugin, its state, events handled and lag.
+//! `/healthz`: whether every plugin is consuming with its breaker closed and room in its state
+//! quota, and whether Kafka is reachable; per plugin, its state, events handled and lag.
 
 use crate::metrics::Metrics;
 use std::sync::atomic::Ordering::Relaxed;
@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering::Relaxed;
 /// The health report: `{"status":"ok"|"degraded","kafka":"up"|"down"|"unknown","plugins":{"name":{"up":true,…}}}`.
 #[derive(Debug, Clone)]
 pub struct Health {
-    /// Degraded when a plugin is not consuming, its breaker is open, or Kafka is unreachable.
+    /// Degraded when a plugin is not consuming, its breaker is open, its state is at
+    /// [`STATE_FULL_PERCENT`] of its quota or more, or Kafka is unreachable.
     pub degraded: bool,
     /// `up` if a consumer has a broker connection and none lost it, `down` if any lost it.
     pub kafka: &'static str,
@@ -29,6 +30,14 @@ impl Health {
     }
 }
 
+/// A plugin's state this full (of `limits.state_mib`) counts as full: writes will soon fail.
+pub const STATE_FULL_PERCENT: i64 = 95;
+
+/// Whether `bytes` of state are full under a quota of `limit` bytes.
+pub fn state_full(bytes: i64, limit: i64) -> bool {
+    limit > 0 && bytes * 100 >= limit * STATE_FULL_PERCENT
+}
+
 /// The health of the plugins `metrics` knows now (a removed plugin is not among them).
 pub fn health(metrics: &Metrics) -> Health {
     let mut all_up = true;
@@ -43,7 +52,12 @@ pub fn health(metrics: &Metrics) -> Health {
                 2 => "half_open",
                 _ => "closed",
             };
-            all_up &= up && breaker != "open";
+            let (bytes, limit) = (
+                m.state_bytes.load(Relaxed),
+                m.state_limit_bytes.load(Relaxed),
+            );
+            let full = state_full(bytes, limit);
+            all_up &= up && breaker != "open" && !full;
             let plugin_kafka = match m.kafka.load(Relaxed) {
                 1 => "up",
                 2 => "down",
@@ -61,6 +75,7 @@ pub fn health(metrics: &Metrics) -> Health {
                 "events": m.events_handled(),
                 "consumer_lag": m.consumer_lag.load(Relaxed),
                 "shared_fetch_partitions": m.shared_partitions.load(Relaxed),
+                "state": { "bytes": bytes, "limit_bytes": limit, "full": full },
             });
             (name, v)
         })
@@ -92,6 +107,20 @@ mod tests {
         let h = health(&m);
         assert!(h.healthy(), "{}", h.to_json());
         assert!(!h.plugins.contains_key("stopped"));
+    }
+
+    #[test]
+    fn a_state_near_its_quota_degrades() {
+        let m = Metrics::default();
+        let p = m.plugin("a");
+        p.up.store(1, Relaxed);
+        p.state_limit_bytes.store(1000, Relaxed);
+        p.state_bytes.store(949, Relaxed);
+        assert!(health(&m).healthy());
+        p.state_bytes.store(950, Relaxed);
+        let h = health(&m);
+        assert!(!h.healthy());
+        assert!(h.to_json().contains(r#""full":true"#), "{}", h.to_json());
     }
 
     #[test]

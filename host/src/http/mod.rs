@@ -4,7 +4,7 @@
 //! accept loop backs off after an error such as too many open files. Stops gracefully at
 //! shutdown.
 
-mod health;
+pub mod health;
 mod listener;
 
 pub use health::{Health, health};

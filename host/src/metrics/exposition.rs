@@ -177,6 +177,24 @@ fn families(metrics: &Metrics) -> Vec<MetricFamily> {
     ));
     out.push(per_plugin_counter(
         plugins,
+        "eddy_outputs_undeliverable_total",
+        "Output records their destination refused for good, written to the dead-letter topic instead.",
+        |m| &m.outputs_undeliverable,
+    ));
+    out.push(per_plugin_counter(
+        plugins,
+        "eddy_dead_letters_without_payload_total",
+        "Dead letters too large (or otherwise refused whole for good), written without payload.",
+        |m| &m.dead_letters_without_payload,
+    ));
+    out.push(per_plugin_counter(
+        plugins,
+        "eddy_dead_letters_lost_total",
+        "Dead letters refused for good even without payload: logged, not written.",
+        |m| &m.dead_letters_lost,
+    ));
+    out.push(per_plugin_counter(
+        plugins,
         "eddy_plugin_log_lines_dropped_total",
         "Plugin log lines dropped by limits.log_lines_per_s.",
         |m| &m.log_lines_dropped,

@@ -33,6 +33,13 @@ pub struct PluginMetrics {
     pub state_expiring_keys: AtomicI64,
     /// `limits.state_mib` in bytes.
     pub state_limit_bytes: AtomicI64,
+    /// Output records their destination refused for good (too large, no such topic, not
+    /// allowed), written to the dead-letter topic instead.
+    pub outputs_undeliverable: AtomicU64,
+    /// Dead letters the dead-letter topic refused whole for good, written without payload.
+    pub dead_letters_without_payload: AtomicU64,
+    /// Dead letters refused for good even without payload: logged, not written.
+    pub dead_letters_lost: AtomicU64,
     /// State keys deleted by `[plugin.expire]`.
     pub state_keys_expired: AtomicU64,
     /// Events consumed but not yet handled, summed over the plugin's partitions (-1: unknown).

@@ -10,13 +10,13 @@ use crate::event::Event;
 use crate::kafka::Offsets;
 use crate::kafka::consumer::{Callbacks, store_offsets};
 use crate::retry::{Policy, sleep_unless_stopping};
-use crate::sinks::DeadLetter;
+use crate::sinks::{DeadLetter, Written};
 use crate::state::Durability;
 use crate::wasm::OutputRecord;
 use rdkafka::consumer::StreamConsumer;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
-use tracing::error;
+use tracing::{error, warn};
 
 impl Worker {
     /// Delivers outputs and dead letters. False if the host is stopping before they are
@@ -29,20 +29,45 @@ impl Worker {
         version: &str,
     ) -> bool {
         let mut backoff = Policy::DELIVERY.backoff();
-        // Once the outputs are through, a retry only re-sends the dead letters.
+        // Once the outputs are through, a retry only re-sends the dead letters (and the
+        // output records refused for good, which go to the dead-letter topic too).
         let mut outputs_delivered = outputs.is_empty();
+        let mut refused = Vec::new();
         loop {
-            let result: anyhow::Result<()> = async {
+            let result: anyhow::Result<Written> = async {
                 if !outputs_delivered {
-                    self.outputs.deliver(outputs).await?;
+                    refused = self.outputs.deliver(outputs).await?;
                     outputs_delivered = true;
                 }
-                self.outputs.dead_letter(events, letters, version).await?;
-                Ok(())
+                let mut written = self.outputs.dead_letter(events, letters, version).await?;
+                if !refused.is_empty() {
+                    let more = self
+                        .outputs
+                        .dead_letter_outputs(outputs, &refused, version)
+                        .await?;
+                    written.without_payload += more.without_payload;
+                    written.lost += more.lost;
+                }
+                Ok(written)
             }
             .await;
             match result {
-                Ok(()) => return true,
+                Ok(written) => {
+                    let m = &self.metrics;
+                    if let Some(first) = refused.first() {
+                        warn!(
+                            records = refused.len(),
+                            "output records refused for good went to the dead-letter topic instead: {}",
+                            first.reason
+                        );
+                        m.outputs_undeliverable
+                            .fetch_add(refused.len() as u64, Relaxed);
+                    }
+                    m.dead_letters_without_payload
+                        .fetch_add(written.without_payload, Relaxed);
+                    m.dead_letters_lost.fetch_add(written.lost, Relaxed);
+                    return true;
+                }
                 Err(e) => {
                     self.metrics.output_failures.fetch_add(1, Relaxed);
                     let delay = backoff.next_delay();
@@ -66,6 +91,18 @@ impl Worker {
         let state = self.sandbox().state();
         let (keys, bytes, expiring) = (state.len(), state.bytes(), state.expiring_keys());
         let m = &self.metrics;
+        let limit = m.state_limit_bytes.load(Relaxed);
+        let was_full = crate::http::health::state_full(m.state_bytes.load(Relaxed), limit);
+        let full = crate::http::health::state_full(bytes as i64, limit);
+        if full && !was_full {
+            warn!(
+                state_mib = bytes as f64 / (1 << 20) as f64,
+                limit_mib = limit >> 20,
+                "state is nearly full: writes past limits.state_mib will fail and their events be dead-lettered (expire keys with [plugin.expire], or raise the limit); /healthz says degraded meanwhile"
+            );
+        } else if was_full && !full {
+            tracing::info!("state has room again");
+        }
         m.state_keys.store(keys as i64, Relaxed);
         m.state_bytes.store(bytes as i64, Relaxed);
         m.state_expiring_keys.store(expiring as i64, Relaxed);

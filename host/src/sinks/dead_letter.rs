@@ -1,8 +1,15 @@
 //! A plugin's dead-letter topic: events it gave up on, with their original key, payload and
-//! headers, plus headers saying where they came from and why.
+//! headers, plus headers saying where they came from and why; and output records their
+//! destination refused for good ([`super::Undeliverable`]), with the output named.
+//!
+//! A dead letter the topic refuses for good (a ~1 MB event plus its `eddy.*` headers can be
+//! over the producer's `message.max.bytes`) is written again without its payload and original
+//! headers, with `eddy.payload.dropped` saying why; one refused even so is logged and
+//! counted as lost ([`Written`]). Never a wedge.
 
-use super::{DELIVERY_TIMEOUT, Unacknowledged, acknowledged};
+use super::{DELIVERY_TIMEOUT, Unacknowledged, Undeliverable, acknowledged, send_one};
 use crate::event::Event;
+use crate::wasm::OutputRecord;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -16,6 +23,29 @@ pub mod headers {
     pub const PLUGIN_VERSION: &str = "eddy.plugin.version";
     pub const REASON: &str = "eddy.reason";
     pub const ATTEMPTS: &str = "eddy.attempts";
+    /// On an output record its destination refused for good: the output's name.
+    pub const OUTPUT: &str = "eddy.output";
+    /// On a dead letter written without its payload and original headers: why.
+    pub const PAYLOAD_DROPPED: &str = "eddy.payload.dropped";
+}
+
+/// What a write of dead letters came to, beyond the letters written whole.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Written {
+    /// Written without payload and original headers (refused whole for good).
+    pub without_payload: u64,
+    /// Not written at all: refused for good even without payload (logged).
+    pub lost: u64,
+}
+
+/// One dead letter before it is sent.
+struct Letter<'a> {
+    key: Option<&'a [u8]>,
+    payload: &'a [u8],
+    /// The record's own headers.
+    original: Vec<(&'a str, Option<&'a [u8]>)>,
+    /// The `eddy.*` headers.
+    eddy: Vec<(&'static str, String)>,
 }
 
 /// An event to dead-letter, with why.
@@ -65,53 +95,169 @@ impl DeadLetters {
         events: &[Event],
         letters: &[DeadLetter],
         version: &str,
-    ) -> Result<(), DeadLetterError> {
-        let mut pending = Vec::new();
-        for letter in letters {
-            let e = &events[letter.index];
-            let mut h = OwnedHeaders::new_with_capacity(e.headers.len() + 7);
-            for original in &e.headers {
-                h = h.insert(Header {
-                    key: &original.key,
-                    value: original.value.as_deref(),
-                });
+    ) -> Result<Written, DeadLetterError> {
+        let letters: Vec<Letter<'_>> = letters
+            .iter()
+            .map(|letter| {
+                let e = &events[letter.index];
+                Letter {
+                    key: e.key.as_deref(),
+                    payload: &e.payload[..],
+                    original: e
+                        .headers
+                        .iter()
+                        .map(|h| (h.key.as_str(), h.value.as_deref()))
+                        .collect(),
+                    eddy: vec![
+                        (headers::SOURCE_TOPIC, e.topic.to_string()),
+                        (headers::SOURCE_PARTITION, e.partition.to_string()),
+                        (headers::SOURCE_OFFSET, e.offset.to_string()),
+                        (headers::PLUGIN, self.plugin.clone()),
+                        (headers::PLUGIN_VERSION, version.to_string()),
+                        (headers::REASON, letter.reason.clone()),
+                        (headers::ATTEMPTS, letter.attempts.to_string()),
+                    ],
+                }
+            })
+            .collect();
+        self.write(&letters).await
+    }
+
+    /// Writes output `records` their destination refused for good (`refused`: indexes into
+    /// `records`, with why) to the topic.
+    pub async fn send_outputs(
+        &self,
+        records: &[OutputRecord],
+        refused: &[Undeliverable],
+        version: &str,
+    ) -> Result<Written, DeadLetterError> {
+        let letters: Vec<Letter<'_>> = refused
+            .iter()
+            .map(|u| {
+                let r = &records[u.index];
+                Letter {
+                    key: r.key.as_deref(),
+                    payload: &r.payload,
+                    original: Vec::new(),
+                    eddy: vec![
+                        (headers::PLUGIN, self.plugin.clone()),
+                        (headers::PLUGIN_VERSION, version.to_string()),
+                        (headers::OUTPUT, r.output.clone()),
+                        (
+                            headers::REASON,
+                            format!("output `{}` cannot be delivered: {}", r.output, u.reason),
+                        ),
+                    ],
+                }
+            })
+            .collect();
+        self.write(&letters).await
+    }
+
+    /// Sends `letters` (whole, or stripped when refused whole for good) and waits for them.
+    async fn write(&self, letters: &[Letter<'_>]) -> Result<Written, DeadLetterError> {
+        let mut written = Written::default();
+        let mut pending = Vec::with_capacity(letters.len());
+        let mut strip = Vec::new();
+        for (i, letter) in letters.iter().enumerate() {
+            match send_one(&self.producer, self.record(letter, None)).map_err(|m| self.error(m))? {
+                Ok(delivery) => pending.push((i, delivery)),
+                Err(reason) => strip.push(Undeliverable { index: i, reason }),
             }
-            let (partition, offset, attempts) = (
-                e.partition.to_string(),
-                e.offset.to_string(),
-                letter.attempts.to_string(),
-            );
-            for (key, value) in [
-                (headers::SOURCE_TOPIC, &*e.topic),
-                (headers::SOURCE_PARTITION, partition.as_str()),
-                (headers::SOURCE_OFFSET, offset.as_str()),
-                (headers::PLUGIN, self.plugin.as_str()),
-                (headers::PLUGIN_VERSION, version),
-                (headers::REASON, letter.reason.as_str()),
-                (headers::ATTEMPTS, attempts.as_str()),
-            ] {
-                h = h.insert(Header {
-                    key,
-                    value: Some(value),
-                });
-            }
-            let mut record = FutureRecord::to(&self.topic)
-                .payload(&e.payload[..])
-                .headers(h);
-            if let Some(k) = &e.key {
-                record = record.key(&k[..]);
-            }
-            let delivery = self
-                .producer
-                .send_result(record)
-                .map_err(|(err, _)| self.error(err.to_string()))?;
-            pending.push(delivery);
         }
-        acknowledged(pending).await.map_err(|e| match e {
+        strip.extend(
+            acknowledged(pending)
+                .await
+                .map_err(|e| self.unacknowledged(e))?,
+        );
+        if strip.is_empty() {
+            return Ok(written);
+        }
+        let mut pending = Vec::with_capacity(strip.len());
+        for u in &strip {
+            let letter = &letters[u.index];
+            let why = format!(
+                "the dead letter ({} bytes of payload) was refused: {}",
+                letter.payload.len(),
+                u.reason
+            );
+            match send_one(&self.producer, self.record(letter, Some(&why)))
+                .map_err(|m| self.error(m))?
+            {
+                Ok(delivery) => pending.push((u.index, delivery)),
+                Err(reason) => self.lost(letter, &reason, &mut written),
+            }
+        }
+        let sent = pending.len() as u64;
+        let refused = acknowledged(pending)
+            .await
+            .map_err(|e| self.unacknowledged(e))?;
+        written.without_payload += sent - refused.len() as u64;
+        for u in refused {
+            self.lost(&letters[u.index], &u.reason, &mut written);
+        }
+        Ok(written)
+    }
+
+    /// The record of `letter`; without payload and original headers if `dropped` says why.
+    fn record<'a>(
+        &'a self,
+        letter: &'a Letter<'a>,
+        dropped: Option<&'a str>,
+    ) -> FutureRecord<'a, [u8], [u8]> {
+        let mut h = OwnedHeaders::new_with_capacity(letter.original.len() + letter.eddy.len() + 1);
+        if dropped.is_none() {
+            for (key, value) in &letter.original {
+                h = h.insert(Header { key, value: *value });
+            }
+        }
+        for (key, value) in &letter.eddy {
+            h = h.insert(Header {
+                key,
+                value: Some(value.as_str()),
+            });
+        }
+        if let Some(why) = dropped {
+            h = h.insert(Header {
+                key: headers::PAYLOAD_DROPPED,
+                value: Some(why),
+            });
+        }
+        let mut record = FutureRecord::to(&self.topic).headers(h);
+        if dropped.is_none() {
+            record = record.payload(letter.payload);
+        }
+        if let Some(k) = letter.key {
+            record = record.key(k);
+        }
+        record
+    }
+
+    fn lost(&self, letter: &Letter<'_>, reason: &str, written: &mut Written) {
+        written.lost += 1;
+        let header = |name: &str| {
+            letter
+                .eddy
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map_or("", |(_, v)| v.as_str())
+        };
+        tracing::error!(
+            topic = %self.topic,
+            source.partition = header(headers::SOURCE_PARTITION),
+            source.offset = header(headers::SOURCE_OFFSET),
+            output = header(headers::OUTPUT),
+            dead_letter_reason = header(headers::REASON),
+            "a dead letter cannot be written, even without its payload, and is lost: {reason}"
+        );
+    }
+
+    fn unacknowledged(&self, e: Unacknowledged) -> DeadLetterError {
+        match e {
             Unacknowledged::Refused(message) => self.error(message),
             Unacknowledged::TimedOut => {
                 self.error(format!("no answer within {DELIVERY_TIMEOUT:?}"))
             }
-        })
+        }
     }
 }

@@ -4,17 +4,23 @@
 //! Delivery is at-least-once: the worker stores an event's offset only after everything the
 //! event caused has been delivered, and retries a failed delivery rather than move on. A new
 //! kind of destination is a new [`Sink`] and a new arm in [`sink_for`], nothing else.
+//!
+//! Except for what retrying cannot fix ([`is_permanent`]: a record larger than the producer
+//! or the topic takes, a topic that does not exist, no right to write to it): such a record
+//! is [`Undeliverable`], and the worker writes it to the plugin's dead-letter topic with the
+//! reason instead of retrying forever (a plugin wedged on one record for good).
 
 pub mod dead_letter;
 pub mod stdout;
 pub mod topic;
 
-pub use dead_letter::{DeadLetter, DeadLetters, headers};
+pub use dead_letter::{DeadLetter, DeadLetters, Written, headers};
 
 use crate::config::{OutputTarget, PluginConfig};
 use crate::event::Event;
 use crate::wasm::OutputRecord;
 use rdkafka::producer::FutureProducer;
+use rdkafka::types::RDKafkaErrorCode;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -45,20 +51,69 @@ pub enum SinkError {
 /// Why records sent to Kafka were not acknowledged.
 #[derive(Debug)]
 pub(crate) enum Unacknowledged {
-    /// The broker (or the producer) refused one: why.
+    /// The broker (or the producer) refused one, for now: why.
     Refused(String),
     /// No answer within [`DELIVERY_TIMEOUT`].
     TimedOut,
 }
 
+/// Whether a producer error is for good: retrying the same record cannot succeed.
+pub fn is_permanent(code: Option<RDKafkaErrorCode>) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        Some(
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::InvalidMessage
+                | C::InvalidRecord
+                | C::UnknownTopic
+                | C::UnknownTopicOrPartition
+                | C::InvalidTopic
+                | C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::PolicyViolation
+                | C::InvalidArgument
+        )
+    )
+}
+
+/// A record a destination refused for good: its index among the records sent, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Undeliverable {
+    pub index: usize,
+    pub reason: String,
+}
+
+/// Sends one record: `Ok(None)` on its way, `Ok(Some(why))` refused for good at once (too
+/// large, say), `Err(why)` refused for now.
+pub(crate) fn send_one(
+    producer: &FutureProducer,
+    record: rdkafka::producer::FutureRecord<'_, [u8], [u8]>,
+) -> Result<Result<rdkafka::producer::DeliveryFuture, String>, String> {
+    match producer.send_result(record) {
+        Ok(delivery) => Ok(Ok(delivery)),
+        Err((e, _)) if is_permanent(e.rdkafka_error_code()) => Ok(Err(e.to_string())),
+        Err((e, _)) => Err(e.to_string()),
+    }
+}
+
 /// Waits until the broker has acknowledged every record of `pending` (sent together, so a
-/// batch costs one round trip); the first that was not.
+/// batch costs one round trip; each with its index). Returns the records refused for good,
+/// or the first failure that may go away (the caller sends everything again).
 pub(crate) async fn acknowledged(
-    pending: Vec<rdkafka::producer::DeliveryFuture>,
-) -> Result<(), Unacknowledged> {
-    for delivery in pending {
+    pending: Vec<(usize, rdkafka::producer::DeliveryFuture)>,
+) -> Result<Vec<Undeliverable>, Unacknowledged> {
+    let mut refused = Vec::new();
+    for (index, delivery) in pending {
         match tokio::time::timeout(DELIVERY_TIMEOUT, delivery).await {
             Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Err((e, _)))) if is_permanent(e.rdkafka_error_code()) => {
+                refused.push(Undeliverable {
+                    index,
+                    reason: e.to_string(),
+                });
+            }
             Ok(Ok(Err((e, _)))) => return Err(Unacknowledged::Refused(e.to_string())),
             Ok(Err(_)) => {
                 return Err(Unacknowledged::Refused("the producer went away".into()));
@@ -66,11 +121,13 @@ pub(crate) async fn acknowledged(
             Err(_) => return Err(Unacknowledged::TimedOut),
         }
     }
-    Ok(())
+    Ok(refused)
 }
 
-/// Records on their way: resolves once every one of them is where it was sent.
-pub type Delivery = Pin<Box<dyn Future<Output = Result<(), SinkError>> + Send + 'static>>;
+/// Records on their way: resolves once every one of them is where it was sent, or refused
+/// for good (those are returned, with their index among the records sent).
+pub type Delivery =
+    Pin<Box<dyn Future<Output = Result<Vec<Undeliverable>, SinkError>> + Send + 'static>>;
 
 /// A destination for one output's records.
 pub trait Sink: Send + Sync {
@@ -94,7 +151,7 @@ struct Discard;
 
 impl Sink for Discard {
     fn send(&self, _: &str, _: &[&OutputRecord]) -> Result<Delivery, SinkError> {
-        Ok(Box::pin(async { Ok(()) }))
+        Ok(Box::pin(async { Ok(Vec::new()) }))
     }
 }
 
@@ -126,24 +183,45 @@ impl Outputs {
         &self.producer
     }
 
-    /// Delivers `records` (all of them, or an error naming the first failure): each output's
-    /// records go to its sink together, and the deliveries are awaited together.
-    pub async fn deliver(&self, records: &[OutputRecord]) -> Result<(), SinkError> {
-        let mut by_output: BTreeMap<&str, Vec<&OutputRecord>> = BTreeMap::new();
-        for r in records {
-            by_output.entry(r.output.as_str()).or_default().push(r);
+    /// Delivers `records` (all of them, or an error naming the first failure that may go
+    /// away): each output's records go to its sink together, and the deliveries are awaited
+    /// together. Returns the records refused for good (index into `records`, and why).
+    pub async fn deliver(&self, records: &[OutputRecord]) -> Result<Vec<Undeliverable>, SinkError> {
+        let mut by_output: BTreeMap<&str, (Vec<usize>, Vec<&OutputRecord>)> = BTreeMap::new();
+        for (i, r) in records.iter().enumerate() {
+            let (indexes, records) = by_output.entry(r.output.as_str()).or_default();
+            indexes.push(i);
+            records.push(r);
         }
         let mut pending = Vec::with_capacity(by_output.len());
-        for (output, records) in by_output {
+        for (output, (indexes, records)) in by_output {
             // The sandbox refuses unmapped names at `emit`, so every record has a route.
             if let Some(sink) = self.routes.get(output) {
-                pending.push(sink.send(output, &records)?);
+                pending.push((indexes, sink.send(output, &records)?));
             }
         }
-        for delivery in pending {
-            delivery.await?;
+        let mut refused = Vec::new();
+        for (indexes, delivery) in pending {
+            for u in delivery.await? {
+                refused.push(Undeliverable {
+                    index: indexes[u.index],
+                    reason: u.reason,
+                });
+            }
         }
-        Ok(())
+        Ok(refused)
+    }
+
+    /// Writes output records their destination refused for good to the dead-letter topic.
+    pub async fn dead_letter_outputs(
+        &self,
+        records: &[OutputRecord],
+        refused: &[Undeliverable],
+        version: &str,
+    ) -> Result<dead_letter::Written, dead_letter::DeadLetterError> {
+        self.dead_letters
+            .send_outputs(records, refused, version)
+            .await
     }
 
     /// Writes dead-lettered events to the plugin's dead-letter topic (see [`DeadLetters`]).
@@ -152,7 +230,7 @@ impl Outputs {
         events: &[Event],
         letters: &[DeadLetter],
         version: &str,
-    ) -> Result<(), dead_letter::DeadLetterError> {
+    ) -> Result<dead_letter::Written, dead_letter::DeadLetterError> {
         self.dead_letters.send(events, letters, version).await
     }
 }

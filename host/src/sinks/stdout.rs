@@ -31,6 +31,6 @@ impl Sink for Stdout {
                 output: output.to_string(),
                 source,
             })?;
-        Ok(Box::pin(async { Ok(()) }))
+        Ok(Box::pin(async { Ok(Vec::new()) }))
     }
 }

@@ -1,6 +1,6 @@
 //! `{ topic = "name" }`: records produced to a Kafka topic with their key.
 
-use super::{Delivery, Sink, SinkError, Unacknowledged, acknowledged};
+use super::{Delivery, Sink, SinkError, Unacknowledged, Undeliverable, acknowledged, send_one};
 use crate::wasm::OutputRecord;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -27,20 +27,21 @@ impl Sink for Topic {
             message,
         };
         let mut pending = Vec::with_capacity(records.len());
-        for r in records {
-            let mut record = FutureRecord::to(&self.topic).payload(&r.payload);
+        // Refused for good when sent (larger than the producer takes, say).
+        let mut undeliverable = Vec::new();
+        for (index, r) in records.iter().enumerate() {
+            let mut record = FutureRecord::to(&self.topic).payload(&r.payload[..]);
             if let Some(k) = &r.key {
-                record = record.key(k);
+                record = record.key(&k[..]);
             }
-            let delivery = self
-                .producer
-                .send_result(record)
-                .map_err(|(e, _)| refused(e.to_string()))?;
-            pending.push(delivery);
+            match send_one(&self.producer, record).map_err(refused)? {
+                Ok(delivery) => pending.push((index, delivery)),
+                Err(reason) => undeliverable.push(Undeliverable { index, reason }),
+            }
         }
         let output = output.to_string();
         Ok(Box::pin(async move {
-            acknowledged(pending).await.map_err(|e| match e {
+            let mut later = acknowledged(pending).await.map_err(|e| match e {
                 Unacknowledged::Refused(message) => SinkError::Refused {
                     output,
                     destination,
@@ -50,7 +51,9 @@ impl Sink for Topic {
                     output,
                     destination,
                 },
-            })
+            })?;
+            undeliverable.append(&mut later);
+            Ok(undeliverable)
         }))
     }
 }
