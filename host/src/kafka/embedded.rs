@@ -68,11 +68,10 @@ impl EmbeddedBroker {
                         Command::FailProduce { requests, reply } => {
                             use rdkafka::types::RDKafkaApiKey;
                             use rdkafka::types::RDKafkaRespErr;
-                            // Not retriable: the producer reports it at once.
-                            let errors = vec![
-                                RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED;
-                                requests
-                            ];
+                            // Not retried by librdkafka, so the producer reports it at once; and
+                            // not an error that is for good (see `sinks::is_permanent`), so the
+                            // host retries: a broker refusing for a while.
+                            let errors = vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN; requests];
                             cluster.request_errors(RDKafkaApiKey::Produce, &errors);
                             let _ = reply.send(());
                         }
@@ -105,8 +104,8 @@ impl EmbeddedBroker {
 
     /// Creates `name` with `partitions` partitions (the embedded broker does not implement
     /// the admin API; topics that are only written to are auto-created with 4 partitions).
-    /// Makes the next `requests` produce requests fail (topic authorization refused), to
-    /// test what the host does when it cannot deliver.
+    /// Makes the next `requests` produce requests fail (an unknown broker error, which the
+    /// host retries), to test what the host does when it cannot deliver for a while.
     pub fn fail_next_produce_requests(&self, requests: usize) -> anyhow::Result<()> {
         let (reply, rx) = mpsc::channel();
         self.commands
