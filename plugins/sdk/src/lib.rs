@@ -29,7 +29,10 @@
 //!   events touch it. A [`Key`] is a string or a prefix and a name joined without a
 //!   `format!` per event.
 //! - [`Context`]: state, outputs and logging, handed to every callback.
-//! - [`testing`]: run a plugin natively, with in-memory state, in plain `#[test]`s.
+//! - [`window`]: event-time windows (tumbling, hopping, session) in state that close on
+//!   time, also on a quiet stream; [`window::first_seen`] to deduplicate by id.
+//! - [`testing`]: run a plugin natively, with in-memory state and a fake clock, in plain
+//!   `#[test]`s.
 //!
 //! Plugins must keep anything that should outlive a batch in [`State`], not in fields of the
 //! plugin type: the host may recreate the instance at any time (after a trap, on hot swap),
@@ -38,9 +41,11 @@
 pub mod activity;
 mod backend;
 pub mod testing;
+pub mod window;
 
 pub use activity::{Activity, EventType, ParseError};
 pub use backend::Backend;
+pub use window::{Added, Closed, Windows};
 // Links the word-at-a-time `memcmp` into every plugin (see that crate).
 use eddy_guest_mem as _;
 

@@ -75,6 +75,8 @@ pub struct Harness<P: Plugin> {
     ctx: Context,
     memory: Memory,
     next_offset: i64,
+    /// The fake host clock [`Harness::advance`] moves and ticks with.
+    now_ms: i64,
 }
 
 impl<P: Plugin> Harness<P> {
@@ -89,6 +91,7 @@ impl<P: Plugin> Harness<P> {
             ctx,
             memory,
             next_offset: 0,
+            now_ms: 0,
         })
     }
 
@@ -110,6 +113,24 @@ impl<P: Plugin> Harness<P> {
         self.run(&events)
     }
 
+    /// The fake host clock (Unix ms; 0 until set).
+    pub fn now(&self) -> i64 {
+        self.now_ms
+    }
+
+    /// Sets the fake host clock, without a tick.
+    pub fn set_time(&mut self, now_ms: i64) {
+        self.now_ms = now_ms;
+    }
+
+    /// Moves the fake host clock on by `ms` and ticks once at the new time, as the host does
+    /// every `tick_interval_ms`.
+    pub fn advance(&mut self, ms: i64) {
+        self.now_ms += ms;
+        self.tick(self.now_ms);
+    }
+
+    /// Calls `on-tick` at `now_ms` (the fake clock is not moved).
     pub fn tick(&mut self, now_ms: i64) {
         self.plugin.on_tick(now_ms, &mut self.ctx);
         self.ctx
@@ -158,6 +179,7 @@ impl<P: Plugin> Harness<P> {
             ctx,
             memory: self.memory,
             next_offset: self.next_offset,
+            now_ms: self.now_ms,
         })
     }
 

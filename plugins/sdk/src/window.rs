@@ -1,0 +1,555 @@
+//! Event-time windows kept in [`State`]: tumbling, hopping and session windows, per key (a
+//! user, a page) or global (the key `""`), with an allowed lateness.
+//!
+//! A window closes when event time (the latest event time this window set has seen) passes
+//! its end plus the lateness, or, on a quiet stream, on a tick once nothing has arrived for
+//! [`Windows::close_when_idle`] of host time: event time is then taken to have moved on with
+//! the host's clock, so the last figures come out although no later event pushes them.
+//! Everything lives in host-side state (under `__eddy.win.<name>`), so windows are exact
+//! across instance restarts, hot swaps and `kill -9`, and a closed window is deleted.
+//!
+//! ```ignore
+//! const ACTIVE: Windows<u64> = Windows::tumbling("active", 60_000);
+//! // on_event:
+//! ACTIVE.add(&mut ctx.state, &a.user_id, t, |n| *n += 1);
+//! // on_batch_end and on_tick:
+//! for w in ACTIVE.close_due(&mut ctx.state) { /* emit w.key, w.start, w.agg */ }
+//! for w in ACTIVE.tick(&mut ctx.state, now_ms) { /* the same, on a quiet stream */ }
+//! ```
+
+use crate::State;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// How events are grouped into windows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// Back-to-back windows of `size_ms`, aligned on the Unix epoch: each event in one.
+    Tumbling { size_ms: i64 },
+    /// Windows of `size_ms` starting every `step_ms` (aligned on the epoch): each event in
+    /// `size_ms / step_ms` of them ("the last 5 minutes, every minute").
+    Hopping { size_ms: i64, step_ms: i64 },
+    /// Per key, events closer than `gap_ms` to each other: a session ends `gap_ms` after its
+    /// last event. A late event that bridges two sessions merges them.
+    Session { gap_ms: i64 },
+}
+
+/// A set of windows with one shape, named (the name keys its state), over aggregates `A`.
+#[derive(Debug, Clone, Copy)]
+pub struct Windows<A> {
+    name: &'static str,
+    shape: Shape,
+    lateness_ms: i64,
+    idle_ms: i64,
+    /// Combines two sessions' aggregates when an event bridges them.
+    merge: Option<fn(&mut A, A)>,
+}
+
+/// What [`Windows::add`] did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Added {
+    /// Counted in its window(s).
+    Counted,
+    /// Too late: every window it belongs to had closed (past its end plus the lateness).
+    /// Not counted; the caller decides (skip it, count it, dead-letter it).
+    TooLate,
+}
+
+/// A window that closed, with its figures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Closed<A> {
+    pub key: String,
+    /// The window's span in event time: `[start, end)`.
+    pub start: i64,
+    pub end: i64,
+    pub agg: A,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Open<A> {
+    start: i64,
+    end: i64,
+    agg: A,
+}
+
+/// The window set's clock, in state.
+#[derive(Debug, Serialize, Deserialize)]
+struct Clock {
+    /// The latest event time seen.
+    watermark: i64,
+    /// The earliest time (end + lateness) at which an open window closes: nothing to scan
+    /// for before the watermark reaches it.
+    next_close: i64,
+    /// Whether events arrived since the last tick.
+    active: bool,
+    /// Host time of the first tick that found the stream quiet.
+    quiet_since: Option<i64>,
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock {
+            watermark: i64::MIN,
+            next_close: i64::MAX,
+            active: false,
+            quiet_since: None,
+        }
+    }
+}
+
+impl<A> Windows<A>
+where
+    A: Serialize + DeserializeOwned + Default + 'static,
+{
+    /// Back-to-back windows of `size_ms`.
+    pub const fn tumbling(name: &'static str, size_ms: i64) -> Self {
+        Self::new(name, Shape::Tumbling { size_ms })
+    }
+
+    /// Windows of `size_ms` every `step_ms` (`step_ms` divides `size_ms`).
+    pub const fn hopping(name: &'static str, size_ms: i64, step_ms: i64) -> Self {
+        Self::new(name, Shape::Hopping { size_ms, step_ms })
+    }
+
+    /// Sessions per key that end `gap_ms` after their last event; `merge` combines two
+    /// sessions a late event joins.
+    pub const fn session(name: &'static str, gap_ms: i64, merge: fn(&mut A, A)) -> Self {
+        let mut w = Self::new(name, Shape::Session { gap_ms });
+        w.merge = Some(merge);
+        w
+    }
+
+    const fn new(name: &'static str, shape: Shape) -> Self {
+        Windows {
+            name,
+            shape,
+            lateness_ms: 0,
+            idle_ms: 0,
+            merge: None,
+        }
+    }
+
+    /// Events up to `ms` behind the latest event time still count in their windows (which
+    /// close that much later).
+    pub const fn allowed_lateness(mut self, ms: i64) -> Self {
+        self.lateness_ms = ms;
+        self
+    }
+
+    /// On a tick, once nothing has arrived for `ms` of host time, event time is taken to move
+    /// on with the host's clock, so windows close although no event pushes them (0: never).
+    pub const fn close_when_idle(mut self, ms: i64) -> Self {
+        self.idle_ms = ms;
+        self
+    }
+
+    fn clock_key(&self) -> String {
+        format!("__eddy.win.{}.clock", self.name)
+    }
+
+    fn prefix(&self) -> String {
+        format!("__eddy.win.{}/", self.name)
+    }
+
+    /// The windows an event at `t` belongs to: `(start, end)`.
+    fn spans(&self, t: i64) -> Vec<(i64, i64)> {
+        match self.shape {
+            Shape::Tumbling { size_ms } => {
+                let start = t.div_euclid(size_ms) * size_ms;
+                vec![(start, start + size_ms)]
+            }
+            Shape::Hopping { size_ms, step_ms } => {
+                let last = t.div_euclid(step_ms) * step_ms;
+                let mut spans = Vec::new();
+                let mut start = last;
+                while start > t - size_ms {
+                    spans.push((start, start + size_ms));
+                    start -= step_ms;
+                }
+                spans.reverse();
+                spans
+            }
+            Shape::Session { gap_ms } => vec![(t, t + gap_ms)],
+        }
+    }
+
+    /// Counts an event at event time `t` under `key` ("" for a global window): `update` runs
+    /// on the aggregate of each window it belongs to (a new one starts from `A::default()`).
+    pub fn add(
+        &self,
+        state: &mut State,
+        key: &str,
+        t: i64,
+        mut update: impl FnMut(&mut A),
+    ) -> Added {
+        let clock: &mut Clock = state.json_mut(self.clock_key().as_str());
+        clock.watermark = clock.watermark.max(t);
+        clock.active = true;
+        clock.quiet_since = None;
+        let watermark = clock.watermark;
+        let lateness = self.lateness_ms;
+        let open_spans: Vec<(i64, i64)> = self
+            .spans(t)
+            .into_iter()
+            .filter(|(_, end)| end.saturating_add(lateness) > watermark)
+            .collect();
+        if open_spans.is_empty() {
+            return Added::TooLate;
+        }
+        let windows: &mut Vec<Open<A>> = state.json_mut((self.prefix().as_str(), key));
+        let mut earliest = i64::MAX;
+        match self.shape {
+            Shape::Session { .. } => {
+                let (start, end) = open_spans[0];
+                // Every session this event touches (its span overlaps) becomes one.
+                let mut merged = Open {
+                    start,
+                    end,
+                    agg: A::default(),
+                };
+                let mut rest = Vec::with_capacity(windows.len());
+                for w in windows.drain(..) {
+                    if w.start <= end && start <= w.end {
+                        merged.start = merged.start.min(w.start);
+                        merged.end = merged.end.max(w.end);
+                        let merge = self.merge.expect("sessions have a merge");
+                        merge(&mut merged.agg, w.agg);
+                    } else {
+                        rest.push(w);
+                    }
+                }
+                update(&mut merged.agg);
+                earliest = merged.end;
+                rest.push(merged);
+                rest.sort_by_key(|w| w.start);
+                *windows = rest;
+            }
+            _ => {
+                for (start, end) in open_spans {
+                    let i = match windows.iter().position(|w| w.start == start) {
+                        Some(i) => i,
+                        None => {
+                            windows.push(Open {
+                                start,
+                                end,
+                                agg: A::default(),
+                            });
+                            windows.len() - 1
+                        }
+                    };
+                    update(&mut windows[i].agg);
+                    earliest = earliest.min(end);
+                }
+                windows.sort_by_key(|w| w.start);
+            }
+        }
+        let clock: &mut Clock = state.json_mut(self.clock_key().as_str());
+        clock.next_close = clock.next_close.min(earliest.saturating_add(lateness));
+        Added::Counted
+    }
+
+    /// The windows whose end plus the lateness the latest event time has passed, closed and
+    /// deleted from state, in order of end then key. Call it after each batch
+    /// (`on_batch_end`).
+    pub fn close_due(&self, state: &mut State) -> Vec<Closed<A>> {
+        let Some(clock) = state.get_json::<Clock>(self.clock_key().as_str()) else {
+            return Vec::new();
+        };
+        self.close_until(state, clock.watermark)
+    }
+
+    /// On a tick at host time `now_ms`: if no event arrived for [`Self::close_when_idle`],
+    /// closes what event time would have closed had it moved on with the host's clock.
+    /// Call it from `on_tick`.
+    pub fn tick(&self, state: &mut State, now_ms: i64) -> Vec<Closed<A>> {
+        if self.idle_ms <= 0 {
+            return Vec::new();
+        }
+        let Some(mut clock) = state.get_json::<Clock>(self.clock_key().as_str()) else {
+            return Vec::new();
+        };
+        if clock.active {
+            clock.active = false;
+            clock.quiet_since = None;
+        } else if clock.quiet_since.is_none() {
+            clock.quiet_since = Some(now_ms);
+        }
+        let quiet_for = clock.quiet_since.map_or(0, |since| now_ms - since);
+        let closed = if clock.quiet_since.is_some() && quiet_for >= self.idle_ms {
+            // Event time moved on with the host's clock since the stream went quiet, plus
+            // the lateness (nothing late can come from a quiet stream).
+            let moved = clock
+                .watermark
+                .saturating_add(quiet_for)
+                .saturating_add(self.lateness_ms);
+            state.set_json(self.clock_key().as_str(), &clock);
+            self.close_until(state, moved)
+        } else {
+            Vec::new()
+        };
+        let mut current: Clock = state
+            .get_json(self.clock_key().as_str())
+            .unwrap_or_default();
+        current.active = clock.active;
+        current.quiet_since = clock.quiet_since;
+        state.set_json(self.clock_key().as_str(), &current);
+        closed
+    }
+
+    /// Closes every window with end + lateness <= `time`.
+    fn close_until(&self, state: &mut State, time: i64) -> Vec<Closed<A>> {
+        let mut clock: Clock = state
+            .get_json(self.clock_key().as_str())
+            .unwrap_or_default();
+        if clock.next_close > time {
+            return Vec::new();
+        }
+        let prefix = self.prefix();
+        let mut closed = Vec::new();
+        let mut next_close = i64::MAX;
+        for (state_key, bytes) in state.scan_prefix(&prefix, u32::MAX) {
+            let Ok(windows) = serde_json::from_slice::<Vec<Open<A>>>(&bytes) else {
+                continue;
+            };
+            let key = state_key[prefix.len()..].to_string();
+            let (done, open): (Vec<Open<A>>, Vec<Open<A>>) = windows
+                .into_iter()
+                .partition(|w| w.end.saturating_add(self.lateness_ms) <= time);
+            if done.is_empty() {
+                if let Some(w) = open.first() {
+                    next_close = next_close.min(w.end.saturating_add(self.lateness_ms));
+                }
+                continue;
+            }
+            for w in done {
+                closed.push(Closed {
+                    key: key.clone(),
+                    start: w.start,
+                    end: w.end,
+                    agg: w.agg,
+                });
+            }
+            for w in &open {
+                next_close = next_close.min(w.end.saturating_add(self.lateness_ms));
+            }
+            if open.is_empty() {
+                state.delete(state_key.as_str());
+            } else {
+                state.set_json(state_key.as_str(), &open);
+            }
+        }
+        clock.next_close = next_close;
+        state.set_json(self.clock_key().as_str(), &clock);
+        closed.sort_by(|a, b| (a.end, &a.key).cmp(&(b.end, &b.key)));
+        closed
+    }
+}
+
+/// Deduplication by id: whether `id` is seen for the first time within `ttl_ms` of event
+/// time (`t`), remembered in state under `__eddy.seen.<namespace>/<id>`. Exact within the
+/// ttl; to keep state bounded, let the host delete old ids with
+/// `[plugin.expire] after = { "__eddy.seen." = "<at least the ttl>" }` in `plugins.toml`.
+pub fn first_seen(state: &mut State, namespace: &str, id: &str, t: i64, ttl_ms: i64) -> bool {
+    let key = format!("__eddy.seen.{namespace}/{id}");
+    match state.get_json::<i64>(key.as_str()) {
+        Some(expires) if expires > t => false,
+        _ => {
+            state.set_json(key.as_str(), &t.saturating_add(ttl_ms));
+            true
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::Harness;
+    use crate::{Context, Event, NoConfig, Plugin, Verdict};
+
+    /// Counts events per user in 10 s windows (5 s lateness, closed after 30 s of quiet),
+    /// per user in sessions with a 30 s gap (30 s lateness), and globally in 10 s windows every 5 s; emits
+    /// every closed window as `{"set","key","start","end","n"}`.
+    struct Counts;
+
+    const TUMBLING: Windows<u64> = Windows::tumbling("t", 10_000)
+        .allowed_lateness(5_000)
+        .close_when_idle(30_000);
+    const SESSIONS: Windows<u64> =
+        Windows::session("s", 30_000, |a, b| *a += b).allowed_lateness(30_000);
+    const HOPPING: Windows<u64> = Windows::hopping("h", 10_000, 5_000);
+
+    fn emit(ctx: &mut Context, set: &str, closed: Vec<Closed<u64>>) {
+        for w in closed {
+            ctx.emit_json(
+                "closed",
+                None,
+                &serde_json::json!({"set": set, "key": w.key, "start": w.start, "end": w.end, "n": w.agg}),
+            );
+        }
+    }
+
+    impl Plugin for Counts {
+        type Config = NoConfig;
+        fn init(_: NoConfig, _: &mut Context) -> Result<Self, String> {
+            Ok(Counts)
+        }
+        fn on_event(&mut self, event: &Event, ctx: &mut Context) -> Verdict {
+            let (Ok(a), Some(t)) = (event.activity(), event.timestamp_ms) else {
+                return Verdict::DeadLetter("no user or time".into());
+            };
+            let user = a.user_id.to_string();
+            SESSIONS.add(&mut ctx.state, &user, t, |n| *n += 1);
+            HOPPING.add(&mut ctx.state, "", t, |n| *n += 1);
+            match TUMBLING.add(&mut ctx.state, &user, t, |n| *n += 1) {
+                Added::Counted => Verdict::Ok,
+                Added::TooLate => Verdict::Skip,
+            }
+        }
+        fn on_batch_end(&mut self, ctx: &mut Context) {
+            let closed = TUMBLING.close_due(&mut ctx.state);
+            emit(ctx, "t", closed);
+            let closed = SESSIONS.close_due(&mut ctx.state);
+            emit(ctx, "s", closed);
+            let closed = HOPPING.close_due(&mut ctx.state);
+            emit(ctx, "h", closed);
+        }
+        fn on_tick(&mut self, now_ms: i64, ctx: &mut Context) {
+            let closed = TUMBLING.tick(&mut ctx.state, now_ms);
+            emit(ctx, "t", closed);
+        }
+    }
+
+    /// Runs one batch of `(user, event time in s)`.
+    fn batch(h: &mut Harness<Counts>, events: &[(&str, i64)]) -> Vec<Verdict> {
+        let payloads: Vec<Vec<u8>> = events
+            .iter()
+            .map(|(u, _)| format!(r#"{{"user_id":"{u}","event_type":"click"}}"#).into_bytes())
+            .collect();
+        let mut batch: Vec<Event> = payloads.iter().map(|p| h.event(p)).collect();
+        for (e, (_, t)) in batch.iter_mut().zip(events) {
+            e.timestamp_ms = Some(t * 1000);
+        }
+        h.run(&batch)
+    }
+
+    /// The closed windows of `set` emitted so far: (key, start s, end s, n).
+    fn closed(h: &Harness<Counts>, set: &str) -> Vec<(String, i64, i64, u64)> {
+        h.outputs_json("closed")
+            .into_iter()
+            .filter(|w| w["set"] == set)
+            .map(|w| {
+                (
+                    w["key"].as_str().unwrap().to_string(),
+                    w["start"].as_i64().unwrap() / 1000,
+                    w["end"].as_i64().unwrap() / 1000,
+                    w["n"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn w(key: &str, start: i64, end: i64, n: u64) -> (String, i64, i64, u64) {
+        (key.to_string(), start, end, n)
+    }
+
+    #[test]
+    fn tumbling_windows_close_on_time_take_late_events_within_lateness_and_refuse_later_ones() {
+        let mut h = Harness::<Counts>::new("{}").unwrap();
+        batch(&mut h, &[("a", 1), ("a", 2), ("b", 3), ("a", 11)]);
+        // 11 s is past [0, 10) but not past its lateness (15 s): still open.
+        assert_eq!(closed(&h, "t"), []);
+        // Late by 4 s: within the lateness, counted in [0, 10).
+        assert_eq!(batch(&mut h, &[("a", 7)]), [Verdict::Ok]);
+        batch(&mut h, &[("b", 16)]);
+        assert_eq!(closed(&h, "t"), [w("a", 0, 10, 3), w("b", 0, 10, 1)]);
+        // Late by 9 s (its window closed): not counted.
+        assert_eq!(batch(&mut h, &[("a", 7)]), [Verdict::Skip]);
+        // The instance is recreated (a trap, a swap): the open windows are in state.
+        h.restart("{}").unwrap();
+        batch(&mut h, &[("a", 31)]);
+        assert_eq!(closed(&h, "t")[2..], [w("a", 10, 20, 1), w("b", 10, 20, 1)]);
+        // Closed windows are gone from state: only a's [30, 40) is left.
+        let open: Vec<String> = h
+            .recorded()
+            .state
+            .keys()
+            .filter(|k| k.starts_with("__eddy.win.t/"))
+            .cloned()
+            .collect();
+        assert_eq!(open, ["__eddy.win.t/a"]);
+    }
+
+    #[test]
+    fn a_quiet_stream_closes_its_windows_on_ticks() {
+        let mut h = Harness::<Counts>::new("{}").unwrap();
+        batch(&mut h, &[("a", 100), ("a", 101)]);
+        h.set_time(5_000_000);
+        // Events arrived since the last tick: not quiet yet.
+        h.advance(10_000);
+        assert_eq!(closed(&h, "t"), []);
+        // Quiet from this tick on.
+        h.advance(10_000);
+        h.advance(10_000);
+        assert_eq!(closed(&h, "t"), [], "quiet for 10 s of the 30 s");
+        h.advance(20_000);
+        // Quiet for 30 s: event time is taken to be 101 + 30 s, past [100, 110) + 5 s.
+        assert_eq!(closed(&h, "t"), [w("a", 100, 110, 2)]);
+        // A new event starts the clock again.
+        batch(&mut h, &[("a", 200)]);
+        h.advance(10_000);
+        h.advance(10_000);
+        assert_eq!(closed(&h, "t").len(), 1);
+    }
+
+    #[test]
+    fn sessions_end_after_the_gap_and_a_late_event_merges_two() {
+        let mut h = Harness::<Counts>::new("{}").unwrap();
+        batch(&mut h, &[("a", 0), ("a", 5), ("a", 40)]);
+        // [0, 35) ended at 35 s, but may still take events up to 30 s late.
+        assert_eq!(closed(&h, "s"), []);
+        // 20 s is within 30 s of both 5 s and 40 s: one session from 0 to 40 + 30.
+        batch(&mut h, &[("a", 20)]);
+        batch(&mut h, &[("b", 100)]);
+        assert_eq!(closed(&h, "s"), [w("a", 0, 70, 4)]);
+    }
+
+    #[test]
+    fn hopping_windows_count_each_event_in_every_window_it_falls_in() {
+        let mut h = Harness::<Counts>::new("{}").unwrap();
+        batch(&mut h, &[("a", 7), ("b", 12), ("a", 31)]);
+        assert_eq!(
+            closed(&h, "h"),
+            [w("", 0, 10, 1), w("", 5, 15, 2), w("", 10, 20, 1)]
+        );
+    }
+
+    #[test]
+    fn first_seen_is_true_once_per_id_within_its_ttl() {
+        struct Dedup;
+        impl Plugin for Dedup {
+            type Config = NoConfig;
+            fn init(_: NoConfig, _: &mut Context) -> Result<Self, String> {
+                Ok(Dedup)
+            }
+            fn on_event(&mut self, event: &Event, ctx: &mut Context) -> Verdict {
+                let id = event.payload_str().unwrap().to_string();
+                let t = event.timestamp_ms.unwrap();
+                if first_seen(&mut ctx.state, "ids", &id, t, 60_000) {
+                    Verdict::Ok
+                } else {
+                    Verdict::Skip
+                }
+            }
+        }
+        let mut h = Harness::<Dedup>::new("{}").unwrap();
+        let mut run = |id: &'static str, t: i64| {
+            let mut e = h.event(id.as_bytes());
+            e.timestamp_ms = Some(t);
+            h.run(&[e])[0].clone()
+        };
+        assert_eq!(run("e1", 0), Verdict::Ok);
+        assert_eq!(run("e1", 59_999), Verdict::Skip);
+        assert_eq!(run("e2", 1_000), Verdict::Ok);
+        assert_eq!(run("e1", 60_000), Verdict::Ok, "the ttl has passed");
+    }
+}
