@@ -201,23 +201,33 @@ where
         match self.shape {
             Shape::Session { .. } => {
                 let (start, end) = open_spans[0];
-                // Every session this event touches (its span overlaps) becomes one.
-                let mut merged = Open {
-                    start,
-                    end,
-                    agg: A::default(),
-                };
+                // Every session this event touches (its span overlaps) becomes one, built
+                // on the earliest of them (so `merge` always joins two real sessions).
+                let mut merged: Option<Open<A>> = None;
                 let mut rest = Vec::with_capacity(windows.len());
                 for w in windows.drain(..) {
                     if w.start <= end && start <= w.end {
-                        merged.start = merged.start.min(w.start);
-                        merged.end = merged.end.max(w.end);
-                        let merge = self.merge.expect("sessions have a merge");
-                        merge(&mut merged.agg, w.agg);
+                        merged = Some(match merged {
+                            None => w,
+                            Some(mut m) => {
+                                m.start = m.start.min(w.start);
+                                m.end = m.end.max(w.end);
+                                let merge = self.merge.expect("sessions have a merge");
+                                merge(&mut m.agg, w.agg);
+                                m
+                            }
+                        });
                     } else {
                         rest.push(w);
                     }
                 }
+                let mut merged = merged.unwrap_or(Open {
+                    start,
+                    end,
+                    agg: A::default(),
+                });
+                merged.start = merged.start.min(start);
+                merged.end = merged.end.max(end);
                 update(&mut merged.agg);
                 earliest = merged.end;
                 rest.push(merged);
