@@ -52,6 +52,10 @@ pub fn plugins_dir() -> &'static Path {
                 "eddy-alert",
                 "-p",
                 "eddy-fraud",
+                "-p",
+                "eddy-dashboard",
+                "-p",
+                "eddy-behaviour",
             ])
             .args([
                 "-p",

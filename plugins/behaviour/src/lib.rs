@@ -39,6 +39,9 @@ pub struct Config {
     /// How far behind the latest event time an event may be and still join its session
     /// (events of several partitions arrive interleaved); sessions end that much later.
     pub lateness_secs: i64,
+    /// On a quiet stream, sessions end once nothing arrived for this long (host time);
+    /// `session_gap_secs` by default.
+    pub idle_close_secs: Option<i64>,
     /// Emit insights each time this many more events have been seen.
     pub insights_every: u64,
     /// How many pages from a session's start make its navigation path.
@@ -64,6 +67,7 @@ impl Default for Config {
         Config {
             session_gap_secs: 1800,
             lateness_secs: 60,
+            idle_close_secs: None,
             insights_every: 100,
             path_pages: 3,
             max_paths: 1000,
@@ -309,7 +313,7 @@ impl Plugin for Behaviour {
         }
         let sessions = Windows::session("sessions", gap, merge)
             .allowed_lateness(config.lateness_secs * 1000)
-            .close_when_idle(gap);
+            .close_when_idle(config.idle_close_secs.map_or(gap, |s| s.max(1) * 1000));
         Ok(Behaviour { config, sessions })
     }
 

@@ -3,8 +3,9 @@
 //!
 //! A window closes when event time (the latest event time this window set has seen) passes
 //! its end plus the lateness, or, on a quiet stream, on a tick once nothing has arrived for
-//! [`Windows::close_when_idle`] of host time: event time is then taken to have moved on with
-//! the host's clock, so the last figures come out although no later event pushes them.
+//! [`Windows::close_when_idle`] of host time: then every open window closes, so the last
+//! figures come out although no later event pushes them (an event arriving after that starts
+//! a new window).
 //! Everything lives in host-side state (under `__eddy.win.<name>`), so windows are exact
 //! across instance restarts, hot swaps and `kill -9`, and a closed window is deleted.
 //!
@@ -136,8 +137,8 @@ where
         self
     }
 
-    /// On a tick, once nothing has arrived for `ms` of host time, event time is taken to move
-    /// on with the host's clock, so windows close although no event pushes them (0: never).
+    /// On a tick, once nothing has arrived for `ms` of host time, every open window closes
+    /// (0: never).
     pub const fn close_when_idle(mut self, ms: i64) -> Self {
         self.idle_ms = ms;
         self
@@ -269,8 +270,7 @@ where
     }
 
     /// On a tick at host time `now_ms`: if no event arrived for [`Self::close_when_idle`],
-    /// closes what event time would have closed had it moved on with the host's clock.
-    /// Call it from `on_tick`.
+    /// closes every open window. Call it from `on_tick`.
     pub fn tick(&self, state: &mut State, now_ms: i64) -> Vec<Closed<A>> {
         if self.idle_ms <= 0 {
             return Vec::new();
@@ -286,14 +286,9 @@ where
         }
         let quiet_for = clock.quiet_since.map_or(0, |since| now_ms - since);
         let closed = if clock.quiet_since.is_some() && quiet_for >= self.idle_ms {
-            // Event time moved on with the host's clock since the stream went quiet, plus
-            // the lateness (nothing late can come from a quiet stream).
-            let moved = clock
-                .watermark
-                .saturating_add(quiet_for)
-                .saturating_add(self.lateness_ms);
+            // Quiet long enough: every open window has its final figures.
             state.set_json(self.clock_key().as_str(), &clock);
-            self.close_until(state, moved)
+            self.close_until(state, i64::MAX)
         } else {
             Vec::new()
         };
@@ -502,7 +497,7 @@ mod tests {
         h.advance(10_000);
         assert_eq!(closed(&h, "t"), [], "quiet for 10 s of the 30 s");
         h.advance(20_000);
-        // Quiet for 30 s: event time is taken to be 101 + 30 s, past [100, 110) + 5 s.
+        // Quiet for 30 s: every open window closes.
         assert_eq!(closed(&h, "t"), [w("a", 100, 110, 2)]);
         // A new event starts the clock again.
         batch(&mut h, &[("a", 200)]);
