@@ -2,7 +2,9 @@
 //! a retry (issue 16): a plugin that emits in a loop through the raw import is stopped at its
 //! output limit and its event dead-lettered with a reason naming the limit; one that logs in
 //! a loop is throttled and the dropped lines counted; the effects of a call that answers
-//! `retry` do not stay, so a retried event's state writes and outputs count once.
+//! `retry` do not stay, so a retried event's state writes and outputs count once. A broker
+//! that answers one plugin's group late while that group rebalances does not stall the
+//! other plugins, even on a runtime of one thread.
 
 mod common;
 
@@ -283,27 +285,41 @@ async fn a_full_state_quota_dead_letters_with_the_limit_named_and_never_panics()
     assert!(!reason.contains("panicked"), "{reason}");
 }
 
-/// A consumer of the host's group that joins, takes its share of the partitions, and leaves
-/// without consuming: two rebalances for the host.
-fn join_and_leave(bootstrap: &str, group: &str) {
+/// Another member of the host's group `group`: joins, polls until `done` says so, then
+/// leaves (a rebalance for the host as it joins, another as it leaves).
+fn other_member(
+    bootstrap: &str,
+    group: &str,
+    session_ms: u32,
+    mut done: impl FnMut(&rdkafka::consumer::BaseConsumer) -> bool,
+) {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let consumer: BaseConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
-        .set("session.timeout.ms", "6000")
+        .set("session.timeout.ms", session_ms.to_string())
         .create()
         .unwrap();
     consumer.subscribe(&[TOPIC]).unwrap();
+    while !done(&consumer) {
+        let _ = consumer.poll(std::time::Duration::from_millis(50));
+    }
+    consumer.unsubscribe();
+}
+
+/// A consumer of the host's group that joins, takes its share of the partitions, and leaves
+/// without consuming: two rebalances for the host.
+fn join_and_leave(bootstrap: &str, group: &str) {
+    use rdkafka::consumer::Consumer;
     let started = std::time::Instant::now();
-    while consumer.assignment().unwrap().count() == 0 {
+    other_member(bootstrap, group, 6000, |consumer| {
         assert!(
             started.elapsed() < std::time::Duration::from_secs(30),
             "the second member never got a partition"
         );
-        let _ = consumer.poll(std::time::Duration::from_millis(50));
-    }
-    consumer.unsubscribe();
+        consumer.assignment().unwrap().count() > 0
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -356,5 +372,148 @@ async fn a_rebalance_while_a_batch_fills_applies_no_event_twice() {
         serde_json::from_slice::<u64>(&seen).unwrap(),
         total,
         "each event applied to the state once"
+    );
+}
+
+/// Produces small events to the input topic, about 200 a second, until `stop`. One producer
+/// throughout: a new one per chunk would ask any broker, a slowed one too, for metadata.
+fn produce_steadily(
+    bootstrap: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    std::thread::spawn(move || {
+        let producer: BaseProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("linger.ms", "5")
+            .create()
+            .unwrap();
+        for n in 0u64.. {
+            if stop.load(Relaxed) {
+                break;
+            }
+            let key = format!("u{}", n % 50);
+            let payload = format!(r#"{{"user_id":"{key}","event_type":"click"}}"#);
+            let _ = producer.send(BaseRecord::to(TOPIC).key(&key).payload(&payload));
+            producer.poll(std::time::Duration::ZERO);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let _ = producer.flush(std::time::Duration::from_secs(30));
+    })
+}
+
+/// One runtime thread, so that anything blocking it stalls every plugin: the slow plugin's
+/// group is coordinated by a broker that answers 8 s late, and a second member joins it.
+/// While that rebalance waits on the slow broker (the slow plugin holds no partitions), the
+/// fast plugin, whose group and partitions are on the other broker, keeps handling events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_slow_broker_in_one_plugins_rebalance_does_not_stall_the_others() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    use std::time::{Duration, Instant};
+    const SLOW: Duration = Duration::from_secs(8);
+    init_logs();
+    let broker = eddy::kafka::EmbeddedBroker::start_with_brokers(2).unwrap();
+    broker.create_topic(TOPIC, PARTITIONS).unwrap();
+    for p in 0..PARTITIONS {
+        broker.set_partition_leader(TOPIC, p, 1).unwrap();
+    }
+    broker.set_group_coordinator("eddy-fast", 1).unwrap();
+    broker.set_group_coordinator("eddy-slow", 2).unwrap();
+    let bootstrap = broker.bootstrap_servers().to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let producing = produce_steadily(bootstrap.clone(), stop.clone());
+    let entry = |name: &str| {
+        format!(
+            "[[plugin]]\nname = \"{name}\"\npath = \"{}\"\n[plugin.config]\nmode = \"panic\"\nmarker = \"NEVER\"\n",
+            wasm("eddy_fixture_misbehave")
+        )
+    };
+    // Heartbeats answered 8 s late must not time the members out.
+    let text = config_text(&bootstrap, PARTITIONS, &(entry("fast") + &entry("slow"))).replace(
+        "\"session.timeout.ms\" = \"6000\"",
+        "\"session.timeout.ms\" = \"30000\"",
+    );
+    let host = Host::start(config(&text)).await.expect("host starts");
+    let (fast, slow) = (host.metrics().plugin("fast"), host.metrics().plugin("slow"));
+    {
+        let (fast, slow) = (fast.clone(), slow.clone());
+        wait_async(
+            Duration::from_secs(60),
+            "both plugins consuming, the slow one holding its partitions",
+            move || {
+                fast.events_handled() > 100
+                    && slow.events_handled() > 100
+                    && slow.assigned_partitions.load(Relaxed) == PARTITIONS as i64
+            },
+        )
+        .await;
+    }
+    broker.set_broker_round_trip_time(2, SLOW).unwrap();
+    let member = {
+        let (bootstrap, stop) = (bootstrap.clone(), stop.clone());
+        std::thread::spawn(move || {
+            other_member(&bootstrap, "eddy-slow", 30_000, |_| stop.load(Relaxed))
+        })
+    };
+    // From the moment the slow plugin's group took its partitions away: how long the fast
+    // plugin takes for its next 20 events (at 200 a second: a tenth of a second, unless
+    // something holds the runtime thread), and whether the slow rebalance still waits then.
+    // Measured without panicking, so that the host is stopped cleanly either way.
+    let measured = {
+        let (fast, slow) = (fast.clone(), slow.clone());
+        tokio::task::spawn_blocking(move || {
+            let until = |timeout: Duration, mut f: Box<dyn FnMut() -> bool>| {
+                let since = Instant::now();
+                while !f() {
+                    if since.elapsed() > timeout {
+                        return None;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Some(since.elapsed())
+            };
+            let slow2 = slow.clone();
+            until(
+                SLOW * 4,
+                Box::new(move || slow2.assigned_partitions.load(Relaxed) == 0),
+            )?;
+            let before = fast.events_handled();
+            let fast2 = fast.clone();
+            let waited = until(
+                SLOW * 2,
+                Box::new(move || fast2.events_handled() >= before + 20),
+            );
+            Some((
+                waited,
+                fast.events_handled() - before,
+                slow.assigned_partitions.load(Relaxed),
+            ))
+        })
+        .await
+        .unwrap()
+    };
+    broker
+        .set_broker_round_trip_time(2, Duration::ZERO)
+        .unwrap();
+    stop.store(true, Relaxed);
+    producing.join().unwrap();
+    host.stop().await.expect("clean stop");
+    member.join().unwrap();
+    let (waited, handled, slow_holds) =
+        measured.expect("the slow plugin's group took its partitions away");
+    eprintln!(
+        "while the slow plugin's group rebalanced, the fast plugin handled {handled} events in {waited:?}"
+    );
+    let waited = waited.unwrap_or_else(|| {
+        panic!("the fast plugin handled only {handled} events in {:?} while the slow plugin's group rebalanced", SLOW * 2)
+    });
+    assert!(
+        waited < SLOW / 2,
+        "the fast plugin stalled {waited:?} for 20 events while the slow plugin's group rebalanced against a broker answering {SLOW:?} late"
+    );
+    assert_eq!(
+        slow_holds, 0,
+        "that was during the slow rebalance: the slow plugin had no partitions yet"
     );
 }

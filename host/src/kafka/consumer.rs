@@ -106,6 +106,13 @@ impl Callbacks {
 }
 
 impl Callbacks {
+    /// Publishes how many partitions the consumer holds (`eddy_assigned_partitions`).
+    fn publish_assigned(&self, assigned: &BTreeSet<i32>) {
+        self.metrics
+            .assigned_partitions
+            .store(assigned.len() as i64, Relaxed);
+    }
+
     /// The group's committed offsets for the partitions of `tpl` (those that have one). On
     /// error, none: the saved offsets alone decide, as with one host.
     fn committed(
@@ -178,12 +185,16 @@ impl ConsumerContext for Callbacks {
                         let _ = tpl.set_partition_offset(&topic, partition, start);
                     }
                 }
-                self.assigned.lock().expect("assigned lock").extend(
-                    tpl.elements()
-                        .iter()
-                        .filter(|e| e.topic() == self.topic)
-                        .map(|e| e.partition()),
-                );
+                {
+                    let mut assigned = self.assigned.lock().expect("assigned lock");
+                    assigned.extend(
+                        tpl.elements()
+                            .iter()
+                            .filter(|e| e.topic() == self.topic)
+                            .map(|e| e.partition()),
+                    );
+                    self.publish_assigned(&assigned);
+                }
                 self.rebalances.fetch_add(1, Relaxed);
                 info!(plugin = %self.plugin, partitions = %partitions(tpl), "partitions assigned");
                 let result = if cooperative {
@@ -212,6 +223,7 @@ impl ConsumerContext for Callbacks {
                     for e in tpl.elements().iter().filter(|e| e.topic() == self.topic) {
                         assigned.remove(&e.partition());
                     }
+                    self.publish_assigned(&assigned);
                 }
                 // Hand over exactly: the offsets of everything handled so far are committed
                 // before the partitions go (callbacks run only between batches, so nothing
