@@ -7,7 +7,7 @@
 //! round trip there. On revoke, librdkafka itself commits the stored offsets of the
 //! partitions that go, and the group waits for that commit; the one round trip left, the
 //! group's committed offsets on assignment with `[state] shared_group`, is made with the
-//! thread's other tasks moved elsewhere ([`super::blocking`]).
+//! thread's other tasks moved elsewhere (`kafka::blocking`).
 
 use super::Offsets;
 use crate::config::{PluginConfig, StartFrom};

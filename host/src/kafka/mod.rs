@@ -1,7 +1,8 @@
 //! Kafka: the client settings every consumer and producer shares, the embedded broker, the
 //! consumer's callbacks (where partitions start, lag, connectivity) and what the host knows of
 //! the cluster, and the admin questions `eddy replay` asks. Every rdkafka consumer call of
-//! the host is here; producers are in the sinks and the generator.
+//! the host is here; producers are in the sinks and the generator. `blocking` is how code
+//! that may run on an async runtime thread (a consumer callback) waits for a broker.
 
 pub mod admin;
 pub mod cluster;
