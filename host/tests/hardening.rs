@@ -285,22 +285,28 @@ async fn a_full_state_quota_dead_letters_with_the_limit_named_and_never_panics()
     assert!(!reason.contains("panicked"), "{reason}");
 }
 
-/// Another member of the host's group `group`: joins, polls until `done` says so, then
-/// leaves (a rebalance for the host as it joins, another as it leaves).
-fn other_member(
+/// A consumer of group `group`, not subscribed yet.
+fn group_consumer(
     bootstrap: &str,
     group: &str,
     session_ms: u32,
-    mut done: impl FnMut(&rdkafka::consumer::BaseConsumer) -> bool,
-) {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+) -> rdkafka::consumer::BaseConsumer {
+    rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("session.timeout.ms", session_ms.to_string())
         .create()
-        .unwrap();
+        .unwrap()
+}
+
+/// `consumer` as another member of the host's group: joins, polls until `done` says so, then
+/// leaves (a rebalance for the host as it joins, another as it leaves).
+fn other_member(
+    consumer: rdkafka::consumer::BaseConsumer,
+    mut done: impl FnMut(&rdkafka::consumer::BaseConsumer) -> bool,
+) {
+    use rdkafka::consumer::Consumer;
     consumer.subscribe(&[TOPIC]).unwrap();
     while !done(&consumer) {
         let _ = consumer.poll(std::time::Duration::from_millis(50));
@@ -313,7 +319,7 @@ fn other_member(
 fn join_and_leave(bootstrap: &str, group: &str) {
     use rdkafka::consumer::Consumer;
     let started = std::time::Instant::now();
-    other_member(bootstrap, group, 6000, |consumer| {
+    other_member(group_consumer(bootstrap, group, 6000), |consumer| {
         assert!(
             started.elapsed() < std::time::Duration::from_secs(30),
             "the second member never got a partition"
@@ -449,12 +455,25 @@ async fn a_slow_broker_in_one_plugins_rebalance_does_not_stall_the_others() {
         )
         .await;
     }
+    // The second member finds the group's coordinator while it still answers at once, so
+    // its join reaches it at once; the host's member hears of the rebalance with its next
+    // heartbeat, answered 8 s late (after up to one more round trip already under way).
+    let joiner = group_consumer(&bootstrap, "eddy-slow", 30_000);
+    {
+        use rdkafka::consumer::Consumer;
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition(TOPIC, 0);
+        // The list must be gone before the consumer (librdkafka 2.12 hangs on drop otherwise).
+        drop(
+            joiner
+                .committed_offsets(tpl, Duration::from_secs(10))
+                .unwrap(),
+        );
+    }
     broker.set_broker_round_trip_time(2, SLOW).unwrap();
     let member = {
-        let (bootstrap, stop) = (bootstrap.clone(), stop.clone());
-        std::thread::spawn(move || {
-            other_member(&bootstrap, "eddy-slow", 30_000, |_| stop.load(Relaxed))
-        })
+        let stop = stop.clone();
+        std::thread::spawn(move || other_member(joiner, |_| stop.load(Relaxed)))
     };
     // From the moment the slow plugin's group took its partitions away: how long the fast
     // plugin takes for its next 20 events (at 200 a second: a tenth of a second, unless
@@ -475,7 +494,7 @@ async fn a_slow_broker_in_one_plugins_rebalance_does_not_stall_the_others() {
             };
             let slow2 = slow.clone();
             until(
-                SLOW * 4,
+                SLOW * 5,
                 Box::new(move || slow2.assigned_partitions.load(Relaxed) == 0),
             )?;
             let before = fast.events_handled();
