@@ -2,7 +2,9 @@
 //! a retry (issue 16): a plugin that emits in a loop through the raw import is stopped at its
 //! output limit and its event dead-lettered with a reason naming the limit; one that logs in
 //! a loop is throttled and the dropped lines counted; the effects of a call that answers
-//! `retry` do not stay, so a retried event's state writes and outputs count once.
+//! `retry` do not stay, so a retried event's state writes and outputs count once. A broker
+//! that answers one plugin's group late while that group rebalances does not stall the
+//! other plugins, even on a runtime of one thread.
 
 mod common;
 
@@ -300,27 +302,47 @@ async fn a_full_state_quota_dead_letters_with_the_limit_named_and_never_panics()
     assert!(!reason.contains("panicked"), "{reason}");
 }
 
-/// A consumer of the host's group that joins, takes its share of the partitions, and leaves
-/// without consuming: two rebalances for the host.
-fn join_and_leave(bootstrap: &str, group: &str) {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+/// A consumer of group `group`, not subscribed yet.
+fn group_consumer(
+    bootstrap: &str,
+    group: &str,
+    session_ms: u32,
+) -> rdkafka::consumer::BaseConsumer {
+    rdkafka::ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
-        .set("session.timeout.ms", "6000")
+        .set("session.timeout.ms", session_ms.to_string())
         .create()
-        .unwrap();
+        .unwrap()
+}
+
+/// `consumer` as another member of the host's group: joins, polls until `done` says so, then
+/// leaves (a rebalance for the host as it joins, another as it leaves).
+fn other_member(
+    consumer: rdkafka::consumer::BaseConsumer,
+    mut done: impl FnMut(&rdkafka::consumer::BaseConsumer) -> bool,
+) {
+    use rdkafka::consumer::Consumer;
     consumer.subscribe(&[TOPIC]).unwrap();
+    while !done(&consumer) {
+        let _ = consumer.poll(std::time::Duration::from_millis(50));
+    }
+    consumer.unsubscribe();
+}
+
+/// A consumer of the host's group that joins, takes its share of the partitions, and leaves
+/// without consuming: two rebalances for the host.
+fn join_and_leave(bootstrap: &str, group: &str) {
+    use rdkafka::consumer::Consumer;
     let started = std::time::Instant::now();
-    while consumer.assignment().unwrap().count() == 0 {
+    other_member(group_consumer(bootstrap, group, 6000), |consumer| {
         assert!(
             started.elapsed() < std::time::Duration::from_secs(30),
             "the second member never got a partition"
         );
-        let _ = consumer.poll(std::time::Duration::from_millis(50));
-    }
-    consumer.unsubscribe();
+        consumer.assignment().unwrap().count() > 0
+    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -564,4 +586,174 @@ async fn records_that_can_never_be_delivered_are_dead_lettered_not_retried_forev
         Some("marked: over the size")
     );
     assert!(header(stripped, "eddy.source.offset").is_some());
+}
+
+/// Produces small events to the input topic, about 200 a second, until `stop`. One producer
+/// throughout: a new one per chunk would ask any broker, a slowed one too, for metadata.
+fn produce_steadily(
+    bootstrap: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    std::thread::spawn(move || {
+        let producer: BaseProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("linger.ms", "5")
+            .create()
+            .unwrap();
+        for n in 0u64.. {
+            if stop.load(Relaxed) {
+                break;
+            }
+            let key = format!("u{}", n % 50);
+            let payload = format!(r#"{{"user_id":"{key}","event_type":"click"}}"#);
+            let _ = producer.send(BaseRecord::to(TOPIC).key(&key).payload(&payload));
+            producer.poll(std::time::Duration::ZERO);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let _ = producer.flush(std::time::Duration::from_secs(30));
+    })
+}
+
+/// One runtime thread, so that anything blocking it stalls every plugin: the slow plugin's
+/// group is coordinated by a broker that answers 8 s late, and a second member joins it.
+/// Through that whole rebalance (until the slow plugin has partitions again), the fast
+/// plugin, whose group and partitions are on the other broker, keeps handling events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_slow_broker_in_one_plugins_rebalance_does_not_stall_the_others() {
+    slow_rebalance_beside_a_fast_plugin(false).await;
+}
+
+/// The same with `[state] shared_group`, where a new assignment also asks the slow broker for
+/// the group's committed offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_slow_broker_in_a_shared_groups_rebalance_does_not_stall_the_others() {
+    slow_rebalance_beside_a_fast_plugin(true).await;
+}
+
+async fn slow_rebalance_beside_a_fast_plugin(shared_group: bool) {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    use std::time::{Duration, Instant};
+    const SLOW: Duration = Duration::from_secs(8);
+    init_logs();
+    let broker = eddy::kafka::EmbeddedBroker::start_with_brokers(2).unwrap();
+    broker.create_topic(TOPIC, PARTITIONS).unwrap();
+    for p in 0..PARTITIONS {
+        broker.set_partition_leader(TOPIC, p, 1).unwrap();
+    }
+    broker.set_group_coordinator("eddy-fast", 1).unwrap();
+    broker.set_group_coordinator("eddy-slow", 2).unwrap();
+    let bootstrap = broker.bootstrap_servers().to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let producing = produce_steadily(bootstrap.clone(), stop.clone());
+    let entry = |name: &str| {
+        format!(
+            "[[plugin]]\nname = \"{name}\"\npath = \"{}\"\n[plugin.config]\nmode = \"panic\"\nmarker = \"NEVER\"\n",
+            wasm("eddy_fixture_misbehave")
+        )
+    };
+    let state = if shared_group {
+        "[state]\nshared_group = true\n"
+    } else {
+        ""
+    };
+    // Heartbeats answered 8 s late must not time the members out, and the rebalance must
+    // wait for the host's member, which rejoins once the commit of its revoked partitions
+    // is answered, 8 s late (the broker waits the session less a second for every member).
+    let text = config_text(
+        &bootstrap,
+        PARTITIONS,
+        &format!("{state}{}{}", entry("fast"), entry("slow")),
+    )
+    .replace(
+        "\"session.timeout.ms\" = \"6000\"",
+        "\"session.timeout.ms\" = \"30000\"",
+    );
+    let host = Host::start(config(&text)).await.expect("host starts");
+    let (fast, slow) = (host.metrics().plugin("fast"), host.metrics().plugin("slow"));
+    {
+        let (fast, slow) = (fast.clone(), slow.clone());
+        wait_async(
+            Duration::from_secs(60),
+            "both plugins consuming, the slow one holding its partitions",
+            move || {
+                fast.events_handled() > 100
+                    && slow.events_handled() > 100
+                    && slow.assigned_partitions.load(Relaxed) == PARTITIONS as i64
+            },
+        )
+        .await;
+    }
+    // The second member finds the group's coordinator while it still answers at once, so
+    // its join reaches it at once; the host's member hears of the rebalance with its next
+    // heartbeat, answered 8 s late (after up to one more round trip already under way).
+    let joiner = group_consumer(&bootstrap, "eddy-slow", 30_000);
+    {
+        use rdkafka::consumer::Consumer;
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition(TOPIC, 0);
+        // The list must be gone before the consumer (librdkafka 2.12 hangs on drop otherwise).
+        drop(
+            joiner
+                .committed_offsets(tpl, Duration::from_secs(10))
+                .unwrap(),
+        );
+    }
+    broker.set_broker_round_trip_time(2, SLOW).unwrap();
+    let member = {
+        let stop = stop.clone();
+        std::thread::spawn(move || other_member(joiner, |_| stop.load(Relaxed)))
+    };
+    // From the slowdown until the slow plugin holds partitions again after losing them: the
+    // longest the fast plugin went without handling an event (it gets 200 a second), the
+    // events it handled during the rebalance, and how long that rebalance took. Measured
+    // without panicking, so that the host is stopped cleanly either way.
+    let measured = {
+        let (fast, slow) = (fast.clone(), slow.clone());
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let (mut last, mut changed) = (fast.events_handled(), started);
+            let mut longest = Duration::ZERO;
+            let mut revoked: Option<(Instant, u64)> = None;
+            while started.elapsed() < SLOW * 10 {
+                std::thread::sleep(Duration::from_millis(10));
+                let (n, now) = (fast.events_handled(), Instant::now());
+                longest = longest.max(now - changed);
+                if n != last {
+                    (last, changed) = (n, now);
+                }
+                match (revoked, slow.assigned_partitions.load(Relaxed)) {
+                    (None, 0) => revoked = Some((now, n)),
+                    (Some((at, before)), held) if held > 0 => {
+                        return Some((longest, n - before, now - at));
+                    }
+                    _ => {}
+                }
+            }
+            None
+        })
+        .await
+        .unwrap()
+    };
+    broker
+        .set_broker_round_trip_time(2, Duration::ZERO)
+        .unwrap();
+    stop.store(true, Relaxed);
+    producing.join().unwrap();
+    host.stop().await.expect("clean stop");
+    member.join().unwrap();
+    let (longest, handled, rebalance) = measured.unwrap_or_else(|| {
+        panic!(
+            "the slow plugin's group did not rebalance within {:?}",
+            SLOW * 10
+        )
+    });
+    eprintln!(
+        "shared_group = {shared_group}: the slow plugin's rebalance took {rebalance:?}; the fast plugin handled {handled} events meanwhile and never waited more than {longest:?} for one"
+    );
+    assert!(
+        longest < SLOW / 2,
+        "the fast plugin went {longest:?} without an event while the slow plugin's group rebalanced against a broker answering {SLOW:?} late"
+    );
 }

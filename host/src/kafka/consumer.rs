@@ -1,12 +1,19 @@
 //! One plugin's Kafka consumer: its settings, and the callbacks librdkafka runs inside its
 //! poll: where assigned partitions start (the offsets saved with durable state), lag from
 //! librdkafka's statistics, broker connectivity, and the hand-over on revoke.
+//!
+//! The consumer is polled by its plugin's worker, an async task, so these callbacks run on
+//! an async runtime thread, which every other plugin's task shares: they make no broker
+//! round trip there. On revoke, librdkafka itself commits the stored offsets of the
+//! partitions that go, and the group waits for that commit; the one round trip left, the
+//! group's committed offsets on assignment with `[state] shared_group`, is made with the
+//! thread's other tasks moved elsewhere (`kafka::blocking`).
 
 use super::Offsets;
 use crate::config::{PluginConfig, StartFrom};
 use crate::event::{Event, Header};
 use crate::metrics::PluginMetrics;
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{ClientConfig, ClientContext, Statistics, TopicPartitionList};
 use std::collections::BTreeSet;
@@ -106,14 +113,22 @@ impl Callbacks {
 }
 
 impl Callbacks {
+    /// Publishes how many partitions the consumer holds (`eddy_assigned_partitions`).
+    fn publish_assigned(&self, assigned: &BTreeSet<i32>) {
+        self.metrics
+            .assigned_partitions
+            .store(assigned.len() as i64, Relaxed);
+    }
+
     /// The group's committed offsets for the partitions of `tpl` (those that have one). On
-    /// error, none: the saved offsets alone decide, as with one host.
+    /// error, none: the saved offsets alone decide, as with one host. Waits for the group's
+    /// coordinator (up to 10 s), with the runtime thread's other tasks moved elsewhere.
     fn committed(
         &self,
         base: &rdkafka::consumer::BaseConsumer<Self>,
         tpl: &TopicPartitionList,
     ) -> Offsets {
-        match base.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+        match super::blocking(|| base.committed_offsets(tpl.clone(), Duration::from_secs(10))) {
             Ok(list) => list
                 .elements()
                 .iter()
@@ -178,12 +193,16 @@ impl ConsumerContext for Callbacks {
                         let _ = tpl.set_partition_offset(&topic, partition, start);
                     }
                 }
-                self.assigned.lock().expect("assigned lock").extend(
-                    tpl.elements()
-                        .iter()
-                        .filter(|e| e.topic() == self.topic)
-                        .map(|e| e.partition()),
-                );
+                {
+                    let mut assigned = self.assigned.lock().expect("assigned lock");
+                    assigned.extend(
+                        tpl.elements()
+                            .iter()
+                            .filter(|e| e.topic() == self.topic)
+                            .map(|e| e.partition()),
+                    );
+                    self.publish_assigned(&assigned);
+                }
                 self.rebalances.fetch_add(1, Relaxed);
                 info!(plugin = %self.plugin, partitions = %partitions(tpl), "partitions assigned");
                 let result = if cooperative {
@@ -212,19 +231,15 @@ impl ConsumerContext for Callbacks {
                     for e in tpl.elements().iter().filter(|e| e.topic() == self.topic) {
                         assigned.remove(&e.partition());
                     }
+                    self.publish_assigned(&assigned);
                 }
-                // Hand over exactly: the offsets of everything handled so far are committed
-                // before the partitions go (callbacks run only between batches, so nothing
-                // of these partitions is in flight). The next owner starts there.
-                match base.commit_consumer_state(CommitMode::Sync) {
-                    Ok(())
-                    | Err(rdkafka::error::KafkaError::ConsumerCommit(
-                        rdkafka::types::RDKafkaErrorCode::NoOffset,
-                    )) => {}
-                    Err(e) => {
-                        warn!(plugin = %self.plugin, "committing before the partitions go: {e}")
-                    }
-                }
+                // Hand over exactly, without waiting here for the broker (this runs on a
+                // runtime thread every plugin shares): with `enable.auto.commit` (see
+                // `subscribe`), unassigning makes librdkafka commit the stored offsets of the
+                // partitions that go, and the group rejoins, so the next owner gets them,
+                // only once that commit is answered. The next owner starts there. Events
+                // taken but not yet handled have no stored offset: the next owner handles
+                // them (with `shared_group` the worker drops them).
                 let result = if cooperative {
                     base.incremental_unassign(tpl)
                 } else {

@@ -1,7 +1,8 @@
 //! Kafka: the client settings every consumer and producer shares, the embedded broker, the
 //! consumer's callbacks (where partitions start, lag, connectivity) and what the host knows of
 //! the cluster, and the admin questions `eddy replay` asks. Every rdkafka consumer call of
-//! the host is here; producers are in the sinks and the generator.
+//! the host is here; producers are in the sinks and the generator. `blocking` is how code
+//! that may run on an async runtime thread (a consumer callback) waits for a broker.
 
 pub mod admin;
 pub mod cluster;
@@ -18,6 +19,18 @@ use std::collections::BTreeMap;
 
 /// Offsets by (topic, partition): the next offset to consume.
 pub type Offsets = BTreeMap<(String, i32), i64>;
+
+/// Runs `f`, which waits on a broker, where that may be done from code that can find itself
+/// on an async runtime thread (a consumer callback runs inside the poll of an async task):
+/// on the multi-thread runtime the thread's other tasks move to another thread meanwhile
+/// (`block_in_place`), so they keep running; anywhere else `f` simply runs.
+pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
 
 /// Client settings for `brokers`, with the pass-through `[kafka.settings]` applied.
 pub fn client_config(kafka: &KafkaConfig, brokers: &str) -> ClientConfig {

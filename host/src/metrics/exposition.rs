@@ -249,6 +249,12 @@ fn families(metrics: &Metrics) -> Vec<MetricFamily> {
     ));
     out.push(per_plugin_gauge(
         plugins,
+        "eddy_assigned_partitions",
+        "Partitions of the topic the plugin's consumer group gave it (0 while the group rebalances).",
+        |m| m.assigned_partitions.load(Relaxed) as f64,
+    ));
+    out.push(per_plugin_gauge(
+        plugins,
         "eddy_plugin_up",
         "1 while the plugin is loaded and consuming.",
         |m| m.up.load(Relaxed) as f64,

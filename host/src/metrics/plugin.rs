@@ -48,6 +48,9 @@ pub struct PluginMetrics {
     pub up: AtomicI64,
     /// Partitions the plugin reads from the shared fetch (the others it fetches itself).
     pub shared_partitions: AtomicI64,
+    /// Partitions of the topic the plugin's consumer holds: none from the moment its group
+    /// takes them away in a rebalance until it hands them out again.
+    pub assigned_partitions: AtomicI64,
     /// Whether the plugin's consumer has a connection to a Kafka broker: 1 yes, 2 no (all
     /// brokers down: it reconnects meanwhile), 0 not known yet. From librdkafka's
     /// statistics, once a second.

@@ -4,7 +4,9 @@
 //! must not stall the async runtime), handle traps and retries, deliver the outputs and dead
 //! letters, commit the plugin's state, and only then store the events' offsets. So an offset
 //! never passes an event whose effects are not delivered: a crash or a failed delivery means
-//! the events are consumed again (at-least-once), never skipped.
+//! the events are consumed again (at-least-once), never skipped. Whatever else waits (a
+//! commit to the disk, the final commit to Kafka, leaving the group) is done on a blocking
+//! thread too: every plugin's worker shares the runtime's few threads.
 //!
 //! Hot reload: the supervisor sends a [`Control::Swap`] with a new version (compiled off the
 //! event path) or config; the worker applies it between two batches, so every event is
@@ -299,18 +301,13 @@ impl Worker {
         }
         self.metrics.up.store(0, Relaxed);
         self.sync(&source.consumer).await;
-        match source.consumer.commit_consumer_state(CommitMode::Sync) {
-            Ok(()) => info!("stopped; offsets committed"),
-            // Nothing stored yet, or a rebalance in progress: nothing is lost, the events
-            // are consumed again.
-            Err(rdkafka::error::KafkaError::ConsumerCommit(
-                rdkafka::types::RDKafkaErrorCode::NoOffset,
-            )) => {
-                info!("stopped; offsets were already committed")
-            }
-            Err(e) => info!("stopped; final commit: {e}"),
-        }
-        source.consumer.unsubscribe();
+        // The final commit and leaving the group wait for the broker: on a blocking thread,
+        // so that a slow broker holds up no other plugin's task meanwhile.
+        let Source { consumer, .. } = source;
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || span.in_scope(|| leave(consumer)))
+            .await
+            .expect("leaving the group does not panic");
         Ok(())
     }
 
@@ -561,6 +558,24 @@ impl Worker {
                 .fetch_add(outputs.len() as u64, Relaxed);
         }
     }
+}
+
+/// Commits the offsets stored in `consumer` and leaves its group (dropping the consumer
+/// closes it). Blocking: each waits for the group's coordinator.
+fn leave(consumer: StreamConsumer<Callbacks>) {
+    match consumer.commit_consumer_state(CommitMode::Sync) {
+        Ok(()) => info!("stopped; offsets committed"),
+        // Nothing stored yet, or a rebalance in progress: nothing is lost, the events
+        // are consumed again.
+        Err(rdkafka::error::KafkaError::ConsumerCommit(
+            rdkafka::types::RDKafkaErrorCode::NoOffset,
+        )) => {
+            info!("stopped; offsets were already committed")
+        }
+        Err(e) => info!("stopped; final commit: {e}"),
+    }
+    consumer.unsubscribe();
+    drop(consumer);
 }
 
 /// The next offset to consume of each partition in `events`.

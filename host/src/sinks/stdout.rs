@@ -1,4 +1,7 @@
 //! `"stdout"`: one line per record on the host's standard output, `[plugin/output] payload`.
+//!
+//! Writing waits for whoever reads standard output (a pipe to a slow reader, a terminal
+//! paused with Ctrl-S), so it happens on a blocking thread, never on the async runtime's.
 
 use super::{Delivery, Sink, SinkError};
 use crate::wasm::OutputRecord;
@@ -23,14 +26,17 @@ impl Sink for Stdout {
             let payload = String::from_utf8_lossy(&r.payload);
             lines.push_str(&format!("[{}/{output}] {payload}\n", self.plugin));
         }
-        // One write per call, so lines of different plugins do not interleave.
-        let mut out = std::io::stdout().lock();
-        out.write_all(lines.as_bytes())
-            .and_then(|()| out.flush())
-            .map_err(|source| SinkError::Stdout {
-                output: output.to_string(),
-                source,
-            })?;
-        Ok(Box::pin(async { Ok(Vec::new()) }))
+        let output = output.to_string();
+        Ok(Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                // One write per call, so lines of different plugins do not interleave.
+                let mut out = std::io::stdout().lock();
+                out.write_all(lines.as_bytes()).and_then(|()| out.flush())
+            })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .map_err(|source| SinkError::Stdout { output, source })?;
+            Ok(Vec::new())
+        }))
     }
 }

@@ -16,6 +16,10 @@
 //!
 //! A version that failed, or trapped on probation and was rolled back, is not tried again
 //! until its file changes again.
+//!
+//! The supervisor is an async task on the runtime every worker shares: reading
+//! `plugins.toml`, reading and hashing a `.wasm` file, compiling and loading all happen on
+//! blocking threads.
 
 mod load;
 mod watch;
@@ -186,7 +190,11 @@ impl Supervisor {
     /// Re-reads `plugins.toml` and applies what changed.
     pub async fn reload(&mut self) -> ReloadReport {
         let mut report = ReloadReport::default();
-        let new = match Config::load(&self.config.source) {
+        let source = self.config.source.clone();
+        let loaded = tokio::task::spawn_blocking(move || Config::load(&source))
+            .await
+            .expect("config task");
+        let new = match loaded {
             Ok(c) => c,
             Err(e) => {
                 self.metrics
@@ -307,6 +315,21 @@ impl Supervisor {
 
     /// Switches a running plugin to its new file content or settings. Ok(false): nothing to do.
     async fn update(&mut self, plugin: &PluginConfig) -> Result<bool, String> {
+        // The file's digest, and whether its compiled code is in the cache.
+        let (path, engine, cache) = (
+            plugin.path.clone(),
+            self.engine.clone(),
+            self.config.state.compiled_dir(),
+        );
+        let (digest, cached) = tokio::task::spawn_blocking(move || {
+            let bytes = std::fs::read(&path)
+                .map_err(|e| format!("{}: cannot read: {e}", path.display()))?;
+            let digest = wasm::digest(&bytes);
+            let cached = Program::is_cached(&engine, &cache, &digest);
+            Ok::<_, String>((digest, cached))
+        })
+        .await
+        .expect("read task")?;
         let version_now = self.metrics.plugin(&plugin.name).version().digest;
         let running = self.running.get_mut(&plugin.name).expect("caller checked");
         // The worker went back to the previous version after the new one trapped on probation.
@@ -317,11 +340,6 @@ impl Supervisor {
             running.refused = Some(running.program.digest().to_string());
             running.program = previous;
         }
-        let bytes = match std::fs::read(&plugin.path) {
-            Ok(b) => b,
-            Err(e) => return Err(format!("{}: cannot read: {e}", plugin.path.display())),
-        };
-        let digest = wasm::digest(&bytes);
         let same_settings = *plugin == running.plugin;
         if same_settings
             && (digest == running.program.digest() || running.refused.as_deref() == Some(&digest))
@@ -335,11 +353,7 @@ impl Supervisor {
             let cache = self.config.state.compiled_dir();
             // Without precompiled code, run the new version on quickly compiled baseline code
             // now, and switch to optimized code when Cranelift is done (`tier_up`).
-            let baseline = if Program::is_cached(&engine, &cache, &digest) {
-                None
-            } else {
-                self.baseline_engine()
-            };
+            let baseline = if cached { None } else { self.baseline_engine() };
             let compiled = tokio::task::spawn_blocking(move || {
                 let mut baseline_failed = None;
                 if let Some(baseline) = baseline {
