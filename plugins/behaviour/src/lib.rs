@@ -333,39 +333,41 @@ impl Plugin for Behaviour {
             None => format!("u:{}", a.user_id),
         };
         let path_pages = self.config.path_pages;
-        let added = self.sessions.add(&mut ctx.state, &key, t, |v| {
-            if v.user.is_empty() {
-                v.user = a.user_id.to_string();
-                v.first_ms = t;
-            }
-            v.first_ms = v.first_ms.min(t);
-            if v.device.is_none() {
-                v.device = a
-                    .device
-                    .as_ref()
-                    .and_then(|d| d.kind.as_deref())
-                    .map(str::to_string);
-            }
-            match a.event_type {
-                EventType::PageView => {
-                    v.page_views += 1;
-                    if let Some(page) = &a.page_url {
-                        if v.pages.len() < path_pages {
-                            v.pages.push(page.to_string());
+        let added = self
+            .sessions
+            .add(&mut ctx.state, event.partition, &key, t, |v| {
+                if v.user.is_empty() {
+                    v.user = a.user_id.to_string();
+                    v.first_ms = t;
+                }
+                v.first_ms = v.first_ms.min(t);
+                if v.device.is_none() {
+                    v.device = a
+                        .device
+                        .as_ref()
+                        .and_then(|d| d.kind.as_deref())
+                        .map(str::to_string);
+                }
+                match a.event_type {
+                    EventType::PageView => {
+                        v.page_views += 1;
+                        if let Some(page) = &a.page_url {
+                            if v.pages.len() < path_pages {
+                                v.pages.push(page.to_string());
+                            }
+                            v.last_page = Some(page.to_string());
                         }
-                        v.last_page = Some(page.to_string());
                     }
+                    EventType::Click => v.clicks += 1,
+                    EventType::Search => v.searches += 1,
+                    EventType::AddToCart => v.add_to_carts += 1,
+                    EventType::Purchase => {
+                        v.purchases += 1;
+                        v.first_purchase_ms = Some(v.first_purchase_ms.map_or(t, |p| p.min(t)));
+                    }
+                    _ => {}
                 }
-                EventType::Click => v.clicks += 1,
-                EventType::Search => v.searches += 1,
-                EventType::AddToCart => v.add_to_carts += 1,
-                EventType::Purchase => {
-                    v.purchases += 1;
-                    v.first_purchase_ms = Some(v.first_purchase_ms.map_or(t, |p| p.min(t)));
-                }
-                _ => {}
-            }
-        });
+            });
         match added {
             eddy_sdk::Added::Counted => Verdict::Ok,
             // Its session ended and was folded in already.

@@ -1,8 +1,9 @@
 //! Event-time windows kept in [`State`]: tumbling, hopping and session windows, per key (a
 //! user, a page) or global (the key `""`), with an allowed lateness.
 //!
-//! A window closes when event time (the latest event time this window set has seen) passes
-//! its end plus the lateness, or, on a quiet stream, on a tick once nothing has arrived for
+//! Windows are per partition, each with its own event time (see [`Windows::add`]). A window
+//! closes when its partition's event time (the latest it has seen) passes its end plus the
+//! lateness, or, on a quiet stream, on a tick once nothing has arrived for
 //! [`Windows::close_when_idle`] of host time: then every open window closes, so the last
 //! figures come out although no later event pushes them (an event arriving after that starts
 //! a new window).
@@ -12,7 +13,7 @@
 //! ```ignore
 //! const ACTIVE: Windows<u64> = Windows::tumbling("active", 60_000);
 //! // on_event:
-//! ACTIVE.add(&mut ctx.state, &a.user_id, t, |n| *n += 1);
+//! ACTIVE.add(&mut ctx.state, event.partition, &a.user_id, t, |n| *n += 1);
 //! // on_batch_end and on_tick:
 //! for w in ACTIVE.close_due(&mut ctx.state) { /* emit w.key, w.start, w.agg */ }
 //! for w in ACTIVE.tick(&mut ctx.state, now_ms) { /* the same, on a quiet stream */ }
@@ -59,6 +60,8 @@ pub enum Added {
 /// A window that closed, with its figures.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Closed<A> {
+    /// The partition whose events it holds (windows are per partition: see [`Windows::add`]).
+    pub partition: i32,
     pub key: String,
     /// The window's span in event time: `[start, end)`.
     pub start: i64,
@@ -76,8 +79,8 @@ struct Open<A> {
 /// The window set's clock, in state.
 #[derive(Debug, Serialize, Deserialize)]
 struct Clock {
-    /// The latest event time seen.
-    watermark: i64,
+    /// The latest event time seen, per partition.
+    watermarks: std::collections::BTreeMap<i32, i64>,
     /// The earliest time (end + lateness) at which an open window closes: nothing to scan
     /// for before the watermark reaches it.
     next_close: i64,
@@ -90,7 +93,7 @@ struct Clock {
 impl Default for Clock {
     fn default() -> Self {
         Clock {
-            watermark: i64::MIN,
+            watermarks: Default::default(),
             next_close: i64::MAX,
             active: false,
             quiet_since: None,
@@ -174,20 +177,29 @@ where
         }
     }
 
-    /// Counts an event at event time `t` under `key` ("" for a global window): `update` runs
-    /// on the aggregate of each window it belongs to (a new one starts from `A::default()`).
+    /// Counts an event of `partition` at event time `t` under `key` ("" for a global
+    /// window): `update` runs on the aggregate of each window it belongs to (a new one starts
+    /// from `A::default()`).
+    ///
+    /// Windows and their clocks are per partition, as Kafka Streams' are per task: a key's
+    /// events are in one partition when the topic is keyed by it (the generator and the
+    /// collector key by user), and a partition behind the others (a backlog, a rebalance) is
+    /// measured by its own event time, so its events are not "late" because another partition
+    /// is ahead. A global window therefore closes once per partition.
     pub fn add(
         &self,
         state: &mut State,
+        partition: i32,
         key: &str,
         t: i64,
         mut update: impl FnMut(&mut A),
     ) -> Added {
         let clock: &mut Clock = state.json_mut(self.clock_key().as_str());
-        clock.watermark = clock.watermark.max(t);
+        let watermark = clock.watermarks.entry(partition).or_insert(t);
+        *watermark = (*watermark).max(t);
+        let watermark = *watermark;
         clock.active = true;
         clock.quiet_since = None;
-        let watermark = clock.watermark;
         let lateness = self.lateness_ms;
         let open_spans: Vec<(i64, i64)> = self
             .spans(t)
@@ -197,7 +209,8 @@ where
         if open_spans.is_empty() {
             return Added::TooLate;
         }
-        let windows: &mut Vec<Open<A>> = state.json_mut((self.prefix().as_str(), key));
+        let prefix = format!("{}{partition}/", self.prefix());
+        let windows: &mut Vec<Open<A>> = state.json_mut((prefix.as_str(), key));
         let mut earliest = i64::MAX;
         match self.shape {
             Shape::Session { .. } => {
@@ -263,10 +276,10 @@ where
     /// deleted from state, in order of end then key. Call it after each batch
     /// (`on_batch_end`).
     pub fn close_due(&self, state: &mut State) -> Vec<Closed<A>> {
-        let Some(clock) = state.get_json::<Clock>(self.clock_key().as_str()) else {
+        if state.get_json::<Clock>(self.clock_key().as_str()).is_none() {
             return Vec::new();
-        };
-        self.close_until(state, clock.watermark)
+        }
+        self.close_until(state, false)
     }
 
     /// On a tick at host time `now_ms`: if no event arrived for [`Self::close_when_idle`],
@@ -288,7 +301,7 @@ where
         let closed = if clock.quiet_since.is_some() && quiet_for >= self.idle_ms {
             // Quiet long enough: every open window has its final figures.
             state.set_json(self.clock_key().as_str(), &clock);
-            self.close_until(state, i64::MAX)
+            self.close_until(state, true)
         } else {
             Vec::new()
         };
@@ -301,12 +314,14 @@ where
         closed
     }
 
-    /// Closes every window with end + lateness <= `time`.
-    fn close_until(&self, state: &mut State, time: i64) -> Vec<Closed<A>> {
+    /// Closes every window whose end + lateness its partition's event time has reached (or
+    /// every window, if `all`).
+    fn close_until(&self, state: &mut State, all: bool) -> Vec<Closed<A>> {
         let mut clock: Clock = state
             .get_json(self.clock_key().as_str())
             .unwrap_or_default();
-        if clock.next_close > time {
+        let latest = clock.watermarks.values().copied().max().unwrap_or(i64::MIN);
+        if !all && clock.next_close > latest {
             return Vec::new();
         }
         let prefix = self.prefix();
@@ -316,26 +331,36 @@ where
             let Ok(windows) = serde_json::from_slice::<Vec<Open<A>>>(&bytes) else {
                 continue;
             };
-            let key = state_key[prefix.len()..].to_string();
+            let Some((partition, key)) = state_key[prefix.len()..].split_once('/') else {
+                continue;
+            };
+            let time = if all {
+                i64::MAX
+            } else {
+                partition
+                    .parse::<i32>()
+                    .ok()
+                    .and_then(|p| clock.watermarks.get(&p).copied())
+                    .unwrap_or(i64::MIN)
+            };
+            let (partition, key) = (partition.parse::<i32>().unwrap_or(-1), key.to_string());
             let (done, open): (Vec<Open<A>>, Vec<Open<A>>) = windows
                 .into_iter()
                 .partition(|w| w.end.saturating_add(self.lateness_ms) <= time);
+            for w in &open {
+                next_close = next_close.min(w.end.saturating_add(self.lateness_ms));
+            }
             if done.is_empty() {
-                if let Some(w) = open.first() {
-                    next_close = next_close.min(w.end.saturating_add(self.lateness_ms));
-                }
                 continue;
             }
             for w in done {
                 closed.push(Closed {
+                    partition,
                     key: key.clone(),
                     start: w.start,
                     end: w.end,
                     agg: w.agg,
                 });
-            }
-            for w in &open {
-                next_close = next_close.min(w.end.saturating_add(self.lateness_ms));
             }
             if open.is_empty() {
                 state.delete(state_key.as_str());
@@ -345,7 +370,7 @@ where
         }
         clock.next_close = next_close;
         state.set_json(self.clock_key().as_str(), &clock);
-        closed.sort_by(|a, b| (a.end, &a.key).cmp(&(b.end, &b.key)));
+        closed.sort_by(|a, b| (a.end, &a.key, a.partition).cmp(&(b.end, &b.key, b.partition)));
         closed
     }
 }
@@ -403,9 +428,10 @@ mod tests {
                 return Verdict::DeadLetter("no user or time".into());
             };
             let user = a.user_id.to_string();
-            SESSIONS.add(&mut ctx.state, &user, t, |n| *n += 1);
-            HOPPING.add(&mut ctx.state, "", t, |n| *n += 1);
-            match TUMBLING.add(&mut ctx.state, &user, t, |n| *n += 1) {
+            let p = event.partition;
+            SESSIONS.add(&mut ctx.state, p, &user, t, |n| *n += 1);
+            HOPPING.add(&mut ctx.state, p, "", t, |n| *n += 1);
+            match TUMBLING.add(&mut ctx.state, p, &user, t, |n| *n += 1) {
                 Added::Counted => Verdict::Ok,
                 Added::TooLate => Verdict::Skip,
             }
@@ -481,7 +507,29 @@ mod tests {
             .filter(|k| k.starts_with("__eddy.win.t/"))
             .cloned()
             .collect();
-        assert_eq!(open, ["__eddy.win.t/a"]);
+        assert_eq!(open, ["__eddy.win.t/0/a"]);
+    }
+
+    #[test]
+    fn a_partition_behind_the_others_keeps_its_own_event_time() {
+        let mut h = Harness::<Counts>::new("{}").unwrap();
+        let payload = br#"{"user_id":"b","event_type":"click"}"#;
+        // Partition 0 is at 100 s; partition 1, catching up, at 5 s.
+        batch(&mut h, &[("a", 100)]);
+        let mut e = h.event(payload);
+        e.partition = 1;
+        e.timestamp_ms = Some(5_000);
+        assert_eq!(
+            h.run(&[e]),
+            [Verdict::Ok],
+            "not late: its partition is at 5 s"
+        );
+        assert_eq!(closed(&h, "t"), [], "partition 1's [0, 10) is still open");
+        let mut e = h.event(payload);
+        e.partition = 1;
+        e.timestamp_ms = Some(16_000);
+        h.run(&[e]);
+        assert_eq!(closed(&h, "t"), [w("b", 0, 10, 1)]);
     }
 
     #[test]
