@@ -120,6 +120,22 @@ pub struct HttpConfig {
     /// Most connections served at once; more wait until one closes.
     #[serde(default = "default_http_max_connections")]
     pub max_connections: usize,
+    /// The largest body `POST /v1/events` takes, in KiB; a larger one is answered 413.
+    #[serde(default = "default_http_max_body_kib")]
+    pub max_body_kib: usize,
+    /// How long `POST /v1/events` waits for Kafka to acknowledge its events before it
+    /// answers 503 (the client retries).
+    #[serde(default = "default_http_ingest_timeout_ms")]
+    pub ingest_timeout_ms: u64,
+    /// The bearer token `POST /v1/events` requires (`EDDY_HTTP_TOKEN` overrides it); none:
+    /// anyone who reaches the address may post. `/metrics`, `/healthz`, `/tracker.js` and
+    /// `/demo` stay open.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Origins whose pages may post to `/v1/events` (CORS), e.g. `["https://shop.example"]`,
+    /// or `["*"]` for any. Empty: only pages served by the host itself.
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for HttpConfig {
@@ -127,12 +143,22 @@ impl Default for HttpConfig {
         HttpConfig {
             address: default_http_address(),
             max_connections: default_http_max_connections(),
+            max_body_kib: default_http_max_body_kib(),
+            ingest_timeout_ms: default_http_ingest_timeout_ms(),
+            token: None,
+            cors_origins: Vec::new(),
         }
     }
 }
 
 fn default_http_max_connections() -> usize {
     64
+}
+fn default_http_max_body_kib() -> usize {
+    1024
+}
+fn default_http_ingest_timeout_ms() -> u64 {
+    5000
 }
 
 /// `[generator]`: synthetic traffic produced by the host itself, so `run` shows live output
@@ -415,6 +441,7 @@ impl Config {
                 format!("must be 1 to 10000, not {}", self.http.max_connections),
             ));
         }
+        self.validate_collector()?;
         for reserved in ["group.id", "bootstrap.servers", "enable.auto.offset.store"] {
             if k.settings.contains_key(reserved) {
                 return Err(self.invalid(
@@ -597,10 +624,76 @@ impl Config {
         Ok(())
     }
 
+    /// `[http]`'s keys for `POST /v1/events`.
+    fn validate_collector(&self) -> Result<(), ConfigError> {
+        let h = &self.http;
+        if !(1..=65_536).contains(&h.max_body_kib) {
+            return Err(self.invalid(
+                "http.max_body_kib",
+                format!("must be 1 to 65536 KiB, not {}", h.max_body_kib),
+            ));
+        }
+        if !(100..=300_000).contains(&h.ingest_timeout_ms) {
+            return Err(self.invalid(
+                "http.ingest_timeout_ms",
+                format!("must be 100 to 300000 ms, not {}", h.ingest_timeout_ms),
+            ));
+        }
+        if let Some(t) = &h.token
+            && (t.is_empty() || t.len() > 4096 || !t.bytes().all(|b| b.is_ascii_graphic()))
+        {
+            return Err(self.invalid(
+                "http.token",
+                "must be 1 to 4096 printable ASCII characters without spaces (leave it out for no token)",
+            ));
+        }
+        for (i, origin) in h.cors_origins.iter().enumerate() {
+            if origin == "*" {
+                if h.cors_origins.len() > 1 {
+                    return Err(self.invalid(
+                        format!("http.cors_origins[{i}]"),
+                        "`*` allows every origin: list it alone",
+                    ));
+                }
+            } else if !valid_origin(origin) {
+                return Err(self.invalid(
+                    format!("http.cors_origins[{i}]"),
+                    format!(
+                        "`{origin}` is not an origin like \"https://shop.example\" or \"http://localhost:8080\" (scheme and host, no path or trailing slash), nor \"*\""
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the host must start its own broker.
     pub fn embedded(&self) -> bool {
         self.kafka.brokers.trim() == "embedded"
     }
+}
+
+/// A browser origin: `http` or `https`, `://`, a host (letters, digits, `.`, `-`, or an
+/// IPv6 address in brackets) and an optional port; what a browser sends in `Origin`.
+fn valid_origin(origin: &str) -> bool {
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        return false;
+    };
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !p.contains(']') => (h, Some(p)),
+        _ => (rest, None),
+    };
+    let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        !v6.is_empty() && v6.bytes().all(|b| b.is_ascii_hexdigit() || b == b':')
+    } else {
+        !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+    };
+    matches!(scheme, "http" | "https")
+        && host_ok
+        && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0))
 }
 
 /// Kafka's rule for topic names.
@@ -765,6 +858,55 @@ path = "a.wasm"
         );
         let e = error(&format!("{MINIMAL}start_from = \"middle\"\n"));
         assert!(e.contains("start_from") || e.contains("middle"), "{e}");
+    }
+
+    #[test]
+    fn collector_keys_are_checked_and_named() {
+        let http = |body: &str| format!("{MINIMAL}[http]\n{body}\n");
+        let (_d, c) = with_wasm(MINIMAL);
+        let h = c.unwrap().http;
+        assert_eq!((h.max_body_kib, h.ingest_timeout_ms), (1024, 5000));
+        assert_eq!((h.token, h.cors_origins.len()), (None, 0));
+        let (_d, c) = with_wasm(&http(
+            "token = \"s3cret\"\ncors_origins = [\"https://shop.example\", \"http://localhost:8080\", \"http://[::1]:3000\"]",
+        ));
+        assert_eq!(c.unwrap().http.cors_origins.len(), 3);
+        for (body, key, said) in [
+            ("max_body_kib = 0", "http.max_body_kib", "1 to 65536"),
+            (
+                "ingest_timeout_ms = 10",
+                "http.ingest_timeout_ms",
+                "100 to 300000",
+            ),
+            ("token = \"\"", "http.token", "printable"),
+            ("token = \"a b\"", "http.token", "without spaces"),
+            (
+                "cors_origins = [\"https://shop.example/\"]",
+                "http.cors_origins[0]",
+                "no path",
+            ),
+            (
+                "cors_origins = [\"shop.example\"]",
+                "http.cors_origins[0]",
+                "not an origin",
+            ),
+            (
+                "cors_origins = [\"https://a.example\", \"*\"]",
+                "http.cors_origins[1]",
+                "alone",
+            ),
+            (
+                "cors_origins = [\"http://h:99999\"]",
+                "http.cors_origins[0]",
+                "not an origin",
+            ),
+        ] {
+            let e = error(&http(body));
+            assert!(
+                e.contains(&format!("`{key}`")) && e.contains(said),
+                "{body}: {e}"
+            );
+        }
     }
 
     #[test]
