@@ -273,25 +273,12 @@ fn families(metrics: &Metrics) -> Vec<MetricFamily> {
     let batches = plugins
         .iter()
         .map(|(p, m)| {
-            let mut cumulative = 0;
-            let buckets = super::plugin::LATENCY_BUCKETS
-                .iter()
-                .zip(&m.batch_buckets)
-                .map(|(bound, n)| {
-                    cumulative += n.load(Relaxed);
-                    let mut b = Bucket::default();
-                    b.set_upper_bound(*bound);
-                    b.set_cumulative_count(cumulative);
-                    b
-                })
-                .collect();
-            let mut h = Histogram::default();
-            h.set_bucket(buckets);
-            h.set_sample_count(m.batch_count.load(Relaxed));
-            h.set_sample_sum(m.batch_nanos.load(Relaxed) as f64 / 1e9);
-            let mut metric = labelled(&[("plugin", p)]);
-            metric.set_histogram(h);
-            metric
+            latency_histogram(
+                &[("plugin", p)],
+                &m.batch_buckets,
+                &m.batch_count,
+                &m.batch_nanos,
+            )
         })
         .collect();
     out.push(family(
@@ -394,7 +381,92 @@ fn families(metrics: &Metrics) -> Vec<MetricFamily> {
         MetricType::COUNTER,
         vec![counter(&[], metrics.generated.load(Relaxed))],
     ));
+    out.extend(collector_families(&metrics.collector));
     // A family with no samples (no plugins yet) is not written at all.
     out.retain(|f| !f.get_metric().is_empty());
     out
+}
+
+/// A [`LATENCY_BUCKETS`](super::plugin::LATENCY_BUCKETS) histogram sample.
+fn latency_histogram(
+    labels: &[(&str, &str)],
+    counts: &[AtomicU64],
+    count: &AtomicU64,
+    nanos: &AtomicU64,
+) -> Metric {
+    let mut cumulative = 0;
+    let buckets = super::plugin::LATENCY_BUCKETS
+        .iter()
+        .zip(counts)
+        .map(|(bound, n)| {
+            cumulative += n.load(Relaxed);
+            let mut b = Bucket::default();
+            b.set_upper_bound(*bound);
+            b.set_cumulative_count(cumulative);
+            b
+        })
+        .collect();
+    let mut h = Histogram::default();
+    h.set_bucket(buckets);
+    h.set_sample_count(count.load(Relaxed));
+    h.set_sample_sum(nanos.load(Relaxed) as f64 / 1e9);
+    let mut metric = labelled(labels);
+    metric.set_histogram(h);
+    metric
+}
+
+/// The HTTP collector's families (`POST /v1/events`).
+fn collector_families(c: &super::CollectorMetrics) -> Vec<MetricFamily> {
+    use super::collector::{RejectReason, STATUSES};
+    let rejected = RejectReason::ALL
+        .iter()
+        .map(|r| counter(&[("reason", r.label())], c.rejected(*r)))
+        .collect();
+    let requests = STATUSES
+        .iter()
+        .map(|s| counter(&[("code", &s.to_string())], c.requests(*s)))
+        .collect();
+    vec![
+        family(
+            "eddy_collector_events_accepted_total",
+            "Events POST /v1/events produced to the topic and Kafka acknowledged.",
+            MetricType::COUNTER,
+            vec![counter(&[], c.accepted.load(Relaxed))],
+        ),
+        family(
+            "eddy_collector_events_duplicate_total",
+            "Events POST /v1/events answered ok without writing them: their event_id was acknowledged before.",
+            MetricType::COUNTER,
+            vec![counter(&[], c.duplicates.load(Relaxed))],
+        ),
+        family(
+            "eddy_collector_events_rejected_total",
+            "Events POST /v1/events refused for good, per reason (json, not_object, schema, kafka).",
+            MetricType::COUNTER,
+            rejected,
+        ),
+        family(
+            "eddy_collector_events_unacknowledged_total",
+            "Events Kafka did not acknowledge within http.ingest_timeout_ms (answered 503: the client sends them again).",
+            MetricType::COUNTER,
+            vec![counter(&[], c.unacknowledged.load(Relaxed))],
+        ),
+        family(
+            "eddy_collector_requests_total",
+            "Requests to POST /v1/events, per status code.",
+            MetricType::COUNTER,
+            requests,
+        ),
+        family(
+            "eddy_collector_request_duration_seconds",
+            "Time to answer POST /v1/events (reading, checking, producing, waiting for Kafka's acknowledgement).",
+            MetricType::HISTOGRAM,
+            vec![latency_histogram(
+                &[],
+                &c.latency_buckets,
+                &c.latency_count,
+                &c.latency_nanos,
+            )],
+        ),
+    ]
 }

@@ -4,9 +4,11 @@
 //! Plain atomics on the hot path (a handful of relaxed adds per batch), read at scrape time
 //! by a collector of the `prometheus` crate, which owns the text format.
 
+pub mod collector;
 pub mod exposition;
 mod plugin;
 
+pub use collector::CollectorMetrics;
 pub use plugin::PluginMetrics;
 
 use std::collections::BTreeMap;
@@ -160,6 +162,8 @@ pub struct Metrics {
     /// Re-reads of `plugins.toml` that were applied / refused as invalid.
     pub config_reloads_ok: AtomicU64,
     pub config_reloads_failed: AtomicU64,
+    /// The HTTP collector's (`POST /v1/events`).
+    pub collector: CollectorMetrics,
 }
 
 impl Metrics {

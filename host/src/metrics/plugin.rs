@@ -13,6 +13,21 @@ pub(crate) const LATENCY_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 
+/// Counts one observation of `took` in a [`LATENCY_BUCKETS`] histogram.
+pub(crate) fn observe_latency(
+    buckets: &[AtomicU64; LATENCY_BUCKETS.len()],
+    count: &AtomicU64,
+    nanos: &AtomicU64,
+    took: Duration,
+) {
+    let secs = took.as_secs_f64();
+    if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
+        buckets[i].fetch_add(1, Relaxed);
+    }
+    count.fetch_add(1, Relaxed);
+    nanos.fetch_add(took.as_nanos() as u64, Relaxed);
+}
+
 /// Everything counted for one plugin.
 #[derive(Debug, Default)]
 pub struct PluginMetrics {
@@ -139,12 +154,12 @@ impl PluginMetrics {
     }
 
     pub fn observe_batch(&self, took: Duration) {
-        let secs = took.as_secs_f64();
-        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
-            self.batch_buckets[i].fetch_add(1, Relaxed);
-        }
-        self.batch_count.fetch_add(1, Relaxed);
-        self.batch_nanos.fetch_add(took.as_nanos() as u64, Relaxed);
+        observe_latency(
+            &self.batch_buckets,
+            &self.batch_count,
+            &self.batch_nanos,
+            took,
+        );
     }
 
     /// Counts one state commit (with its offsets) and how long it took.
