@@ -97,13 +97,20 @@ impl Host {
         let http_addr = listener.local_addr()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
+        let collector = http::collector::Collector::new(&config, &client, metrics.clone())?;
         tasks.spawn(http::serve(
             listener,
-            http::router(metrics.clone()),
+            http::router(metrics.clone()).merge(http::collector::router(
+                collector,
+                &config.http.cors_origins,
+            )),
             config.http.max_connections,
             shutdown_rx.clone(),
         ));
         info!("metrics at http://{http_addr}/metrics, health at http://{http_addr}/healthz");
+        info!(
+            "collector at http://{http_addr}/v1/events, tracker at http://{http_addr}/tracker.js"
+        );
 
         let mut producer_client = client.clone();
         if !config.kafka.settings.contains_key("linger.ms") {

@@ -23,7 +23,8 @@
 //! - [`pipeline`]: one plugin's worker: take events (its consumer or the shared fetch), fill
 //!   a batch, run it (isolating failing events), deliver, commit, store offsets; its breaker.
 //! - [`supervisor`]: the running set of plugins: loading, hot reload, file watching.
-//! - [`http`]: the HTTP server (axum): `/metrics`, `/healthz`.
+//! - [`http`]: the HTTP server (axum): `/metrics`, `/healthz`, and the collector
+//!   (`POST /v1/events` into the topic, `/tracker.js`, `/demo`; static files in `host/web/`).
 //! - [`ops`]: `eddy state`, `eddy reset`, `eddy replay`.
 //! - [`generator`]: realistic user-activity traffic (`eddy produce`, the in-process generator).
 //! - `host.rs`: [`Host::start`] wires these together; [`run`] is start, wait for shutdown,

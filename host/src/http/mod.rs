@@ -1,9 +1,10 @@
-//! The host's HTTP server (axum on the host's tokio runtime): `/metrics` and `/healthz`
-//! today, the room for ingestion and live streams next. Bounded: at most
+//! The host's HTTP server (axum on the host's tokio runtime): `/metrics` and `/healthz`, and
+//! the collector (`POST /v1/events`, `/tracker.js`, `/demo`: [`collector`]). Bounded: at most
 //! `[http] max_connections` connections at once (more wait in the kernel's backlog), and the
 //! accept loop backs off after an error such as too many open files. Stops gracefully at
 //! shutdown.
 
+pub mod collector;
 pub mod health;
 mod listener;
 

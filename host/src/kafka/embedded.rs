@@ -121,6 +121,21 @@ impl EmbeddedBroker {
         })
     }
 
+    /// Takes broker `broker` down (`false`: it closes its connections and refuses new
+    /// ones) or brings it back up (`true`): a broker that is unreachable for a while.
+    pub fn set_broker_up(&self, broker: i32, up: bool) -> anyhow::Result<()> {
+        self.mock_op(
+            format!("cannot take broker {broker} up or down"),
+            move |c| {
+                if up {
+                    c.broker_up(broker)
+                } else {
+                    c.broker_down(broker)
+                }
+            },
+        )
+    }
+
     /// Makes broker `broker` the coordinator of consumer group `group` (by default a hash of
     /// the name picks it).
     pub fn set_group_coordinator(&self, group: &str, broker: i32) -> anyhow::Result<()> {
