@@ -192,6 +192,19 @@ fn one_event_an_array_and_ndjson_are_produced_keyed_by_user_and_reach_every_plug
     assert_eq!((status, &answer["accepted"]), (200, &json!(2)), "{answer}");
     sent.extend(lines);
 
+    // A body large enough to be checked off the runtime's worker (over 64 KiB).
+    let large: Vec<Value> = (100..700).map(event).collect();
+    let body = Value::Array(large.clone()).to_string();
+    assert!(body.len() > 64 << 10);
+    let (status, answer, _) = post(&url, &[JSON], &body);
+    assert_eq!(
+        (status, &answer["accepted"]),
+        (200, &json!(600)),
+        "{}",
+        answer["rejected"]
+    );
+    sent.extend(large.iter().map(Value::to_string));
+
     // Posted again (a client that lost the answer), with a new event twice: the events
     // already acknowledged are answered ok without being written again, by `event_id`.
     let again = json!([event(1), event(2), event(3), event(9), event(9)]);
@@ -238,10 +251,10 @@ fn one_event_an_array_and_ndjson_are_produced_keyed_by_user_and_reach_every_plug
     assert_samples(
         &h.metrics(),
         &[
-            ("eddy_collector_events_accepted_total", 10.0),
+            ("eddy_collector_events_accepted_total", 610.0),
             ("eddy_collector_events_duplicate_total", 4.0),
-            ("eddy_collector_requests_total{code=\"200\"}", 5.0),
-            ("eddy_collector_request_duration_seconds_count", 5.0),
+            ("eddy_collector_requests_total{code=\"200\"}", 6.0),
+            ("eddy_collector_request_duration_seconds_count", 6.0),
         ],
     );
 }

@@ -28,7 +28,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use eddy_sdk::Activity;
 use rdkafka::ClientConfig;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde::de::IgnoredAny;
 use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -195,6 +195,19 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     answer(status, &json!({ "error": message.into() }))
 }
 
+/// Bodies larger than this are split, checked and sent in `block_in_place`.
+const LARGE_BODY: usize = 64 << 10;
+
+/// A post's events on their way: each one's fate so far (`Accepted` for those sent, until
+/// Kafka says), the deliveries to wait for (with the index of their event), and each
+/// event's hashed `event_id`.
+struct Sent<'a> {
+    pieces: Vec<Piece<'a>>,
+    fates: Vec<Fate>,
+    pending: Vec<(usize, DeliveryFuture)>,
+    ids: Vec<Option<u64>>,
+}
+
 /// What became of one event of a post.
 enum Fate {
     /// Durable: Kafka acknowledged it.
@@ -251,16 +264,29 @@ impl Collector {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(is_ndjson);
-        let pieces = match split(&bytes, ndjson) {
-            Ok(p) => p,
+        // Splitting, checking and sending cost a few µs an event: a large body's are done
+        // where they do not hold up the runtime's other tasks (as other blocking work is).
+        let sent = if bytes.len() > LARGE_BODY {
+            crate::kafka::blocking(|| self.send(&bytes, ndjson))
+        } else {
+            self.send(&bytes, ndjson)
+        };
+        let Sent {
+            pieces,
+            fates,
+            pending,
+            ids,
+        } = match sent {
+            Ok(sent) => sent,
             Err(message) => return error(StatusCode::BAD_REQUEST, message),
         };
-        let fates = self.produce(&pieces).await;
+        let fates = self.acknowledged(fates, pending, &ids).await;
         self.respond(&pieces, &fates)
     }
 
-    /// Checks and produces every event of `pieces`, and waits for Kafka's verdict on each.
-    async fn produce(&self, pieces: &[Piece<'_>]) -> Vec<Fate> {
+    /// Splits `body` into events, checks each and sends the valid ones (see [`Sent`]).
+    fn send<'a>(&self, body: &'a [u8], ndjson: bool) -> Result<Sent<'a>, String> {
+        let pieces = split(body, ndjson)?;
         let mut fates = Vec::with_capacity(pieces.len());
         let mut pending = Vec::new();
         // Once the producer's queue is full, the rest of the post is not sent at all.
@@ -313,6 +339,21 @@ impl Collector {
                 }
             }
         }
+        Ok(Sent {
+            pieces,
+            fates,
+            pending,
+            ids,
+        })
+    }
+
+    /// Waits for Kafka's verdict on every event sent, and settles the fate of each.
+    async fn acknowledged(
+        &self,
+        mut fates: Vec<Fate>,
+        pending: Vec<(usize, DeliveryFuture)>,
+        ids: &[Option<u64>],
+    ) -> Vec<Fate> {
         let deadline = tokio::time::Instant::now() + self.timeout + VERDICT_GRACE;
         for (i, delivery) in pending {
             fates[i] = match tokio::time::timeout_at(deadline, delivery).await {
@@ -341,7 +382,7 @@ impl Collector {
         self.recent.remember(
             fates
                 .iter()
-                .zip(&ids)
+                .zip(ids)
                 .filter(|(f, _)| matches!(f, Fate::Accepted))
                 .filter_map(|(_, id)| *id),
         );
