@@ -27,6 +27,11 @@ struct Running {
 impl Running {
     /// Starts a host with the logger and analytics plugins and `http` added to `[http]`.
     fn start(http: &str) -> Running {
+        Running::start_with(http, "")
+    }
+
+    /// [`Running::start`] with `kafka_settings` added to `[kafka.settings]`.
+    fn start_with(http: &str, kafka_settings: &str) -> Running {
         init_logs();
         let broker = broker(PARTITIONS);
         let plugins = format!(
@@ -35,10 +40,15 @@ impl Running {
             wasm("eddy_logger"),
             wasm("eddy_analytics")
         );
-        let text = config_text(broker.bootstrap_servers(), PARTITIONS, &plugins).replace(
-            "address = \"127.0.0.1:0\"\n",
-            &format!("address = \"127.0.0.1:0\"\n{http}\n"),
-        );
+        let text = config_text(broker.bootstrap_servers(), PARTITIONS, &plugins)
+            .replace(
+                "address = \"127.0.0.1:0\"\n",
+                &format!("address = \"127.0.0.1:0\"\n{http}\n"),
+            )
+            .replace(
+                "[kafka.settings]\n",
+                &format!("[kafka.settings]\n{kafka_settings}\n"),
+            );
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -144,6 +154,42 @@ fn event(n: usize) -> Value {
         "event_type": "page_view",
         "page_url": "/",
     })
+}
+
+/// Posts `events` as an array, then again those the answer marks `retry` (as the tracker
+/// does), until the answer is 200; the first answer.
+fn post_until_durable(url: &str, events: Vec<Value>) -> (u16, Value, BTreeMap<String, String>) {
+    let mut left = events;
+    let mut first = None;
+    wait_for(Duration::from_secs(60), "a 200 for every event", || {
+        let (status, answer, headers) = post(url, &[JSON], &Value::Array(left.clone()).to_string());
+        assert!(status == 200 || status == 503, "{status}: {answer}");
+        left = answer["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["retry"] == json!(true))
+            .map(|r| left[r["index"].as_u64().unwrap() as usize].clone())
+            .collect();
+        first.get_or_insert((status, answer, headers));
+        status == 200
+    });
+    assert!(left.is_empty());
+    first.unwrap()
+}
+
+/// The `event_id`s in the topic (at most `up_to`), sorted.
+fn ids_in_topic(bootstrap: &str, up_to: usize) -> Vec<String> {
+    let mut ids: Vec<String> = read_topic(bootstrap, TOPIC, up_to)
+        .iter()
+        .map(|m| {
+            use rdkafka::Message;
+            let v: Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            v["event_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    ids.sort();
+    ids
 }
 
 /// Checks that each sample `series` on the metrics page has its value.
@@ -492,39 +538,46 @@ fn while_the_broker_is_down_posts_get_503_with_retry_after_and_succeed_once_it_i
     // Back up: the client sends again what it was told to (as the tracker does) until
     // Kafka has every event.
     h.broker.set_broker_up(1, true).unwrap();
-    let mut left: Vec<Value> = (1..4).map(event).collect();
-    wait_for(
-        Duration::from_secs(60),
-        "a 200 once the broker is back",
-        || {
-            let (s, answer, _) = post(&url, &[JSON], &Value::Array(left.clone()).to_string());
-            assert!(s == 200 || s == 503, "{s}: {answer}");
-            left = answer["results"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|r| r["retry"] == json!(true))
-                .map(|r| left[r["index"].as_u64().unwrap() as usize].clone())
-                .collect();
-            s == 200
-        },
-    );
-    assert!(left.is_empty());
+    post_until_durable(&url, (1..4).map(event).collect());
     // Nothing of the failed posts was written: each event is in the topic once. (Read from
     // the topic: after an outage the plugins' consumers take a while to resume, see the
     // first test for each plugin seeing each event once.)
-    let ids: Vec<String> = read_topic(&h.bootstrap(), TOPIC, 5)
-        .iter()
-        .map(|m| {
-            use rdkafka::Message;
-            let v: Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
-            v["event_id"].as_str().unwrap().to_string()
-        })
-        .collect();
-    let mut sorted = ids.clone();
-    sorted.sort();
-    assert_eq!(sorted, ["e-0", "e-1", "e-2", "e-3"], "{ids:?}");
+    assert_eq!(
+        ids_in_topic(&h.bootstrap(), 5),
+        ["e-0", "e-1", "e-2", "e-3"]
+    );
     let page = h.metrics();
     assert!(sample(&page, "eddy_collector_events_unacknowledged_total") >= 3.0);
     assert!(sample(&page, "eddy_collector_requests_total{code=\"503\"}") >= 1.0);
+}
+
+#[test]
+fn a_full_producer_queue_answers_503_for_the_events_it_could_not_take() {
+    // A producer queue of 5 events: a post of 40 fills it.
+    let h = Running::start_with("", "\"queue.buffering.max.messages\" = \"5\"");
+    let url = h.url("/v1/events");
+    let events: Vec<Value> = (0..40).map(event).collect();
+    let (status, answer, headers) = post_until_durable(&url, events);
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(headers["retry-after"], "2");
+    let retry = answer["retry"].as_u64().unwrap();
+    assert!(
+        retry > 0 && answer["accepted"].as_u64().unwrap() + retry == 40,
+        "{answer}"
+    );
+    let first_retry = answer["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["retry"] == json!(true))
+        .unwrap();
+    assert!(
+        first_retry["error"].as_str().unwrap().contains("not sent"),
+        "{first_retry}"
+    );
+    // Sent again until all were taken: each event once in the topic, and in each plugin.
+    let mut want: Vec<String> = (0..40).map(|n| format!("e-{n}")).collect();
+    want.sort();
+    assert_eq!(ids_in_topic(&h.bootstrap(), 41), want);
+    h.each_plugin_handled_exactly(40);
 }
