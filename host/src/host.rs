@@ -3,6 +3,7 @@
 
 use crate::config::Config;
 use crate::kafka::{self, ClusterView, EmbeddedBroker};
+use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::{clock, generator, http, supervisor, wasm};
 use anyhow::Context as _;
@@ -93,17 +94,28 @@ impl Host {
         let sandboxes = supervisor::load_all(&engine, &config, &cluster).await?;
 
         let metrics = Arc::new(Metrics::default());
+        let live = Arc::new(Live::new(
+            config.http.stream_buffer,
+            config.http.stream_max_clients,
+            metrics.clone(),
+        ));
         let listener = http::bind(config.http.address).await?;
         let http_addr = listener.local_addr()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
-        tasks.spawn(http::serve(
-            listener,
-            http::router(metrics.clone()),
-            config.http.max_connections,
-            shutdown_rx.clone(),
-        ));
-        info!("metrics at http://{http_addr}/metrics, health at http://{http_addr}/healthz");
+        let router = http::router(http::Shared {
+            metrics: metrics.clone(),
+            live: live.clone(),
+            shutdown: shutdown_rx.clone(),
+        });
+        let (http_config, http_metrics, http_shutdown) =
+            (config.http.clone(), metrics.clone(), shutdown_rx.clone());
+        tasks.spawn(async move {
+            http::serve(listener, router, &http_config, &http_metrics, http_shutdown).await
+        });
+        info!(
+            "dashboard at http://{http_addr}/ (metrics at /metrics, health at /healthz, live stream at /v1/stream)"
+        );
 
         let mut producer_client = client.clone();
         if !config.kafka.settings.contains_key("linger.ms") {
@@ -137,6 +149,7 @@ impl Host {
             metrics.clone(),
             shutdown_rx.clone(),
             shared_fetch,
+            live,
         );
         tasks.spawn(supervisor::supervise(
             supervisor,
