@@ -23,6 +23,11 @@ pub struct Host {
     bootstrap: String,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    /// The HTTP server stops last, so live-stream clients get the records of the plugins'
+    /// final commits before their stream ends.
+    http_shutdown: watch::Sender<bool>,
+    /// (A set of one: dropped, as when `start` fails part-way, it aborts the server.)
+    http: JoinSet<()>,
     reloads: tokio::sync::mpsc::Sender<supervisor::Request>,
     generator_stop: Arc<AtomicBool>,
     generator: Option<tokio::task::JoinHandle<()>>,
@@ -102,16 +107,24 @@ impl Host {
         let listener = http::bind(config.http.address).await?;
         let http_addr = listener.local_addr()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let (http_shutdown, http_shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let router = http::router(http::Shared {
             metrics: metrics.clone(),
             live: live.clone(),
-            shutdown: shutdown_rx.clone(),
+            shutdown: http_shutdown_rx.clone(),
         });
-        let (http_config, http_metrics, http_shutdown) =
-            (config.http.clone(), metrics.clone(), shutdown_rx.clone());
-        tasks.spawn(async move {
-            http::serve(listener, router, &http_config, &http_metrics, http_shutdown).await
+        let (http_config, http_metrics) = (config.http.clone(), metrics.clone());
+        let mut http = JoinSet::new();
+        http.spawn(async move {
+            http::serve(
+                listener,
+                router,
+                &http_config,
+                &http_metrics,
+                http_shutdown_rx,
+            )
+            .await
         });
         info!(
             "dashboard at http://{http_addr}/ (metrics at /metrics, health at /healthz, live stream at /v1/stream)"
@@ -196,6 +209,8 @@ impl Host {
             bootstrap,
             shutdown,
             tasks,
+            http_shutdown,
+            http,
             reloads,
             generator_stop,
             generator,
@@ -230,8 +245,8 @@ impl Host {
             .map_err(|_| anyhow::anyhow!("the host is stopping"))
     }
 
-    /// Stops the generator, lets each plugin finish its batch in flight and commit, and
-    /// stops the embedded broker.
+    /// Stops the generator, lets each plugin finish its batch in flight and commit, stops
+    /// the HTTP server (live streams end with a `closed` message) and the embedded broker.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.generator_stop.store(true, Ordering::Relaxed);
         if let Some(g) = self.generator.take() {
@@ -240,6 +255,10 @@ impl Host {
         let _ = self.shutdown.send(true);
         while let Some(r) = self.tasks.join_next().await {
             r.context("host task")?;
+        }
+        let _ = self.http_shutdown.send(true);
+        while let Some(r) = self.http.join_next().await {
+            r.context("http server")?;
         }
         Ok(())
     }

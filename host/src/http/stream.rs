@@ -166,15 +166,11 @@ impl Feed {
         .to_string()
     }
 
+    /// Records first: when the host stops, the records of the plugins' final commits are
+    /// out before `closed` (the server stops after the plugins).
     async fn next(&mut self) -> Out {
-        if *self.shutdown.borrow() {
-            return Out::Closed("the host is stopping".into());
-        }
         tokio::select! {
-            _ = self.shutdown.changed() => Out::Closed("the host is stopping".into()),
-            _ = async { self.status.as_mut().expect("guarded").tick().await }, if self.status.is_some() => {
-                Out::Status(status(&self.shared))
-            }
+            biased;
             next = self.watcher.next(), if self.records => match next {
                 Next::Record(r) => Out::Record(r.json.clone()),
                 Next::TooSlow { missed } => Out::Closed(format!(
@@ -183,6 +179,10 @@ impl Feed {
                 )),
                 Next::Closed => Out::Closed("the host is stopping".into()),
             },
+            _ = async { self.status.as_mut().expect("guarded").tick().await }, if self.status.is_some() => {
+                Out::Status(status(&self.shared))
+            }
+            _ = self.shutdown.wait_for(|stopping| *stopping) => Out::Closed("the host is stopping".into()),
         }
     }
 }

@@ -218,7 +218,6 @@ impl Worker {
         let program = self.sandbox().program().clone();
         info!(group = %self.plugin.group_id(), digest = %program.digest(), precompiled = program.precompiled,
             load_ms = program.compile_time.as_millis() as u64, "consuming");
-        self.announce_outputs();
         let mut tick = self.tick_interval();
         let mut tick_ms = self.plugin.tick_interval_ms;
         let mut consume_errors = Policy::CONSUME.backoff();
@@ -322,9 +321,6 @@ impl Worker {
         tokio::task::spawn_blocking(move || span.in_scope(|| leave(consumer)))
             .await
             .expect("leaving the group does not panic");
-        if let Some(live) = &self.live {
-            live.forget(&self.plugin.name);
-        }
         Ok(())
     }
 

@@ -141,6 +141,9 @@ impl Supervisor {
     }
 
     fn spawn(&mut self, plugin: PluginConfig, sandbox: Sandbox) {
+        // Known to the live stream from now on, before the worker runs.
+        self.live
+            .set_outputs(&plugin.name, plugin.outputs.keys().cloned());
         let (control, control_rx) = mpsc::channel(1);
         let program = sandbox.program().clone();
         let worker = Worker::new(
@@ -241,6 +244,7 @@ impl Supervisor {
             // Its series leave /metrics and its entry /healthz: a removed plugin is not a
             // plugin that is down.
             self.metrics.remove_plugin(&name);
+            self.live.forget(&name);
             report.removed.push(name);
         }
 
