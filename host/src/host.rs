@@ -264,6 +264,17 @@ impl Host {
     }
 }
 
+impl Drop for Host {
+    /// A host dropped without [`Host::stop`] (a failed test, say) still stops its generator
+    /// and tasks, so that whatever waits for its blocking threads (a runtime shutting down)
+    /// does not wait for ever. Nothing is committed beyond what already was.
+    fn drop(&mut self) {
+        self.generator_stop.store(true, Ordering::Relaxed);
+        let _ = self.shutdown.send(true);
+        let _ = self.http_shutdown.send(true);
+    }
+}
+
 /// Compiles every plugin and runs its `init` with its config in a scratch sandbox, as a
 /// start would, without a broker or state: `eddy check`. Reports every plugin that fails.
 pub fn check_plugins(config: &Config) -> anyhow::Result<()> {
