@@ -63,6 +63,7 @@ function list(el, items, empty) {
 
 function showSummary(s) {
   lastSummaryAt = Date.now();
+  text($("summary-age"), "0 s");
   text($("active-users"), number(s.active_users));
   text($("events-per-sec"), s.events_per_sec_10s.toFixed(1));
   text($("events-per-sec-1m"), s.events_per_sec_1m.toFixed(1));
@@ -86,7 +87,7 @@ function showAlert(record) {
   const ul = $("alerts");
   if (alertCount === 0) ul.replaceChildren();
   alertCount += 1;
-  text($("alert-count"), `(${number(alertCount)} since this page opened)`);
+  text($("alert-count"), `(${number(alertCount)})`);
   const a = record.value !== undefined ? record.value : record.text;
   const severity = (a && (a.severity || (a.score >= 90 ? "high" : "medium"))) || "";
   const li = document.createElement("li");

@@ -6,19 +6,29 @@
 //! watcher, and each watcher reads the ring at its own pace. One that falls further behind
 //! than the ring holds has missed records: it is disconnected with that reason, and a slow
 //! watcher never slows a plugin or another watcher. Records are rendered to JSON once, when
-//! published, and only while someone watches. At most `[http] stream_max_clients` watch at
-//! once (a [`Watcher`] holds one place).
+//! published. At most `[http] stream_max_clients` watch at once (a [`Watcher`] holds one
+//! place).
+//!
+//! The last [`RECENT_PER_OUTPUT`] records of each output are kept, and a new watcher gets
+//! those of the outputs it asked for first (oldest first), so a page that opens shows the
+//! latest figures and alerts at once rather than after the next tick. A record is either in
+//! that backlog or arrives live, never both (both are taken under one lock).
 
 use crate::metrics::Metrics;
 use crate::wasm::OutputRecord;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
 
+/// How many of each output's latest records a new watcher gets first.
+pub const RECENT_PER_OUTPUT: usize = 20;
+
 /// One output record as watchers receive it.
 #[derive(Debug)]
 pub struct LiveRecord {
+    /// Its place in the order of publication.
+    seq: u64,
     /// `plugin/output`, what a watcher filters on.
     pub output: String,
     /// The record as a JSON object: `{"plugin","output","key","time_ms"}` and its payload as
@@ -41,6 +51,8 @@ pub struct Live {
     sender: broadcast::Sender<Arc<LiveRecord>>,
     /// Each running plugin's output names (what a watcher may ask for).
     outputs: Mutex<BTreeMap<String, Vec<String>>>,
+    /// The latest records of each `plugin/output`, and how many were published in all.
+    recent: Mutex<(BTreeMap<String, VecDeque<Arc<LiveRecord>>>, u64)>,
     places: Arc<Semaphore>,
     max_clients: usize,
     /// How many records one watcher may fall behind before it is disconnected.
@@ -55,6 +67,7 @@ impl Live {
         Live {
             sender,
             outputs: Mutex::default(),
+            recent: Mutex::default(),
             places: Arc::new(Semaphore::new(max_clients)),
             max_clients,
             buffer: buffer.max(1),
@@ -71,6 +84,9 @@ impl Live {
     /// `plugin` stopped: it emits nothing more.
     pub fn forget(&self, plugin: &str) {
         self.outputs.lock().expect("outputs lock").remove(plugin);
+        let prefix = format!("{plugin}/");
+        let mut recent = self.recent.lock().expect("recent lock");
+        recent.0.retain(|output, _| !output.starts_with(&prefix));
     }
 
     /// Every `plugin/output` that exists now.
@@ -86,17 +102,36 @@ impl Live {
         self.max_clients - self.places.available_permits()
     }
 
-    /// Hands committed records of `plugin` to the watchers (nothing to do if none watch).
+    /// Hands committed records of `plugin` to the watchers, and keeps each output's latest.
+    /// With nobody watching, only those are rendered.
     pub fn publish(&self, plugin: &str, records: &[OutputRecord], time_ms: i64) {
-        if self.sender.receiver_count() == 0 {
-            return;
+        let watched = self.sender.receiver_count() > 0;
+        let mut recent = self.recent.lock().expect("recent lock");
+        let (latest, published) = &mut *recent;
+        // Without watchers, a record older than the last RECENT_PER_OUTPUT of its output in
+        // this batch would be rendered only to be dropped.
+        let mut kept: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut skip = vec![false; records.len()];
+        if !watched {
+            for (i, r) in records.iter().enumerate().rev() {
+                let n = kept.entry(r.output.as_str()).or_default();
+                *n += 1;
+                skip[i] = *n > RECENT_PER_OUTPUT;
+            }
         }
-        for r in records {
-            let record = LiveRecord {
+        for (r, _) in records.iter().zip(skip).filter(|(_, skip)| !skip) {
+            *published += 1;
+            let record = Arc::new(LiveRecord {
+                seq: *published,
                 output: format!("{plugin}/{}", r.output),
                 json: render(plugin, r, time_ms),
-            };
-            if self.sender.send(Arc::new(record)).is_ok() {
+            });
+            let queue = latest.entry(record.output.clone()).or_default();
+            if queue.len() == RECENT_PER_OUTPUT {
+                queue.pop_front();
+            }
+            queue.push_back(record.clone());
+            if watched && self.sender.send(record).is_ok() {
                 self.metrics.stream_records.fetch_add(1, Relaxed);
             }
         }
@@ -123,12 +158,24 @@ impl Live {
             .try_acquire_owned()
             .map_err(|_| WatchError::Full(self.max_clients))?;
         self.metrics.stream_clients.fetch_add(1, Relaxed);
-        Ok(Watcher {
+        let recent = self.recent.lock().expect("recent lock");
+        let mut watcher = Watcher {
+            backlog: VecDeque::new(),
             receiver: self.sender.subscribe(),
             filter,
             metrics: self.metrics.clone(),
             _place: place,
-        })
+        };
+        let mut backlog: Vec<Arc<LiveRecord>> = recent
+            .0
+            .iter()
+            .filter(|(output, _)| watcher.wants(output))
+            .flat_map(|(_, records)| records.iter().cloned())
+            .collect();
+        drop(recent);
+        backlog.sort_by_key(|r| r.seq);
+        watcher.backlog = backlog.into();
+        Ok(watcher)
     }
 }
 
@@ -147,6 +194,8 @@ pub enum Next {
 /// One watcher's place in the feed. Dropping it frees the place.
 #[derive(Debug)]
 pub struct Watcher {
+    /// The latest records from before it started, handed out first.
+    backlog: VecDeque<Arc<LiveRecord>>,
     receiver: broadcast::Receiver<Arc<LiveRecord>>,
     filter: Vec<String>,
     metrics: Arc<Metrics>,
@@ -162,6 +211,9 @@ impl Drop for Watcher {
 impl Watcher {
     /// The next record this watcher asked for.
     pub async fn next(&mut self) -> Next {
+        if let Some(record) = self.backlog.pop_front() {
+            return Next::Record(record);
+        }
         loop {
             match self.receiver.recv().await {
                 Ok(record) if self.wants(&record.output) => return Next::Record(record),
@@ -264,6 +316,37 @@ mod tests {
             live.publish("dashboard", &[record("text", b"x")], 4);
         }
         assert!(matches!(everything.next().await, Next::TooSlow { missed } if missed > 0));
+    }
+
+    #[tokio::test]
+    async fn a_new_watcher_gets_the_latest_records_of_its_outputs_first_then_live_ones() {
+        let live = Live::new(64, 2, Default::default());
+        live.set_outputs("dashboard", ["summary".to_string(), "text".to_string()]);
+        // Nobody watches: 25 summaries in one batch, then 3 in another, and some text.
+        let batch: Vec<_> = (0..25)
+            .map(|i| record("summary", format!("{{\"n\":{i}}}").as_bytes()))
+            .collect();
+        live.publish("dashboard", &batch, 1);
+        live.publish("dashboard", &[record("text", b"t")], 1);
+        let batch: Vec<_> = (25..28)
+            .map(|i| record("summary", format!("{{\"n\":{i}}}").as_bytes()))
+            .collect();
+        live.publish("dashboard", &batch, 2);
+        let mut w = live.watch(vec!["dashboard/summary".into()]).unwrap();
+        live.publish("dashboard", &[record("summary", br#"{"n":28}"#)], 3);
+        let mut seen = Vec::new();
+        for _ in 0..(RECENT_PER_OUTPUT + 1) {
+            let Next::Record(r) = w.next().await else {
+                panic!("a record")
+            };
+            let v: serde_json::Value = serde_json::from_str(&r.json).unwrap();
+            seen.push(v["value"]["n"].as_i64().unwrap());
+        }
+        let expected: Vec<i64> = (28 - RECENT_PER_OUTPUT as i64..=28).collect();
+        assert_eq!(
+            seen, expected,
+            "the latest 20, oldest first, then the live one, once"
+        );
     }
 
     #[test]

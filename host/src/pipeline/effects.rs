@@ -195,8 +195,12 @@ impl Worker {
     /// `outputs` were just committed: they go to the live feed once they are on the disk
     /// (at once, unless this commit was deferred: then with the sync that takes it there).
     pub(super) fn committed(&mut self, outputs: Vec<OutputRecord>) {
-        let Some(live) = &self.live else { return };
-        if live.clients() > 0 {
+        if self.live.is_none() || outputs.is_empty() {
+            return;
+        }
+        if self.live_held.is_empty() {
+            self.live_held = outputs;
+        } else {
             self.live_held.extend(outputs);
         }
         if self.unsynced.is_none() {
