@@ -45,14 +45,20 @@ pub enum WatchError {
     UnknownOutput { unknown: String, known: String },
 }
 
+/// The latest records of each `plugin/output`, and how many were published in all.
+#[derive(Debug, Default)]
+struct Recent {
+    latest: BTreeMap<String, VecDeque<Arc<LiveRecord>>>,
+    published: u64,
+}
+
 /// The feed: plugins' workers publish, watchers subscribe.
 #[derive(Debug)]
 pub struct Live {
     sender: broadcast::Sender<Arc<LiveRecord>>,
     /// Each running plugin's output names (what a watcher may ask for).
     outputs: Mutex<BTreeMap<String, Vec<String>>>,
-    /// The latest records of each `plugin/output`, and how many were published in all.
-    recent: Mutex<(BTreeMap<String, VecDeque<Arc<LiveRecord>>>, u64)>,
+    recent: Mutex<Recent>,
     places: Arc<Semaphore>,
     max_clients: usize,
     /// How many records one watcher may fall behind before it is disconnected.
@@ -86,7 +92,9 @@ impl Live {
         self.outputs.lock().expect("outputs lock").remove(plugin);
         let prefix = format!("{plugin}/");
         let mut recent = self.recent.lock().expect("recent lock");
-        recent.0.retain(|output, _| !output.starts_with(&prefix));
+        recent
+            .latest
+            .retain(|output, _| !output.starts_with(&prefix));
     }
 
     /// Every `plugin/output` that exists now.
@@ -107,7 +115,7 @@ impl Live {
     pub fn publish(&self, plugin: &str, records: &[OutputRecord], time_ms: i64) {
         let watched = self.sender.receiver_count() > 0;
         let mut recent = self.recent.lock().expect("recent lock");
-        let (latest, published) = &mut *recent;
+        let Recent { latest, published } = &mut *recent;
         // Without watchers, a record older than the last RECENT_PER_OUTPUT of its output in
         // this batch would be rendered only to be dropped.
         let mut kept: BTreeMap<&str, usize> = BTreeMap::new();
@@ -167,7 +175,7 @@ impl Live {
             _place: place,
         };
         let mut backlog: Vec<Arc<LiveRecord>> = recent
-            .0
+            .latest
             .iter()
             .filter(|(output, _)| watcher.wants(output))
             .flat_map(|(_, records)| records.iter().cloned())
