@@ -6,12 +6,12 @@
 PLUGINS := eddy-logger eddy-analytics eddy-alert eddy-fraud eddy-dashboard eddy-behaviour eddy-fixture-misbehave eddy-fixture-wrong-world eddy-fixture-old-contract eddy-fixture-noop eddy-fixture-echo
 CARGO ?= cargo
 
-.PHONY: run test tansu promtool plugins target check lint bench-reload bench-state bench-throughput bench-dispatch bench-plugins bench-memory bench-peer bench-isolation soak fuzz
+.PHONY: run test tansu promtool browser plugins target check lint bench-reload bench-state bench-throughput bench-dispatch bench-plugins bench-memory bench-peer bench-isolation soak fuzz
 
 run: plugins
 	$(CARGO) run --release -p eddy -- run --config plugins.toml
 
-test: target tansu promtool
+test: target tansu promtool browser
 	EDDY_TANSU=$(TANSU) $(CARGO) test --workspace
 
 # tansu, a Kafka-protocol broker that stores in SQLite, for the real-broker tests
@@ -37,6 +37,17 @@ promtool:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
 	  else \
 	    echo "make test needs promtool (the /metrics format check): sudo apt-get install prometheus"; exit 1; \
+	  fi; }
+
+# Headless Chromium and chromedriver, which the web dashboard's test drives: Debian's chromium
+# and chromium-driver packages, installed here when running as root on Debian (as CI does).
+browser:
+	@command -v chromedriver >/dev/null && command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian's chromium and chromium-driver for the web dashboard's test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "make test needs a headless browser for the dashboard's test: sudo apt-get install chromium chromium-driver"; exit 1; \
 	  fi; }
 
 # The plugins, as WebAssembly components, in target/wasm32-wasip2/plugin/.

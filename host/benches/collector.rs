@@ -86,13 +86,19 @@ fn main() -> anyhow::Result<()> {
     let addr = rt.block_on(async {
         let listener = eddy::http::bind(config.http.address).await?;
         let addr = listener.local_addr()?;
-        let c = collector::Collector::new(&config, &client, Arc::new(Metrics::default()))?;
-        tokio::spawn(eddy::http::serve(
-            listener,
-            collector::router(c, &[]),
-            64,
-            stopped,
-        ));
+        let metrics = Arc::new(Metrics::default());
+        let c = collector::Collector::new(&config, &client, metrics.clone())?;
+        let http = config.http.clone();
+        tokio::spawn(async move {
+            eddy::http::serve(
+                listener,
+                collector::router(c, &[]),
+                &http,
+                &metrics,
+                stopped,
+            )
+            .await
+        });
         anyhow::Ok(addr)
     })?;
     let url = format!("http://{addr}/v1/events");

@@ -3,6 +3,7 @@
 
 use crate::config::Config;
 use crate::kafka::{self, ClusterView, EmbeddedBroker};
+use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::{clock, generator, http, supervisor, wasm};
 use anyhow::Context as _;
@@ -22,6 +23,11 @@ pub struct Host {
     bootstrap: String,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
+    /// The HTTP server stops last, so live-stream clients get the records of the plugins'
+    /// final commits before their stream ends.
+    http_shutdown: watch::Sender<bool>,
+    /// (A set of one: dropped, as when `start` fails part-way, it aborts the server.)
+    http: JoinSet<()>,
     reloads: tokio::sync::mpsc::Sender<supervisor::Request>,
     generator_stop: Arc<AtomicBool>,
     generator: Option<tokio::task::JoinHandle<()>>,
@@ -93,23 +99,40 @@ impl Host {
         let sandboxes = supervisor::load_all(&engine, &config, &cluster).await?;
 
         let metrics = Arc::new(Metrics::default());
+        let live = Arc::new(Live::new(
+            config.http.stream_buffer,
+            config.http.stream_max_clients,
+            metrics.clone(),
+        ));
         let listener = http::bind(config.http.address).await?;
         let http_addr = listener.local_addr()?;
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let (http_shutdown, http_shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let collector = http::collector::Collector::new(&config, &client, metrics.clone())?;
-        tasks.spawn(http::serve(
-            listener,
-            http::router(metrics.clone()).merge(http::collector::router(
-                collector,
-                &config.http.cors_origins,
-            )),
-            config.http.max_connections,
-            shutdown_rx.clone(),
+        let router = http::router(http::Shared {
+            metrics: metrics.clone(),
+            live: live.clone(),
+            shutdown: http_shutdown_rx.clone(),
+        })
+        .merge(http::collector::router(
+            collector,
+            &config.http.cors_origins,
         ));
-        info!("metrics at http://{http_addr}/metrics, health at http://{http_addr}/healthz");
+        let (http_config, http_metrics) = (config.http.clone(), metrics.clone());
+        let mut http = JoinSet::new();
+        http.spawn(async move {
+            http::serve(
+                listener,
+                router,
+                &http_config,
+                &http_metrics,
+                http_shutdown_rx,
+            )
+            .await
+        });
         info!(
-            "collector at http://{http_addr}/v1/events, tracker at http://{http_addr}/tracker.js"
+            "dashboard at http://{http_addr}/ (metrics at /metrics, health at /healthz, live stream at /v1/stream, collector at /v1/events)"
         );
 
         let mut producer_client = client.clone();
@@ -144,6 +167,7 @@ impl Host {
             metrics.clone(),
             shutdown_rx.clone(),
             shared_fetch,
+            live,
         );
         tasks.spawn(supervisor::supervise(
             supervisor,
@@ -190,6 +214,8 @@ impl Host {
             bootstrap,
             shutdown,
             tasks,
+            http_shutdown,
+            http,
             reloads,
             generator_stop,
             generator,
@@ -224,8 +250,8 @@ impl Host {
             .map_err(|_| anyhow::anyhow!("the host is stopping"))
     }
 
-    /// Stops the generator, lets each plugin finish its batch in flight and commit, and
-    /// stops the embedded broker.
+    /// Stops the generator, lets each plugin finish its batch in flight and commit, stops
+    /// the HTTP server (live streams end with a `closed` message) and the embedded broker.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.generator_stop.store(true, Ordering::Relaxed);
         if let Some(g) = self.generator.take() {
@@ -235,7 +261,22 @@ impl Host {
         while let Some(r) = self.tasks.join_next().await {
             r.context("host task")?;
         }
+        let _ = self.http_shutdown.send(true);
+        while let Some(r) = self.http.join_next().await {
+            r.context("http server")?;
+        }
         Ok(())
+    }
+}
+
+impl Drop for Host {
+    /// A host dropped without [`Host::stop`] (a failed test, say) still stops its generator
+    /// and tasks, so that whatever waits for its blocking threads (a runtime shutting down)
+    /// does not wait for ever. Nothing is committed beyond what already was.
+    fn drop(&mut self) {
+        self.generator_stop.store(true, Ordering::Relaxed);
+        let _ = self.shutdown.send(true);
+        let _ = self.http_shutdown.send(true);
     }
 }
 

@@ -20,11 +20,14 @@
 //!   (traps, swaps, probation), and the host side of each WIT interface in `wasm/host/`.
 //! - [`sinks`]: where outputs go, one [`sinks::Sink`] per kind (stdout, Kafka topic), and
 //!   dead letters.
+//! - [`live`]: the live feed: committed output records fanned out to watchers, a slow
+//!   watcher disconnected rather than waited for.
 //! - [`pipeline`]: one plugin's worker: take events (its consumer or the shared fetch), fill
 //!   a batch, run it (isolating failing events), deliver, commit, store offsets; its breaker.
 //! - [`supervisor`]: the running set of plugins: loading, hot reload, file watching.
-//! - [`http`]: the HTTP server (axum): `/metrics`, `/healthz`, and the collector
-//!   (`POST /v1/events` into the topic, `/tracker.js`, `/demo`; static files in `host/web/`).
+//! - [`http`]: the HTTP server (axum): `/metrics`, `/healthz`, the live stream (`/v1/stream`,
+//!   `/v1/ws`), the web dashboard at `/`, and the collector (`POST /v1/events` into the
+//!   topic, `/tracker.js`, `/demo`) (their files in `host/web/`).
 //! - [`ops`]: `eddy state`, `eddy reset`, `eddy replay`.
 //! - [`generator`]: realistic user-activity traffic (`eddy produce`, the in-process generator).
 //! - `host.rs`: [`Host::start`] wires these together; [`run`] is start, wait for shutdown,
@@ -37,6 +40,7 @@ pub mod generator;
 mod host;
 pub mod http;
 pub mod kafka;
+pub mod live;
 pub mod metrics;
 pub mod ops;
 pub mod pipeline;

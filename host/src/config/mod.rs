@@ -120,6 +120,17 @@ pub struct HttpConfig {
     /// Most connections served at once; more wait until one closes.
     #[serde(default = "default_http_max_connections")]
     pub max_connections: usize,
+    /// Most clients of the live stream (`/v1/stream`, `/v1/ws`) at once; more get 503.
+    #[serde(default = "default_stream_max_clients")]
+    pub stream_max_clients: usize,
+    /// How many records a live-stream client may fall behind before it is disconnected
+    /// (it has then missed records, and is told so).
+    #[serde(default = "default_stream_buffer")]
+    pub stream_buffer: usize,
+    /// A connection that takes nothing of what the host sends for this long is closed (a
+    /// live-stream client that stopped reading, say).
+    #[serde(default = "default_send_timeout_ms")]
+    pub send_timeout_ms: u64,
     /// The largest body `POST /v1/events` takes, in KiB; a larger one is answered 413.
     #[serde(default = "default_http_max_body_kib")]
     pub max_body_kib: usize,
@@ -143,12 +154,27 @@ impl Default for HttpConfig {
         HttpConfig {
             address: default_http_address(),
             max_connections: default_http_max_connections(),
+            stream_max_clients: default_stream_max_clients(),
+            stream_buffer: default_stream_buffer(),
+            send_timeout_ms: default_send_timeout_ms(),
             max_body_kib: default_http_max_body_kib(),
             ingest_timeout_ms: default_http_ingest_timeout_ms(),
             token: None,
             cors_origins: Vec::new(),
         }
     }
+}
+
+fn default_stream_max_clients() -> usize {
+    32
+}
+
+fn default_stream_buffer() -> usize {
+    1024
+}
+
+fn default_send_timeout_ms() -> u64 {
+    10_000
 }
 
 fn default_http_max_connections() -> usize {
@@ -439,6 +465,33 @@ impl Config {
             return Err(self.invalid(
                 "http.max_connections",
                 format!("must be 1 to 10000, not {}", self.http.max_connections),
+            ));
+        }
+        if self.http.stream_max_clients >= self.http.max_connections {
+            return Err(self.invalid(
+                "http.stream_max_clients",
+                format!(
+                    "must be below http.max_connections ({}), not {}: each client holds a connection, and /metrics and /healthz need one too",
+                    self.http.max_connections, self.http.stream_max_clients
+                ),
+            ));
+        }
+        if !(1..=1_000_000).contains(&self.http.stream_buffer) {
+            return Err(self.invalid(
+                "http.stream_buffer",
+                format!(
+                    "must be 1 to 1000000 records, not {}",
+                    self.http.stream_buffer
+                ),
+            ));
+        }
+        if !(100..=600_000).contains(&self.http.send_timeout_ms) {
+            return Err(self.invalid(
+                "http.send_timeout_ms",
+                format!(
+                    "must be 100 to 600000 ms, not {}",
+                    self.http.send_timeout_ms
+                ),
             ));
         }
         self.validate_collector()?;

@@ -1,5 +1,6 @@
 //! `/healthz`: whether every plugin is consuming with its breaker closed and room in its state
-//! quota, and whether Kafka is reachable; per plugin, its state, events handled and lag.
+//! quota, and whether Kafka is reachable; per plugin, its state, running version, events
+//! handled, dead-lettered and lag. The live stream's `status` messages carry the same report.
 
 use crate::metrics::Metrics;
 use std::sync::atomic::Ordering::Relaxed;
@@ -68,11 +69,15 @@ pub fn health(metrics: &Metrics) -> Health {
                 ("up", _) | (_, "up") => "up",
                 _ => "unknown",
             };
+            let version = m.version();
             let v = serde_json::json!({
                 "up": up,
                 "kafka": plugin_kafka,
                 "breaker": breaker,
+                "version": { "digest": version.digest, "path": version.path, "loaded_at": version.loaded_at },
                 "events": m.events_handled(),
+                "dead_letters": m.events(crate::metrics::Outcome::DeadLetter),
+                "outputs": m.output_records.load(Relaxed),
                 "consumer_lag": m.consumer_lag.load(Relaxed),
                 "shared_fetch_partitions": m.shared_partitions.load(Relaxed),
                 "state": { "bytes": bytes, "limit_bytes": limit, "full": full },

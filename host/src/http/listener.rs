@@ -2,6 +2,10 @@
 //! as long as it is open, and the next accept waits for a free one (the kernel's backlog
 //! holds the rest). An accept error (EMFILE when the process is out of file descriptors, say)
 //! is logged and retried after a backoff that grows on [`Policy::ACCEPT`], never at once.
+//!
+//! A connection whose peer takes nothing of what the host writes for `send_timeout` is
+//! closed (its writes fail with `TimedOut`): a live-stream client that stopped reading would
+//! otherwise hold its connection, and its place, for ever.
 
 use crate::retry::Policy;
 use std::future::Future;
@@ -9,7 +13,9 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -18,13 +24,23 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 pub struct BoundedListener {
     listener: TcpListener,
     slots: Arc<Semaphore>,
+    send_timeout: Duration,
+    /// Connections closed because their peer stopped taking what was sent.
+    send_timeouts: Arc<AtomicU64>,
 }
 
 impl BoundedListener {
-    pub fn new(listener: TcpListener, max_connections: usize) -> BoundedListener {
+    pub fn new(
+        listener: TcpListener,
+        max_connections: usize,
+        send_timeout: Duration,
+        send_timeouts: Arc<AtomicU64>,
+    ) -> BoundedListener {
         BoundedListener {
             listener,
             slots: Arc::new(Semaphore::new(max_connections.max(1))),
+            send_timeout,
+            send_timeouts,
         }
     }
 }
@@ -45,6 +61,9 @@ impl axum::serve::Listener for BoundedListener {
             Permitted {
                 stream,
                 _permit: permit,
+                send_timeout: self.send_timeout,
+                stalled: None,
+                send_timeouts: self.send_timeouts.clone(),
             },
             addr,
         )
@@ -92,6 +111,35 @@ fn is_connection_error(e: &io::Error) -> bool {
 pub struct Permitted {
     stream: TcpStream,
     _permit: OwnedSemaphorePermit,
+    send_timeout: Duration,
+    /// Since a write has been waiting for the peer: fails the write when it fires.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    send_timeouts: Arc<AtomicU64>,
+}
+
+impl Permitted {
+    /// Passes a write's outcome through; while it waits for the peer, fails it once it has
+    /// waited `send_timeout`.
+    fn deadline<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if poll.is_ready() {
+            self.stalled = None;
+            return poll;
+        }
+        let timeout = self.send_timeout;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        ready!(stalled.as_mut().poll(cx));
+        self.send_timeouts.fetch_add(1, Relaxed);
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the peer took nothing for {timeout:?} ([http] send_timeout_ms)"),
+        )))
+    }
 }
 
 impl AsyncRead for Permitted {
@@ -110,11 +158,13 @@ impl AsyncWrite for Permitted {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+        let poll = Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.deadline(cx, poll)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+        let poll = Pin::new(&mut self.stream).poll_flush(cx);
+        self.deadline(cx, poll)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -126,7 +176,8 @@ impl AsyncWrite for Permitted {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let poll = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.deadline(cx, poll)
     }
 
     fn is_write_vectored(&self) -> bool {

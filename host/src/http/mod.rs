@@ -1,16 +1,21 @@
-//! The host's HTTP server (axum on the host's tokio runtime): `/metrics` and `/healthz`, and
-//! the collector (`POST /v1/events`, `/tracker.js`, `/demo`: [`collector`]). Bounded: at most
-//! `[http] max_connections` connections at once (more wait in the kernel's backlog), and the
-//! accept loop backs off after an error such as too many open files. Stops gracefully at
-//! shutdown.
+//! The host's HTTP server (axum on the host's tokio runtime): `/metrics` and `/healthz`; the
+//! live stream of plugins' outputs (`/v1/stream`, `/v1/ws`: [`stream`]) and the web dashboard
+//! at `/` ([`pages`]); the collector (`POST /v1/events`, `/tracker.js`, `/demo`:
+//! [`collector`]). Bounded: at most `[http] max_connections` connections at once (more
+//! wait in the kernel's backlog), a connection whose peer stops reading is closed after
+//! `[http] send_timeout_ms`, and the accept loop backs off after an error such as too many
+//! open files. Stops gracefully at shutdown (live streams end with a `closed` message).
 
 pub mod collector;
 pub mod health;
 mod listener;
+mod pages;
+pub mod stream;
 
 pub use health::{Health, health};
 pub use listener::{BoundedListener, accept_with_backoff};
 
+use crate::live::Live;
 use crate::metrics::Metrics;
 use crate::metrics::exposition::CONTENT_TYPE;
 use axum::Router;
@@ -32,23 +37,40 @@ pub async fn bind(address: SocketAddr) -> anyhow::Result<TcpListener> {
     })
 }
 
+/// What every handler may use.
+#[derive(Clone)]
+pub struct Shared {
+    pub metrics: Arc<Metrics>,
+    pub live: Arc<Live>,
+    /// Becomes true when the host stops: long-lived responses (live streams) end then.
+    pub shutdown: watch::Receiver<bool>,
+}
+
 /// The routes.
-pub fn router(metrics: Arc<Metrics>) -> Router {
+pub fn router(shared: Shared) -> Router {
     Router::new()
         .route("/metrics", get(metrics_page))
         .route("/healthz", get(health_page))
+        .merge(stream::routes())
+        .merge(pages::routes())
         .fallback(not_found)
-        .with_state(metrics)
+        .with_state(shared)
 }
 
 /// Serves `router` on `listener` until `shutdown`, then lets requests in flight finish.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
-    max_connections: usize,
+    config: &crate::config::HttpConfig,
+    metrics: &Metrics,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let listener = BoundedListener::new(listener, max_connections);
+    let listener = BoundedListener::new(
+        listener,
+        config.max_connections,
+        std::time::Duration::from_millis(config.send_timeout_ms),
+        metrics.http_send_timeouts.clone(),
+    );
     let stopping = async move {
         while !*shutdown.borrow() {
             if shutdown.changed().await.is_err() {
@@ -64,14 +86,18 @@ pub async fn serve(
     }
 }
 
-async fn metrics_page(State(metrics): State<Arc<Metrics>>) -> Response {
-    ([(header::CONTENT_TYPE, CONTENT_TYPE)], metrics.render()).into_response()
+async fn metrics_page(State(shared): State<Shared>) -> Response {
+    (
+        [(header::CONTENT_TYPE, CONTENT_TYPE)],
+        shared.metrics.render(),
+    )
+        .into_response()
 }
 
 /// 200 with the report while healthy, 503 with the same report while degraded, so a load
 /// balancer or an orchestrator's probe sees the difference without parsing the body.
-async fn health_page(State(metrics): State<Arc<Metrics>>) -> Response {
-    let report = health(&metrics);
+async fn health_page(State(shared): State<Shared>) -> Response {
+    let report = health(&shared.metrics);
     let status = if report.healthy() {
         StatusCode::OK
     } else {
@@ -86,5 +112,8 @@ async fn health_page(State(metrics): State<Arc<Metrics>>) -> Response {
 }
 
 async fn not_found() -> (StatusCode, &'static str) {
-    (StatusCode::NOT_FOUND, "try /metrics or /healthz\n")
+    (
+        StatusCode::NOT_FOUND,
+        "try / (the dashboard), /metrics, /healthz or /v1/stream\n",
+    )
 }

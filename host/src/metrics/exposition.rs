@@ -381,6 +381,33 @@ fn families(metrics: &Metrics) -> Vec<MetricFamily> {
         MetricType::COUNTER,
         vec![counter(&[], metrics.generated.load(Relaxed))],
     ));
+    out.push(family(
+        "eddy_stream_clients",
+        "Clients of the live stream (/v1/stream, /v1/ws) now.",
+        MetricType::GAUGE,
+        vec![gauge(&[], metrics.stream_clients.load(Relaxed) as f64)],
+    ));
+    out.push(family(
+        "eddy_stream_records_total",
+        "Committed output records handed to the live stream (once each, however many clients watch).",
+        MetricType::COUNTER,
+        vec![counter(&[], metrics.stream_records.load(Relaxed))],
+    ));
+    out.push(family(
+        "eddy_stream_clients_dropped_total",
+        "Live-stream clients disconnected because they fell [http] stream_buffer records behind.",
+        MetricType::COUNTER,
+        vec![counter(
+            &[("reason", "slow")],
+            metrics.stream_dropped_slow.load(Relaxed),
+        )],
+    ));
+    out.push(family(
+        "eddy_http_send_timeouts_total",
+        "Connections closed because the peer took nothing for [http] send_timeout_ms.",
+        MetricType::COUNTER,
+        vec![counter(&[], metrics.http_send_timeouts.load(Relaxed))],
+    ));
     out.extend(collector_families(&metrics.collector));
     // A family with no samples (no plugins yet) is not written at all.
     out.retain(|f| !f.get_metric().is_empty());

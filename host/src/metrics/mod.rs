@@ -12,7 +12,7 @@ pub use collector::CollectorMetrics;
 pub use plugin::PluginMetrics;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 /// What happened to one event, as counted in `eddy_events_total{verdict=…}`.
@@ -162,6 +162,14 @@ pub struct Metrics {
     /// Re-reads of `plugins.toml` that were applied / refused as invalid.
     pub config_reloads_ok: AtomicU64,
     pub config_reloads_failed: AtomicU64,
+    /// Clients of the live stream now (`/v1/stream`, `/v1/ws`).
+    pub stream_clients: AtomicI64,
+    /// Records handed to the live stream's clients (each record once, however many watch).
+    pub stream_records: AtomicU64,
+    /// Live-stream clients disconnected because they fell `[http] stream_buffer` behind.
+    pub stream_dropped_slow: AtomicU64,
+    /// Connections closed because the peer took nothing for `[http] send_timeout_ms`.
+    pub http_send_timeouts: Arc<AtomicU64>,
     /// The HTTP collector's (`POST /v1/events`).
     pub collector: CollectorMetrics,
 }

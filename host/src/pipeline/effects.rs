@@ -192,6 +192,39 @@ impl Worker {
         }
     }
 
+    /// `outputs` were just committed: they go to the live feed once they are on the disk
+    /// (at once, unless this commit was deferred: then with the sync that takes it there).
+    pub(super) fn committed(&mut self, outputs: Vec<OutputRecord>) {
+        if self.live.is_none() || outputs.is_empty() {
+            return;
+        }
+        if self.live_held.is_empty() {
+            self.live_held = outputs;
+        } else {
+            self.live_held.extend(outputs);
+        }
+        if self.unsynced.is_none() {
+            self.publish_held();
+        }
+    }
+
+    /// Hands the records held for the disk to the live feed.
+    fn publish_held(&mut self) {
+        if let Some(live) = &self.live
+            && !self.live_held.is_empty()
+        {
+            live.publish(&self.plugin.name, &self.live_held, crate::clock::now_ms());
+            self.live_held.clear();
+        }
+    }
+
+    /// The plugin's output names, for the live feed's watchers to choose from.
+    pub(super) fn announce_outputs(&self) {
+        if let Some(live) = &self.live {
+            live.set_outputs(&self.plugin.name, self.plugin.outputs.keys().cloned());
+        }
+    }
+
     /// Puts deferred commits on the disk and stores their offsets in the consumer. False if
     /// the host is stopping before that went through (they are handled again at the next
     /// start, from what is on the disk).
@@ -202,6 +235,7 @@ impl Worker {
         match self.commit(&Offsets::new(), true).await {
             Some(synced) => {
                 store_offsets(consumer, &synced);
+                self.publish_held();
                 true
             }
             None => false,

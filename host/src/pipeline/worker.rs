@@ -30,10 +30,11 @@ use crate::event::Event;
 use crate::kafka::Offsets;
 use crate::kafka::consumer::{self, Callbacks, store_offsets};
 use crate::kafka::shared_fetch::SharedFetch;
+use crate::live::Live;
 use crate::metrics::{Outcome, PluginMetrics, ReloadOutcome, Version};
 use crate::retry::{Policy, sleep_unless_stopping};
 use crate::sinks::{DeadLetter, Outputs};
-use crate::wasm::{Program, Sandbox};
+use crate::wasm::{OutputRecord, Program, Sandbox};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use std::collections::BTreeSet;
@@ -92,6 +93,10 @@ pub struct Worker {
     pub(super) breaker: Breaker,
     /// The topic's shared fetch, read where it holds the plugin's position.
     pub(super) shared_fetch: Option<Arc<SharedFetch>>,
+    /// The live feed the plugin's committed records go to (`/v1/stream`).
+    pub(super) live: Option<Arc<Live>>,
+    /// Records of commits not on the disk yet: they go to the live feed once they are.
+    pub(super) live_held: Vec<OutputRecord>,
 }
 
 impl Worker {
@@ -138,6 +143,8 @@ impl Worker {
             assigned: Default::default(),
             breaker: Breaker::new(plugin_breaker),
             shared_fetch: None,
+            live: None,
+            live_held: Vec::new(),
         }
     }
 
@@ -151,6 +158,12 @@ impl Worker {
     /// hosts hold some partitions, so positions are per host).
     pub fn sharing_the_fetch(mut self, shared: Option<Arc<SharedFetch>>) -> Worker {
         self.shared_fetch = shared;
+        self
+    }
+
+    /// Hands the plugin's committed records to `live`, the feed of `/v1/stream`.
+    pub fn watched_by(mut self, live: Arc<Live>) -> Worker {
+        self.live = Some(live);
         self
     }
 
@@ -336,6 +349,7 @@ impl Worker {
                     .state_limit_bytes
                     .store((plugin.limits.state_mib << 20) as i64, Relaxed);
                 self.plugin = plugin;
+                self.announce_outputs();
                 let version = version_of(self.sandbox().program());
                 self.metrics.set_version(version);
                 if tier_up {
@@ -439,6 +453,8 @@ impl Worker {
             return Handled::Stopping;
         };
         store_offsets(consumer, &synced);
+        let output_records = outputs.len();
+        self.committed(outputs);
         for d in &dispositions {
             match d {
                 Disposition::Ok => self.metrics.count(Outcome::Ok, 1),
@@ -451,11 +467,11 @@ impl Worker {
         }
         self.metrics
             .output_records
-            .fetch_add(outputs.len() as u64, Relaxed);
+            .fetch_add(output_records as u64, Relaxed);
         self.metrics.observe_batch(started.elapsed());
         debug!(
             events = events.len(),
-            outputs = outputs.len(),
+            outputs = output_records,
             dead_letters = letters.len(),
             "batch done"
         );
@@ -556,6 +572,7 @@ impl Worker {
             self.metrics
                 .output_records
                 .fetch_add(outputs.len() as u64, Relaxed);
+            self.committed(outputs);
         }
     }
 }

@@ -29,6 +29,7 @@ pub use load::{StartError, load_all, load_errors, load_plugin};
 use crate::config::{Config, PluginConfig};
 use crate::kafka::ClusterView;
 use crate::kafka::shared_fetch::SharedFetch;
+use crate::live::Live;
 use crate::metrics::{Metrics, ReloadOutcome};
 use crate::pipeline::{Control, Worker};
 use crate::sinks::Outputs;
@@ -91,6 +92,8 @@ pub struct Supervisor {
     optimized_rx: Option<mpsc::UnboundedReceiver<Optimized>>,
     /// The topic's shared fetch, if on.
     shared_fetch: Option<Arc<SharedFetch>>,
+    /// The live feed every worker publishes its committed records to.
+    live: Arc<Live>,
 }
 
 /// The optimized compile of a version that runs on baseline code for now.
@@ -113,6 +116,7 @@ impl Supervisor {
         metrics: Arc<Metrics>,
         shutdown: tokio::sync::watch::Receiver<bool>,
         shared_fetch: Option<Arc<SharedFetch>>,
+        live: Arc<Live>,
     ) -> Supervisor {
         let (optimized_tx, optimized_rx) = mpsc::unbounded_channel();
         let mut s = Supervisor {
@@ -128,6 +132,7 @@ impl Supervisor {
             optimized_tx,
             optimized_rx: Some(optimized_rx),
             shared_fetch,
+            live,
         };
         for (plugin, sandbox) in s.config.plugins.clone().into_iter().zip(sandboxes) {
             s.spawn(plugin, sandbox);
@@ -136,6 +141,9 @@ impl Supervisor {
     }
 
     fn spawn(&mut self, plugin: PluginConfig, sandbox: Sandbox) {
+        // Known to the live stream from now on, before the worker runs.
+        self.live
+            .set_outputs(&plugin.name, plugin.outputs.keys().cloned());
         let (control, control_rx) = mpsc::channel(1);
         let program = sandbox.program().clone();
         let worker = Worker::new(
@@ -150,6 +158,7 @@ impl Supervisor {
         )
         .sharing_the_group(self.config.state.shared_group)
         .sharing_the_fetch(self.shared_fetch.clone())
+        .watched_by(self.live.clone())
         .syncing_every(Duration::from_millis(self.config.state.commit_interval_ms));
         let name = plugin.name.clone();
         let task = tokio::spawn(async move {
@@ -235,6 +244,7 @@ impl Supervisor {
             // Its series leave /metrics and its entry /healthz: a removed plugin is not a
             // plugin that is down.
             self.metrics.remove_plugin(&name);
+            self.live.forget(&name);
             report.removed.push(name);
         }
 

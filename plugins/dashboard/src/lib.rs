@@ -28,6 +28,9 @@ pub struct Config {
     pub output: String,
     /// Where the human summary goes ("" for nowhere).
     pub text_output: String,
+    /// The human summary on one tick in this many (the JSON record goes out on every tick:
+    /// a live page wants it often, a terminal less so).
+    pub text_every_ticks: u32,
 }
 
 impl Default for Config {
@@ -37,6 +40,7 @@ impl Default for Config {
             active_secs: 300,
             output: "summary".into(),
             text_output: "text".into(),
+            text_every_ticks: 1,
         }
     }
 }
@@ -186,6 +190,8 @@ impl Dash {
 
 pub struct Dashboard {
     config: Config,
+    /// Ticks since the instance started (for `text_every_ticks`; not worth durable state).
+    ticks: u64,
 }
 
 impl Plugin for Dashboard {
@@ -198,7 +204,10 @@ impl Plugin for Dashboard {
         if config.active_secs < 1 {
             return Err("active_secs must be at least 1".into());
         }
-        Ok(Dashboard { config })
+        if config.text_every_ticks == 0 {
+            return Err("text_every_ticks must be 1 or more".into());
+        }
+        Ok(Dashboard { config, ticks: 0 })
     }
 
     fn on_event(&mut self, event: &Event, ctx: &mut Context) -> Verdict {
@@ -279,7 +288,9 @@ impl Plugin for Dashboard {
         }
         let summary = dash.summary(now_ms, now, &self.config);
         ctx.emit_json(&self.config.output, None, &summary);
-        if !self.config.text_output.is_empty() {
+        self.ticks += 1;
+        let text_due = (self.ticks - 1) % u64::from(self.config.text_every_ticks) == 0;
+        if !self.config.text_output.is_empty() && text_due {
             let pages: Vec<String> = summary
                 .trending_pages
                 .iter()
@@ -367,6 +378,24 @@ mod tests {
         let text = &h.recorded().outputs.last().unwrap().payload.clone();
         let text = String::from_utf8_lossy(text);
         assert!(text.contains("5 active users"), "{text}");
+    }
+
+    #[test]
+    fn the_text_line_comes_on_one_tick_in_text_every_ticks() {
+        let mut h = Harness::<Dashboard>::new(r#"{"text_every_ticks":3}"#).unwrap();
+        h.run_payloads(&[event("u1", "s1", "page_view", "/", "", 1)]);
+        h.set_time(1_000_000);
+        for _ in 0..7 {
+            h.advance(2_000);
+        }
+        let texts = h
+            .recorded()
+            .outputs
+            .iter()
+            .filter(|o| o.output == "text")
+            .count();
+        assert_eq!((summaries(&h).len(), texts), (7, 3), "ticks 1, 4 and 7");
+        assert!(Harness::<Dashboard>::new(r#"{"text_every_ticks":0}"#).is_err());
     }
 
     #[test]

@@ -1,0 +1,292 @@
+//! The web dashboard in a real browser (issue 18): Debian's headless Chromium, driven over
+//! WebDriver (chromedriver, from `chromium-driver`), against a running host with its
+//! generator on. Figures appear and change, an alert reaches the feed, and the page says the
+//! host is unreachable while it is down and recovers by itself when it is back.
+//!
+//! Needs `chromium` and `chromedriver` on PATH (`make test` installs Debian's packages when
+//! run as root, as CI does; else `sudo apt-get install chromium chromium-driver`).
+
+mod common;
+
+use common::*;
+use eddy::Host;
+use serde_json::{Value, json};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A chromedriver process and one headless Chromium session of it.
+struct Browser {
+    driver: Child,
+    base: String,
+    session: String,
+}
+
+impl Browser {
+    fn start() -> Browser {
+        let port = free_port();
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "chromedriver runs (the browser test needs Debian's chromium and chromium-driver: \
+                 apt-get install chromium chromium-driver)",
+            );
+        let base = format!("http://127.0.0.1:{port}");
+        wait_for(Duration::from_secs(30), "chromedriver to answer", || {
+            ureq::get(&format!("{base}/status"))
+                .call()
+                .ok()
+                .and_then(|r| r.into_body().read_json::<Value>().ok())
+                .is_some_and(|v| v["value"]["ready"] == true)
+        });
+        let chromium = std::env::var("EDDY_CHROMIUM").unwrap_or_else(|_| "chromium".into());
+        let chromium = which(&chromium);
+        let created: Value = ureq::post(&format!("{base}/session"))
+            .send_json(json!({
+                "capabilities": { "alwaysMatch": {
+                    "browserName": "chrome",
+                    "goog:chromeOptions": {
+                        "binary": chromium,
+                        "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                                 "--disable-dev-shm-usage", "--window-size=1280,1000"],
+                    },
+                }},
+            }))
+            .expect("a Chromium session starts")
+            .into_body()
+            .read_json()
+            .unwrap();
+        let session = created["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {created}"))
+            .to_string();
+        Browser {
+            driver,
+            base,
+            session,
+        }
+    }
+
+    fn open(&self, url: &str) {
+        ureq::post(&format!("{}/session/{}/url", self.base, self.session))
+            .send_json(json!({ "url": url }))
+            .expect("the page opens");
+    }
+
+    /// Runs `script` in the page and returns what it returns.
+    fn eval(&self, script: &str) -> Value {
+        let answer: Value = ureq::post(&format!(
+            "{}/session/{}/execute/sync",
+            self.base, self.session
+        ))
+        .send_json(json!({ "script": script, "args": [] }))
+        .expect("the script runs")
+        .into_body()
+        .read_json()
+        .unwrap();
+        answer["value"].clone()
+    }
+
+    /// What the page shows now.
+    fn page(&self) -> Value {
+        self.eval(
+            r#"const t = (id) => document.getElementById(id).textContent;
+            const plugins = {};
+            for (const tr of document.querySelectorAll('#plugins tr[data-plugin]')) {
+              plugins[tr.dataset.plugin] = {
+                events: Number(tr.querySelector('.events').textContent.replace(/,/g, '')),
+                breaker: tr.querySelector('.breaker').textContent,
+              };
+            }
+            return {
+              connection: t('connection'),
+              unreachable: document.getElementById('unreachable').classList.contains('shown'),
+              active_users: t('active-users'),
+              events_per_sec: t('events-per-sec'),
+              conversion: t('conversion'),
+              trending_pages: document.querySelectorAll('#trending-pages li:not(.empty)').length,
+              alerts: [...document.querySelectorAll('#alerts li:not(.empty) .what')].map(e => e.textContent),
+              plugins,
+            };"#,
+        )
+    }
+
+    /// Waits until the page satisfies `f`; panics with `what` and the page after `timeout`.
+    fn wait(&self, timeout: Duration, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let page = self.page();
+            if f(&page) {
+                return page;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}; the page shows {page:#}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = ureq::delete(&format!("{}/session/{}", self.base, self.session)).call();
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The absolute path of `program` (from PATH if it is a bare name).
+fn which(program: &str) -> String {
+    if program.contains('/') {
+        return program.to_string();
+    }
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .map(|dir| std::path::Path::new(dir).join(program))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{program} is not on PATH (apt-get install chromium)"))
+        .display()
+        .to_string()
+}
+
+/// The shipped dashboard and alert plugins, with the host's own broker and generator.
+fn host_config(port: u16) -> eddy::config::Config {
+    let text = format!(
+        r#"[kafka]
+brokers = "embedded"
+topic = "{TOPIC}"
+partitions = 2
+[kafka.settings]
+"session.timeout.ms" = "6000"
+
+[http]
+address = "127.0.0.1:{port}"
+
+[generator]
+rate = 200
+seed = 7
+fraud_every = 0
+
+[[plugin]]
+name = "dashboard"
+path = "{dashboard}"
+tick_interval_ms = 500
+[plugin.outputs]
+summary = "discard"
+text = "discard"
+
+[[plugin]]
+name = "alert"
+path = "{alert}"
+[plugin.outputs]
+alerts = "discard"
+[[plugin.config.rules]]
+name = "purchase-watch"
+event_type = "purchase"
+min_amount = 0.0
+severity = "high"
+"#,
+        dashboard = wasm("eddy_dashboard"),
+        alert = wasm("eddy_alert"),
+    );
+    config(&text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_shows_live_figures_and_alerts_and_recovers_when_the_host_restarts() {
+    init_logs();
+    let port = free_port();
+    let host = Host::start(host_config(port)).await.expect("host starts");
+    let url = format!("http://127.0.0.1:{port}/");
+
+    let (browser, first) = tokio::task::spawn_blocking(move || {
+        let browser = Browser::start();
+        browser.open(&url);
+        let first = browser.wait(
+            Duration::from_secs(60),
+            "live figures from the dashboard plugin",
+            |p| {
+                p["connection"] == "live"
+                    && p["active_users"]
+                        .as_str()
+                        .is_some_and(|s| s.parse::<u64>().is_ok_and(|n| n > 0))
+                    && p["trending_pages"].as_u64() > Some(0)
+                    && p["plugins"]["dashboard"]["events"].as_u64() > Some(0)
+            },
+        );
+        (browser, first)
+    })
+    .await
+    .unwrap();
+    assert!(!first["unreachable"].as_bool().unwrap(), "{first:#}");
+    assert!(
+        first["conversion"].as_str().unwrap().ends_with('%'),
+        "{first:#}"
+    );
+
+    let before = first["plugins"]["dashboard"]["events"].as_u64().unwrap();
+    let browser = tokio::task::spawn_blocking(move || {
+        browser.wait(Duration::from_secs(30), "figures that change", |p| {
+            p["plugins"]["dashboard"]["events"].as_u64() > Some(before)
+        });
+        let alerted = browser.wait(Duration::from_secs(60), "an alert in the feed", |p| {
+            p["alerts"].as_array().is_some_and(|a| !a.is_empty())
+        });
+        let alert = alerted["alerts"][0].as_str().unwrap();
+        assert!(alert.starts_with("purchase-watch: user-"), "{alert}");
+        assert!(alert.contains("purchase"), "{alert}");
+        browser
+    })
+    .await
+    .unwrap();
+
+    host.stop().await.expect("clean stop");
+    let browser = tokio::task::spawn_blocking(move || {
+        browser.wait(
+            Duration::from_secs(30),
+            "the page to say the host is unreachable",
+            |p| p["unreachable"] == true && p["connection"] != "live",
+        );
+        browser
+    })
+    .await
+    .unwrap();
+
+    // A new host on the same address (its own broker: counts start again from zero).
+    let host = Host::start(host_config(port)).await.expect("host restarts");
+    let metrics = host.metrics().clone();
+    tokio::task::spawn_blocking(move || {
+        let back = browser.wait(Duration::from_secs(60), "the page to recover", |p| {
+            p["connection"] == "live" && p["unreachable"] == false
+        });
+        // Its figures are the new host's, and they move again.
+        let again = back["plugins"]["dashboard"]["events"].as_u64().unwrap_or(0);
+        browser.wait(
+            Duration::from_secs(30),
+            "the new host's figures to change",
+            |p| p["plugins"]["dashboard"]["events"].as_u64() > Some(again),
+        );
+        let now = browser.page()["plugins"]["dashboard"]["events"]
+            .as_u64()
+            .unwrap();
+        assert!(
+            now <= metrics.plugin("dashboard").events_handled(),
+            "the page shows the new host's count ({now}), not the old one's"
+        );
+    })
+    .await
+    .unwrap();
+    host.stop().await.expect("clean stop");
+}

@@ -1,0 +1,334 @@
+//! The live stream (`/v1/stream`, `/v1/ws`) in the real host (issue 18): a watcher sees each
+//! committed record once and none before its commit is on the disk; a client that stops
+//! reading is disconnected and slows neither the plugin nor another client; the client limit.
+
+mod common;
+
+use common::*;
+use eddy::Host;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const PARTITIONS: i32 = 2;
+
+/// A Server-Sent Events client on its own thread: every `(event, data)` it receives.
+struct Sse {
+    events: Arc<Mutex<Vec<(String, String)>>>,
+}
+
+impl Sse {
+    fn connect(url: String) -> Sse {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let received = events.clone();
+        std::thread::spawn(move || {
+            let response = match ureq::get(&url).call() {
+                Ok(r) => r,
+                Err(e) => panic!("{url}: {e}"),
+            };
+            assert_eq!(
+                response.headers().get("content-type").unwrap(),
+                "text/event-stream"
+            );
+            let reader = BufReader::new(response.into_body().into_reader());
+            let (mut event, mut data) = (String::new(), String::new());
+            for line in reader.lines() {
+                let Ok(line) = line else { return };
+                if line.is_empty() {
+                    if !data.is_empty() {
+                        let e = std::mem::take(&mut event);
+                        received
+                            .lock()
+                            .unwrap()
+                            .push((e, std::mem::take(&mut data)));
+                    }
+                } else if let Some(v) = line.strip_prefix("event: ") {
+                    event = v.to_string();
+                } else if let Some(v) = line.strip_prefix("data: ") {
+                    data.push_str(v);
+                }
+            }
+        });
+        Sse { events }
+    }
+
+    fn count(&self, event: &str) -> usize {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(e, _)| e == event)
+            .count()
+    }
+
+    fn data(&self, event: &str) -> Vec<serde_json::Value> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(e, _)| e == event)
+            .map(|(_, d)| serde_json::from_str(d).expect("data is JSON"))
+            .collect()
+    }
+
+    async fn wait_for(&self, what: &'static str, n: usize, event: &'static str) {
+        let events = self.events.clone();
+        wait_async(Duration::from_secs(60), what, move || {
+            events
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(e, _)| e == event)
+                .count()
+                >= n
+        })
+        .await;
+    }
+}
+
+/// `n` small JSON events, spread over the partitions by key.
+fn events(n: usize, padding: usize) -> Vec<(Option<Vec<u8>>, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            let payload = format!(
+                r#"{{"user_id":"u{}","event_type":"page_view","n":{i},"pad":"{}"}}"#,
+                i % 50,
+                "x".repeat(padding)
+            );
+            (
+                Some(format!("u{}", i % 50).into_bytes()),
+                payload.into_bytes(),
+            )
+        })
+        .collect()
+}
+
+fn echo_plugin() -> String {
+    format!(
+        "[[plugin]]\nname = \"echo\"\npath = \"{}\"\n[plugin.outputs]\nseen = {{ topic = \"echo-out\" }}\n",
+        wasm("eddy_fixture_echo")
+    )
+}
+
+/// Each record's (partition, offset), from echo's `seen` payloads, in the order received.
+fn coordinates(records: &[serde_json::Value]) -> Vec<(i64, i64)> {
+    records
+        .iter()
+        .map(|r| {
+            assert_eq!(r["plugin"], "echo");
+            assert_eq!(r["output"], "seen");
+            let v = &r["value"];
+            (
+                v["partition"].as_i64().unwrap(),
+                v["offset"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Commits reach the disk once a minute here: until then a crash would take the batches
+/// back, so the stream must hold their records, although the output topic has them
+/// already. They come when the host stops (its final commit), each once, then `closed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_sees_each_committed_record_once_and_none_before_its_commit_is_on_disk() {
+    init_logs();
+    const N: usize = 300;
+    let broker = broker(PARTITIONS);
+    let bootstrap = broker.bootstrap_servers().to_string();
+    let text = config_text(&bootstrap, PARTITIONS, &echo_plugin())
+        + "\n[state]\ncommit_interval_ms = 60000\n";
+    let host = Host::start(config(&text)).await.expect("host starts");
+    let addr = host.http_addr();
+    let stream = Sse::connect(format!(
+        "http://{addr}/v1/stream?output=echo/seen&status=off"
+    ));
+    stream.wait_for("hello", 1, "hello").await;
+    let hello = &stream.data("hello")[0];
+    assert_eq!(hello["outputs"], serde_json::json!(["echo/seen"]));
+
+    let started = std::time::Instant::now();
+    let b = bootstrap.clone();
+    tokio::task::spawn_blocking(move || produce(&b, TOPIC, &events(N, 0)))
+        .await
+        .unwrap();
+    // Delivered to the output topic and handled: committed, but not on the disk yet.
+    let b = bootstrap.clone();
+    let delivered = tokio::task::spawn_blocking(move || read_topic(&b, "echo-out", N).len())
+        .await
+        .unwrap();
+    assert_eq!(delivered, N);
+    let m = host.metrics().plugin("echo");
+    wait_async(Duration::from_secs(30), "every event handled", move || {
+        m.events_handled() == N as u64
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(55),
+        "too slow to tell: the deferred sync may have come"
+    );
+    assert_eq!(
+        stream.count("record"),
+        0,
+        "records went out before their commit was on the disk"
+    );
+
+    let metrics = host.metrics().clone();
+    host.stop().await.expect("clean stop");
+    stream.wait_for("the end of the stream", 1, "closed").await;
+    assert_eq!(metrics.stream_records.load(Relaxed), N as u64);
+    let records = stream.data("record");
+    let seen = coordinates(&records);
+    assert_eq!(seen.len(), N, "each record once, after the final commit");
+    let mut by_partition: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+    for (p, o) in seen {
+        by_partition.entry(p).or_default().push(o);
+    }
+    for (p, offsets) in &by_partition {
+        let expected: Vec<i64> = (0..offsets.len() as i64).collect();
+        assert_eq!(
+            offsets, &expected,
+            "partition {p}: every offset once, in order"
+        );
+    }
+    let closed = &stream.data("closed")[0];
+    assert_eq!(closed["reason"], "the host is stopping");
+}
+
+/// One client reads nothing: its connection is closed once the host could send it nothing
+/// for `send_timeout_ms`, while the plugin handles every event and the other client gets
+/// every record. A third client past `stream_max_clients` is refused with 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_disconnected_without_slowing_the_plugin_or_others() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    init_logs();
+    // ~1.3 KB records: 26 MB in all, far more than the socket buffers hold.
+    const N: usize = 20_000;
+    let broker = broker(PARTITIONS);
+    let bootstrap = broker.bootstrap_servers().to_string();
+    let text = config_text(&bootstrap, PARTITIONS, &echo_plugin()).replace(
+        "[http]\n",
+        "[http]\nstream_max_clients = 2\nstream_buffer = 4096\nsend_timeout_ms = 1000\n",
+    );
+    let host = Host::start(config(&text)).await.expect("host starts");
+    let addr = host.http_addr();
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(addr).await.unwrap();
+    stalled
+        .write_all(b"GET /v1/stream?output=echo&status=off HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let reader = Sse::connect(format!("http://{addr}/v1/stream?output=echo/seen"));
+    reader.wait_for("hello", 1, "hello").await;
+    let metrics = host.metrics().clone();
+    wait_async(Duration::from_secs(10), "two clients", move || {
+        metrics.stream_clients.load(Relaxed) == 2
+    })
+    .await;
+    let third = ureq::get(&format!("http://{addr}/v1/stream"))
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .call()
+        .unwrap();
+    assert_eq!(third.status(), 503);
+    assert_eq!(third.headers().get("retry-after").unwrap(), "5");
+    let body = third.into_body().read_to_string().unwrap();
+    assert!(body.contains("stream_max_clients"), "{body}");
+
+    let b = bootstrap.clone();
+    tokio::task::spawn_blocking(move || produce(&b, TOPIC, &events(N, 250)))
+        .await
+        .unwrap();
+    wait_settled(&bootstrap, &["echo"], PARTITIONS, N as u64).await;
+    reader.wait_for("every record", N, "record").await;
+    let mut seen = coordinates(&reader.data("record"));
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), N, "the reading client got every record once");
+
+    let metrics = host.metrics().clone();
+    wait_async(
+        Duration::from_secs(30),
+        "the stalled client to be disconnected",
+        move || {
+            metrics.stream_clients.load(Relaxed) == 1
+                && metrics.http_send_timeouts.load(Relaxed)
+                    + metrics.stream_dropped_slow.load(Relaxed)
+                    >= 1
+        },
+    )
+    .await;
+    // Its connection is closed: reading what it was sent ends.
+    let mut sink = vec![0u8; 1 << 16];
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match stalled.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the stalled client's connection is still open"
+    );
+    let text = host.metrics().render();
+    assert!(text.contains("eddy_stream_clients 1"), "{text}");
+    host.stop().await.expect("clean stop");
+}
+
+/// The WebSocket carries the same messages, typed: hello, records, status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_websocket_carries_hello_records_and_status() {
+    init_logs();
+    let broker = broker(PARTITIONS);
+    let bootstrap = broker.bootstrap_servers().to_string();
+    let text = config_text(&bootstrap, PARTITIONS, &echo_plugin());
+    let host = Host::start(config(&text)).await.expect("host starts");
+    let addr = host.http_addr();
+    let url = format!("ws://{addr}/v1/ws?output=echo/seen");
+    let b = bootstrap.clone();
+    let messages = tokio::task::spawn_blocking(move || {
+        let (mut socket, _) = tungstenite::connect(url).expect("the websocket opens");
+        let mut messages: Vec<serde_json::Value> = Vec::new();
+        let mut produced = false;
+        while messages.iter().filter(|m| m["type"] == "record").count() < 10
+            || !messages.iter().any(|m| m["type"] == "status")
+        {
+            let message = socket.read().expect("a message");
+            if let tungstenite::Message::Text(t) = message {
+                messages.push(serde_json::from_str(t.as_str()).unwrap());
+            }
+            if !produced {
+                produce(&b, TOPIC, &events(10, 0));
+                produced = true;
+            }
+        }
+        socket.close(None).unwrap();
+        messages
+    })
+    .await
+    .unwrap();
+    assert_eq!(messages[0]["type"], "hello");
+    let records: Vec<_> = messages.iter().filter(|m| m["type"] == "record").collect();
+    assert_eq!(records.len(), 10);
+    assert!(records.iter().all(|r| r["output"] == "seen"));
+    let status = messages.iter().find(|m| m["type"] == "status").unwrap();
+    assert!(status["plugins"]["echo"]["events"].is_u64(), "{status}");
+
+    let refused = tokio::task::spawn_blocking(move || {
+        match tungstenite::connect(format!("ws://{addr}/v1/ws?output=nope")) {
+            Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
+            other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(refused, 400);
+    host.stop().await.expect("clean stop");
+}
