@@ -101,7 +101,7 @@ impl Host {
         let metrics = Arc::new(Metrics::default());
         let live = Arc::new(Live::new(
             config.http.stream_buffer,
-            config.http.stream_max_clients,
+            config.http.stream_clients(),
             metrics.clone(),
         ));
         let listener = http::bind(config.http.address).await?;

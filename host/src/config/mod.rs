@@ -121,6 +121,7 @@ pub struct HttpConfig {
     #[serde(default = "default_http_max_connections")]
     pub max_connections: usize,
     /// Most clients of the live stream (`/v1/stream`, `/v1/ws`) at once; more get 503.
+    /// At most `max_connections - 1` take effect (`/metrics` and `/healthz` keep one).
     #[serde(default = "default_stream_max_clients")]
     pub stream_max_clients: usize,
     /// How many records a live-stream client may fall behind before it is disconnected
@@ -147,6 +148,15 @@ pub struct HttpConfig {
     /// or `["*"]` for any. Empty: only pages served by the host itself.
     #[serde(default)]
     pub cors_origins: Vec<String>,
+}
+
+impl HttpConfig {
+    /// The live-stream clients allowed at once: never all the connections, so that
+    /// `/metrics` and `/healthz` always get one.
+    pub fn stream_clients(&self) -> usize {
+        self.stream_max_clients
+            .min(self.max_connections.saturating_sub(1))
+    }
 }
 
 impl Default for HttpConfig {
@@ -467,13 +477,10 @@ impl Config {
                 format!("must be 1 to 10000, not {}", self.http.max_connections),
             ));
         }
-        if self.http.stream_max_clients >= self.http.max_connections {
+        if self.http.stream_max_clients > 10_000 {
             return Err(self.invalid(
                 "http.stream_max_clients",
-                format!(
-                    "must be below http.max_connections ({}), not {}: each client holds a connection, and /metrics and /healthz need one too",
-                    self.http.max_connections, self.http.stream_max_clients
-                ),
+                format!("must be 0 to 10000, not {}", self.http.stream_max_clients),
             ));
         }
         if !(1..=1_000_000).contains(&self.http.stream_buffer) {

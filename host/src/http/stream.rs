@@ -109,7 +109,7 @@ impl IntoResponse for Refused {
     fn into_response(self) -> Response {
         let body = self.to_string() + "\n";
         match self {
-            Refused::Watch(WatchError::Full(_)) => (
+            Refused::Watch(WatchError::Full(_) | WatchError::Off) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 [(header::RETRY_AFTER, "5")],
                 body,

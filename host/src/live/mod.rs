@@ -41,6 +41,8 @@ pub struct LiveRecord {
 pub enum WatchError {
     #[error("{0} live clients already watch ([http] stream_max_clients); try again later")]
     Full(usize),
+    #[error("the live stream is off ([http] stream_max_clients = 0)")]
+    Off,
     #[error("no output `{unknown}`; outputs are: {known}")]
     UnknownOutput { unknown: String, known: String },
 }
@@ -159,6 +161,9 @@ impl Live {
                     known: known.join(", "),
                 });
             }
+        }
+        if self.max_clients == 0 {
+            return Err(WatchError::Off);
         }
         let place = self
             .places
