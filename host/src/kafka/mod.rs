@@ -128,3 +128,23 @@ pub fn ready_now<F: std::future::Future>(future: F) -> Option<F::Output> {
         std::task::Poll::Pending => None,
     }
 }
+
+/// Whether a consumer error only reports lost connectivity (a broker down, unreachable or
+/// not resolvable): librdkafka reconnects by itself, and its consumer queue may hold one such
+/// error per broker and reconnect attempt, which are stale by the time they are read. Waiting
+/// a backoff for each would leave a plugin idle long after the brokers are back.
+pub fn is_connectivity_error(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            C::AllBrokersDown
+                | C::BrokerTransportFailure
+                | C::Resolve
+                | C::BrokerNotAvailable
+                | C::NetworkException
+                | C::RequestTimedOut
+                | C::OperationTimedOut
+        )
+    )
+}

@@ -257,6 +257,12 @@ impl Worker {
             };
             match first {
                 Ok(()) => consume_errors.reset(),
+                Err(e) if crate::kafka::is_connectivity_error(&e) => {
+                    // Reported (and counted in eddy_kafka_connected) by the consumer's
+                    // callbacks; librdkafka reconnects by itself: poll on at once.
+                    debug!("consumer: {e}");
+                    continue;
+                }
                 Err(e) => {
                     let delay = consume_errors.next_delay();
                     warn!("consume error, polling again in {delay:?}: {e}");
