@@ -12,6 +12,7 @@ use common::*;
 use eddy::Host;
 use serde_json::{Value, json};
 use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 /// A chromedriver process and one headless Chromium session of it.
@@ -89,6 +90,28 @@ impl Browser {
         answer["value"].clone()
     }
 
+    /// Clicks the `index`th element matching `css`, as a user would (a trusted click).
+    fn click(&self, css: &str, index: usize) {
+        let found: Value = ureq::post(&format!("{}/session/{}/elements", self.base, self.session))
+            .send_json(json!({ "using": "css selector", "value": css }))
+            .expect("elements found")
+            .into_body()
+            .read_json()
+            .unwrap();
+        let element = found["value"][index]
+            .as_object()
+            .and_then(|e| e.values().next())
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("no element {index} of `{css}`: {found}"))
+            .to_string();
+        ureq::post(&format!(
+            "{}/session/{}/element/{element}/click",
+            self.base, self.session
+        ))
+        .send_json(json!({}))
+        .expect("the click goes through");
+    }
+
     /// What the page shows now.
     fn page(&self) -> Value {
         self.eval(
@@ -159,6 +182,93 @@ fn which(program: &str) -> String {
         .unwrap_or_else(|| panic!("{program} is not on PATH (apt-get install chromium)"))
         .display()
         .to_string()
+}
+
+/// The demo shop's tracker (`/tracker.js`) in the browser: a page view on load, a click for
+/// every button, the shop's add-to-cart and purchase events, batched and posted to the
+/// collector: each event reaches the topic once, valid, with one anonymous user, and the
+/// plugin handles every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_shops_tracker_posts_what_the_user_does_and_the_plugin_gets_each_event_once() {
+    init_logs();
+    let text = format!(
+        "[kafka]\nbrokers = \"embedded\"\ntopic = \"{TOPIC}\"\npartitions = 2\n\
+         [http]\naddress = \"127.0.0.1:0\"\n\n\
+         [[plugin]]\nname = \"echo\"\npath = \"{}\"\n[plugin.outputs]\nseen = \"discard\"\n",
+        wasm("eddy_fixture_echo")
+    );
+    let host = Host::start(config(&text)).await.expect("host starts");
+    let url = format!("http://{}/demo", host.http_addr());
+    let metrics = host.metrics().clone();
+    let bootstrap = host.bootstrap_servers().to_string();
+    let events = tokio::task::spawn_blocking(move || {
+        let browser = Browser::start();
+        browser.open(&url);
+        // Laptop: add to cart, buy; Mouse: add to cart. Then "Send now".
+        for button in [0, 1, 2] {
+            browser.click("#products button", button);
+        }
+        browser.click("#flush", 0);
+        // A page view, 4 clicks on buttons, 2 add-to-carts and a purchase.
+        wait_for(
+            Duration::from_secs(60),
+            "the echo plugin to get 8 events",
+            || metrics.plugin("echo").events_handled() >= 8,
+        );
+        let topic = read_topic(&bootstrap, TOPIC, 8);
+        drop(browser);
+        topic
+    })
+    .await
+    .unwrap();
+    assert_eq!(events.len(), 8, "each event once");
+    let events: Vec<Value> = events
+        .iter()
+        .map(|m| {
+            use rdkafka::Message;
+            let v: Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            assert_eq!(m.key(), Some(v["user_id"].as_str().unwrap().as_bytes()));
+            v
+        })
+        .collect();
+    let count = |t: &str| events.iter().filter(|e| e["event_type"] == t).count();
+    assert_eq!(
+        (
+            count("page_view"),
+            count("click"),
+            count("add_to_cart"),
+            count("purchase")
+        ),
+        (1, 4, 2, 1),
+        "{events:#?}"
+    );
+    let users: std::collections::BTreeSet<_> =
+        events.iter().map(|e| e["user_id"].to_string()).collect();
+    assert_eq!(users.len(), 1, "one anonymous user: {users:?}");
+    let ids: std::collections::BTreeSet<_> =
+        events.iter().map(|e| e["event_id"].to_string()).collect();
+    assert_eq!(ids.len(), 8, "an event_id each");
+    let purchase = events
+        .iter()
+        .find(|e| e["event_type"] == "purchase")
+        .unwrap();
+    assert_eq!(purchase["properties"]["product_name"], "Laptop");
+    assert_eq!(purchase["properties"]["price"], 999.99);
+    assert!(
+        purchase["page_url"].as_str().unwrap().ends_with("/demo"),
+        "{purchase}"
+    );
+    assert!(
+        jiff::Timestamp::from_str(purchase["timestamp"].as_str().unwrap()).is_ok(),
+        "{purchase}"
+    );
+    let page = host.metrics().render();
+    assert!(
+        page.contains("eddy_collector_events_accepted_total 8"),
+        "{page}"
+    );
+    assert_eq!(host.metrics().plugin("echo").events_handled(), 8);
+    host.stop().await.expect("clean stop");
 }
 
 /// The shipped dashboard and alert plugins, with the host's own broker and generator.
