@@ -26,7 +26,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use eddy_sdk::Activity;
+use eddy_activity::Activity;
 use rdkafka::ClientConfig;
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde::de::IgnoredAny;

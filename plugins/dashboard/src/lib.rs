@@ -289,7 +289,7 @@ impl Plugin for Dashboard {
         let summary = dash.summary(now_ms, now, &self.config);
         ctx.emit_json(&self.config.output, None, &summary);
         self.ticks += 1;
-        let text_due = (self.ticks - 1) % u64::from(self.config.text_every_ticks) == 0;
+        let text_due = (self.ticks - 1).is_multiple_of(u64::from(self.config.text_every_ticks));
         if !self.config.text_output.is_empty() && text_due {
             let pages: Vec<String> = summary
                 .trending_pages

@@ -38,7 +38,7 @@
 //! plugin type: the host may recreate the instance at any time (after a trap, on hot swap),
 //! and then only `init` runs again.
 
-pub mod activity;
+pub use eddy_activity as activity;
 mod backend;
 pub mod testing;
 pub mod window;
