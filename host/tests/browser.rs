@@ -271,6 +271,77 @@ async fn the_demo_shops_tracker_posts_what_the_user_does_and_the_plugin_gets_eac
     host.stop().await.expect("clean stop");
 }
 
+/// The tracker when the collector cannot reach Kafka: its post is answered 503, it keeps
+/// the events and posts them again after `Retry-After`, and once the broker is back each
+/// event is in the topic once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tracker_keeps_its_events_through_a_broker_outage_and_sends_each_once() {
+    init_logs();
+    let broker = broker(2);
+    let bootstrap = broker.bootstrap_servers().to_string();
+    let plugins = format!(
+        "[[plugin]]\nname = \"echo\"\npath = \"{}\"\n[plugin.outputs]\nseen = \"discard\"\n",
+        wasm("eddy_fixture_echo")
+    );
+    let text = config_text(&bootstrap, 2, &plugins)
+        .replace("[http]\n", "[http]\ningest_timeout_ms = 1000\n");
+    let host = Host::start(config(&text)).await.expect("host starts");
+    let url = format!("http://{}/demo", host.http_addr());
+    let metrics = host.metrics().clone();
+    let broker = std::sync::Arc::new(broker);
+    let outage = broker.clone();
+    let b = bootstrap.clone();
+    let events = tokio::task::spawn_blocking(move || {
+        let browser = Browser::start();
+        browser.open(&url);
+        browser.click("#flush", 0);
+        wait_for(Duration::from_secs(60), "the page view and a click", || {
+            metrics.plugin("echo").events_handled() >= 2
+        });
+        outage.set_broker_up(1, false).unwrap();
+        for button in [0, 1, 2] {
+            browser.click("#products button", button);
+        }
+        browser.click("#flush", 0);
+        let posts = || browser.eval("return document.getElementById('log').textContent");
+        wait_for(Duration::from_secs(30), "a post answered 503", || {
+            posts().as_str().is_some_and(|log| log.contains("503"))
+        });
+        outage.set_broker_up(1, true).unwrap();
+        // 2 before; 3 buttons (a click and a shop event each) and "Send now" during.
+        wait_for(
+            Duration::from_secs(60),
+            "the events kept through the outage",
+            || metrics.plugin("echo").events_handled() >= 9,
+        );
+        wait_for(Duration::from_secs(30), "the last post to succeed", || {
+            posts().as_str().is_some_and(|log| {
+                log.starts_with(|c: char| c.is_ascii_digit())
+                    && log.lines().next().is_some_and(|l| l.contains("200"))
+            })
+        });
+        read_topic(&b, TOPIC, 9)
+    })
+    .await
+    .unwrap();
+    let ids: std::collections::BTreeSet<String> = events
+        .iter()
+        .map(|m| {
+            use rdkafka::Message;
+            let v: Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            v["event_id"].to_string()
+        })
+        .collect();
+    assert_eq!(
+        (events.len(), ids.len()),
+        (9, 9),
+        "each event once in the topic"
+    );
+    assert_eq!(host.metrics().plugin("echo").events_handled(), 9);
+    assert!(host.metrics().render().contains("code=\"503\""));
+    host.stop().await.expect("clean stop");
+}
+
 /// The shipped dashboard and alert plugins, with the host's own broker and generator.
 fn host_config(port: u16) -> eddy::config::Config {
     let text = format!(
