@@ -293,6 +293,8 @@ impl Drop for Host {
 /// Compiles every plugin and runs its `init` with its config in a scratch sandbox, as a
 /// start would, without a broker or state: `eddy check`. Reports every plugin that fails.
 pub fn check_plugins(config: &Config) -> anyhow::Result<()> {
+    // Connection strings parse (nothing connects).
+    crate::sinks::Databases::new(&config.postgres)?;
     let engine = wasm::engine()?;
     let errors: Vec<String> = config
         .plugins
