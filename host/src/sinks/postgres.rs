@@ -342,9 +342,10 @@ pub async fn migrate(name: &str, db: &PostgresConfig) -> anyhow::Result<Vec<Stri
         .get()
         .await
         .map_err(|e| anyhow::anyhow!("[postgres.{name}]: cannot connect: {e}"))?;
+    // Not the server's NOTICEs of `IF NOT EXISTS` on every run.
     client
         .batch_execute(
-            "CREATE TABLE IF NOT EXISTS eddy_migrations (name TEXT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+            "SET client_min_messages = warning; CREATE TABLE IF NOT EXISTS eddy_migrations (name TEXT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
         )
         .await
         .map_err(|e| anyhow::anyhow!("[postgres.{name}]: {}", describe(&e)))?;
