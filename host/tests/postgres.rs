@@ -340,6 +340,61 @@ async fn wait_for_rows(pg: &Postgres, n: i64) {
     });
 }
 
+/// `sslmode=require`: TLS, with the server's certificate verified against `ca_file`; without
+/// it (the system's roots do not know the test CA) the connection is refused and the write
+/// is an error to retry, not a plaintext connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sslmode_require_connects_with_tls_and_verifies_the_server() {
+    use eddy::config::{PostgresConfig, TableTarget, WriteMode};
+    use eddy::sinks::postgres::{Databases, TableWriter};
+    let pg = Postgres::start_with_tls(true);
+    let db = |url: String, ca_file| PostgresConfig {
+        url,
+        ca_file,
+        pool_size: 1,
+        migrations: Some(root().join("migrations")),
+        migrate_on_start: false,
+    };
+    let url = |host: &str| {
+        format!(
+            "postgresql://eddy@{host}:{}/postgres?sslmode=require&application_name=eddy-tls",
+            pg.port
+        )
+    };
+    let target = TableTarget {
+        postgres: "main".into(),
+        table: "user_stats".into(),
+        mode: WriteMode::Upsert,
+        key: vec!["user_id".into()],
+    };
+    let row: &[u8] = br#"{"user_id":"u1","total_events":1,"total_purchases":0,"total_spent":0}"#;
+    for host in ["localhost", "127.0.0.1"] {
+        let trusted = db(url(host), Some(pg.ca()));
+        eddy::sinks::postgres::migrate("main", &trusted)
+            .await
+            .unwrap_or_else(|e| panic!("{host}: {e:#}"));
+        let databases = Databases::new(&[("main".to_string(), trusted)].into()).unwrap();
+        let writer = TableWriter::new(&databases, &target);
+        assert!(writer.write(&[row]).await.unwrap().is_empty(), "{host}");
+        // The pool keeps its connection: the server says it is encrypted.
+        let sql = "SELECT count(*) FILTER (WHERE ssl), count(*) FILTER (WHERE NOT ssl) \
+                   FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+                   WHERE application_name = 'eddy-tls'";
+        let counts = pg.query(sql);
+        assert!(
+            counts[0].starts_with(|c: char| c != '0') && counts[0].ends_with("|0"),
+            "{host}: connections with TLS | without: {counts:?}"
+        );
+    }
+    let untrusted = db(url("localhost"), None);
+    let databases = Databases::new(&[("main".to_string(), untrusted)].into()).unwrap();
+    let e = TableWriter::new(&databases, &target)
+        .write(&[row])
+        .await
+        .unwrap_err();
+    assert!(e.contains("certificate"), "{e}");
+}
+
 /// The cost of exactly-once writes: rows per second of `insert_if_absent` and `upsert`
 /// against plain `append` inserts, same rows, same batches, one run (a benchmark, not a
 /// test: `cargo test -p eddy --test postgres --release -- --ignored --nocapture`).
@@ -351,6 +406,7 @@ async fn benchmark_write_modes() {
     let pg = Postgres::start();
     let db = PostgresConfig {
         url: pg.url(),
+        ca_file: None,
         pool_size: 1,
         migrations: Some(root().join("migrations")),
         migrate_on_start: false,

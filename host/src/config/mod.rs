@@ -413,10 +413,10 @@ impl Config {
             self.state.dir = base.join(&self.state.dir);
         }
         for db in self.postgres.values_mut() {
-            if let Some(dir) = &mut db.migrations
-                && dir.is_relative()
-            {
-                *dir = base.join(&*dir);
+            for path in [&mut db.migrations, &mut db.ca_file].into_iter().flatten() {
+                if path.is_relative() {
+                    *path = base.join(&*path);
+                }
             }
         }
     }
@@ -999,10 +999,10 @@ path = "a.wasm"
             assert!(e.contains(expected), "{text}: {e}");
         }
         let e = error(&format!(
-            "[postgres.main]\nurl = \"host=h sslmode=require\"\n{MINIMAL}"
+            "[postgres.main]\nurl = \"host=h sslmode=verify-full\"\n{MINIMAL}"
         ));
         assert!(
-            e.contains("postgres.main.url") && e.contains("without TLS"),
+            e.contains("postgres.main.url") && e.contains("use sslmode=require"),
             "{e}"
         );
         let e = error(&format!("{db}pool_size = 0\n{MINIMAL}"));

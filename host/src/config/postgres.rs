@@ -9,9 +9,14 @@ use std::path::PathBuf;
 #[serde(deny_unknown_fields)]
 pub struct PostgresConfig {
     /// libpq connection string: a URL (`postgresql://user:pass@host:5432/db`) or keywords
-    /// (`host=… user=… dbname=…`). TLS is not supported: `sslmode` may be `disable` or
-    /// `prefer` (which then connects without TLS), not `require`.
+    /// (`host=… user=… dbname=…`). `sslmode=require` connects with TLS and verifies the
+    /// server's certificate (against `ca_file`, else the system's roots) and name;
+    /// `disable` and `prefer` (the default) connect without TLS.
     pub url: String,
+    /// PEM file of the certificate authorities that signed the server's certificate, for
+    /// `sslmode=require` (default: the system's roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// Most connections open at once (shared by every output and plugin that writes here).
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
@@ -91,17 +96,15 @@ pub fn valid_column(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// What a connection string says about TLS, if it asks for what the host cannot do.
+/// What a connection string says about TLS, if it asks for a mode the host does not have.
 pub fn tls_refusal(url: &str) -> Option<String> {
-    let lower = url.to_ascii_lowercase();
-    ["require", "verify-ca", "verify-full"]
+    let lower = url.to_ascii_lowercase().replace(' ', "");
+    ["verify-ca", "verify-full", "allow"]
         .iter()
-        .find(|mode| {
-            lower.contains(&format!("sslmode={mode}")) || lower.contains(&format!("sslmode = {mode}"))
-        })
+        .find(|mode| lower.contains(&format!("sslmode={mode}")))
         .map(|mode| {
             format!(
-                "sslmode={mode}: this host connects to PostgreSQL without TLS (use sslmode=disable or prefer, or a TLS-terminating proxy on the same machine)"
+                "sslmode={mode} is not supported: use sslmode=require (TLS, the server's certificate and name verified against ca_file or the system's roots), prefer or disable (no TLS)"
             )
         })
 }

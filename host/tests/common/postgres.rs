@@ -13,6 +13,8 @@ pub struct Postgres {
     bin: PathBuf,
     pub port: u16,
     as_root: bool,
+    /// Serving TLS with a certificate for `localhost` and 127.0.0.1 signed by [`Postgres::ca`].
+    tls: bool,
 }
 
 fn bin_dir() -> PathBuf {
@@ -34,6 +36,11 @@ fn bin_dir() -> PathBuf {
 impl Postgres {
     /// Makes a cluster and starts it; the database `postgres`, the superuser `eddy`.
     pub fn start() -> Postgres {
+        Postgres::start_with_tls(false)
+    }
+
+    /// [`Postgres::start`], serving TLS too (`ssl = on`) if `tls`.
+    pub fn start_with_tls(tls: bool) -> Postgres {
         let bin = bin_dir();
         let dir = tempfile::tempdir().expect("temp dir");
         let as_root = unsafe { libc::geteuid() } == 0;
@@ -52,14 +59,99 @@ impl Postgres {
             bin,
             port,
             as_root,
+            tls,
         };
         let out = pg.run_on_data(
             "initdb",
             &["-U", "eddy", "--auth=trust", "-E", "UTF8", "--no-sync"],
         );
         assert!(out.status.success(), "initdb: {}", lossy(&out));
+        if tls {
+            pg.make_certificates();
+        }
         pg.start_server();
         pg
+    }
+
+    /// The CA that signed the server's certificate (PEM).
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
+    /// A CA, and a server certificate it signed (for `localhost` and 127.0.0.1) in the data
+    /// directory, where `ssl = on` looks for `server.crt` and `server.key`.
+    fn make_certificates(&self) {
+        let dir = self.dir.path();
+        let data = self.data();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("openssl (Debian's openssl package) makes the test certificates");
+            assert!(out.status.success(), "openssl {args:?}: {}", lossy(&out));
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=eddy test CA",
+        ]);
+        let key = data.join("server.key").display().to_string();
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        std::fs::write(
+            dir.join("san.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+        )
+        .unwrap();
+        let cert = data.join("server.crt").display().to_string();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &cert,
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ]);
+        // The server refuses a key others can read, and must own it.
+        let status = Command::new("chmod").args(["600", &key]).status().unwrap();
+        assert!(status.success());
+        if self.as_root {
+            let status = Command::new("chown")
+                .args(["postgres:postgres", &key, &cert])
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
     }
 
     fn data(&self) -> PathBuf {
@@ -90,9 +182,10 @@ impl Postgres {
 
     fn start_server(&self) {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50 -c ssl={}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            if self.tls { "on" } else { "off" },
         );
         let log = self.dir.path().join("log");
         let log_path = log.display().to_string();
