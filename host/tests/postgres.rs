@@ -508,7 +508,8 @@ async fn benchmark_write_modes() {
     );
 }
 
-/// The real `eddy` binary, killed with SIGKILL at random moments under continuous production
+/// The real `eddy` binary, killed with SIGKILL at random moments while it consumes under
+/// continuous production
 /// (rows delivered but not yet committed with the state are written again after each
 /// restart): the tables come out exact.
 #[test]
@@ -530,10 +531,20 @@ fn sigkill_at_random_moments_under_load_leaves_the_tables_exact() {
     );
     let mut rng = eddy::generator::Rng::new(9);
     let kills = 5;
-    for _ in 0..kills {
+    let runs_consuming = || {
+        std::fs::read_to_string(dir.path().join("host.log"))
+            .unwrap_or_default()
+            .matches("consuming")
+            .count()
+    };
+    for run in 0..kills {
         let mut child = start(dir.path());
-        // From start-up (migrations, the group join) to well into writing rows.
-        std::thread::sleep(Duration::from_millis(1000 + rng.below(4000)));
+        // Once it consumes (the first start also compiles the plugin), anywhere from its first
+        // batches to well into writing rows.
+        wait_for(Duration::from_secs(60), "the host to consume", || {
+            runs_consuming() > run
+        });
+        std::thread::sleep(Duration::from_millis(rng.below(4000)));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
     }
@@ -549,4 +560,67 @@ fn sigkill_at_random_moments_under_load_leaves_the_tables_exact() {
     );
     let payloads: Vec<Vec<u8>> = produced.iter().map(|g| g.payload.clone()).collect();
     assert_tables_exact(&pg, &produced, &payloads);
+}
+
+/// The warehouse plugin end to end in the host (a benchmark, not a test: `--ignored
+/// --nocapture`): events/s from the first event handled to the last committed, with its
+/// outputs going to PostgreSQL, against the same with its outputs discarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn benchmark_warehouse_end_to_end() {
+    let n: usize = std::env::var("EDDY_BENCH_EVENTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        // The embedded broker keeps 5 MiB per partition: 30,000 events fit in 6.
+        .unwrap_or(30_000);
+    let pg = Postgres::start();
+    let events = generate(n, &generator_options(41, 500));
+    let mut rates = Vec::new();
+    for to_postgres in [true, false] {
+        let broker = broker(PARTITIONS);
+        let bootstrap = broker.bootstrap_servers().to_string();
+        produce_generated(&bootstrap, &events);
+        let mut text = plugins(&pg, true).replace("max_batch = 200", "max_batch = 500");
+        if !to_postgres {
+            text = text
+                .replace(
+                    r#"{ postgres = "main", table = "user_events", mode = "insert_if_absent", key = ["event_id"] }"#,
+                    r#""discard""#,
+                )
+                .replace(
+                    r#"{ postgres = "main", table = "user_stats", mode = "upsert", key = ["user_id"] }"#,
+                    r#""discard""#,
+                );
+        }
+        let host = Host::start(common::config(&config_text(&bootstrap, PARTITIONS, &text)))
+            .await
+            .expect("host starts");
+        let m = host.metrics().plugin("warehouse");
+        let started = tokio::task::spawn_blocking(move || {
+            wait_for(Duration::from_secs(60), "a first event", || {
+                m.events_handled() > 0
+            });
+            std::time::Instant::now()
+        })
+        .await
+        .unwrap();
+        // Counted once delivered and committed.
+        let m = host.metrics().plugin("warehouse");
+        wait_async(Duration::from_secs(300), "every event handled", move || {
+            m.events_handled() >= n as u64
+        })
+        .await;
+        rates.push(n as f64 / started.elapsed().as_secs_f64());
+        settle(&bootstrap, &host, n as u64).await;
+        host.stop().await.unwrap();
+        if to_postgres {
+            assert_eq!(pg.count("SELECT count(*) FROM user_events"), n as i64);
+        }
+    }
+    println!(
+        "{n} events through warehouse (6 partitions, max_batch 500): to PostgreSQL {:.0} events/s, outputs discarded {:.0} events/s ({:.2}x)",
+        rates[0],
+        rates[1],
+        rates[0] / rates[1]
+    );
 }

@@ -357,16 +357,22 @@ impl Sink for Table {
         let writer = self.writer.clone();
         let payloads: Vec<Vec<u8>> = records.iter().map(|r| r.payload.to_vec()).collect();
         let output = output.to_string();
-        Ok(Box::pin(async move {
+        let destination = writer.destination();
+        // Started now, not when awaited: the worker sends every output of a batch before it
+        // waits for any, so outputs to tables write at once, each on its own connection.
+        let write = tokio::spawn(async move {
             let slices: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
-            writer
-                .write(&slices)
+            writer.write(&slices).await
+        });
+        Ok(Box::pin(async move {
+            let written = write
                 .await
-                .map_err(|message| SinkError::Refused {
-                    output,
-                    destination: writer.destination(),
-                    message,
-                })
+                .unwrap_or_else(|e| Err(format!("the write failed: {e}")));
+            written.map_err(|message| SinkError::Refused {
+                output,
+                destination,
+                message,
+            })
         }))
     }
 }
