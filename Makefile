@@ -3,15 +3,15 @@
 #   make test   build everything and run every test
 # Both install the wasm32-wasip2 Rust target first if it is missing.
 
-PLUGINS := eddy-logger eddy-analytics eddy-alert eddy-fraud eddy-dashboard eddy-behaviour eddy-fixture-misbehave eddy-fixture-wrong-world eddy-fixture-old-contract eddy-fixture-noop eddy-fixture-echo
+PLUGINS := eddy-logger eddy-analytics eddy-alert eddy-fraud eddy-dashboard eddy-behaviour eddy-warehouse eddy-fixture-misbehave eddy-fixture-wrong-world eddy-fixture-old-contract eddy-fixture-noop eddy-fixture-echo
 CARGO ?= cargo
 
-.PHONY: run test tansu promtool browser plugins target check lint bench-reload bench-state bench-throughput bench-dispatch bench-plugins bench-memory bench-peer bench-isolation soak fuzz
+.PHONY: run test tansu promtool browser postgres plugins target check lint bench-reload bench-state bench-throughput bench-dispatch bench-plugins bench-memory bench-peer bench-isolation soak fuzz
 
 run: plugins
 	$(CARGO) run --release -p eddy -- run --config plugins.toml
 
-test: target tansu promtool browser
+test: target tansu promtool browser postgres
 	EDDY_TANSU=$(TANSU) $(CARGO) test --workspace
 
 # tansu, a Kafka-protocol broker that stores in SQLite, for the real-broker tests
@@ -28,27 +28,32 @@ tansu:
 	    --root $(TANSU_ROOT) --target-dir $(TANSU_ROOT)/build && rm -rf $(TANSU_ROOT)/build; \
 	fi
 
+# $(call debian,PACKAGES,WHAT FOR): installs Debian packages when running as root on Debian
+# (as CI does), else says how and fails.
+debian = if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's $(1): $(2)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(1) >/dev/null; \
+	else \
+	  echo "make test needs $(2): sudo apt-get install $(1)"; exit 1; \
+	fi
+
 # promtool, which the HTTP tests check /metrics with: Debian's prometheus package, installed
 # here when running as root on Debian (as CI does), else the message says how.
 promtool:
-	@command -v promtool >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing Debian's prometheus package for promtool (the /metrics format check)"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
-	  else \
-	    echo "make test needs promtool (the /metrics format check): sudo apt-get install prometheus"; exit 1; \
-	  fi; }
+	@command -v promtool >/dev/null || { $(call debian,prometheus,promtool (the /metrics format check)); }
 
 # Headless Chromium and chromedriver, which the web dashboard's test drives: Debian's chromium
 # and chromium-driver packages, installed here when running as root on Debian (as CI does).
 browser:
 	@command -v chromedriver >/dev/null && command -v chromium >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing Debian's chromium and chromium-driver for the web dashboard's test"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; \
-	  else \
-	    echo "make test needs a headless browser for the dashboard's test: sudo apt-get install chromium chromium-driver"; exit 1; \
-	  fi; }
+	  $(call debian,chromium chromium-driver,a headless browser for the dashboard's test); }
+
+# PostgreSQL 15, which the PostgreSQL output tests (host/tests/postgres.rs) start in a
+# temporary directory: Debian's postgresql package, installed here when running as root on
+# Debian (as CI does). Its own server is not started (the package's service is not needed).
+PG_BIN ?= /usr/lib/postgresql/15/bin
+postgres:
+	@[ -x "$(PG_BIN)/initdb" ] || { $(call debian,postgresql,PostgreSQL 15 for the PostgreSQL output tests); }
 
 # The plugins, as WebAssembly components, in target/wasm32-wasip2/plugin/.
 plugins: target

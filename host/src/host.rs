@@ -97,6 +97,15 @@ impl Host {
             ClusterView::default()
         };
         let sandboxes = supervisor::load_all(&engine, &config, &cluster).await?;
+        // Pools open their connections on first use: a database that is down holds up its
+        // outputs (retried, offsets held back), not the start.
+        let databases = crate::sinks::Databases::new(&config.postgres)?;
+        for (name, db) in &config.postgres {
+            if db.migrate_on_start {
+                let applied = crate::sinks::postgres::migrate(name, db).await?;
+                info!(postgres = %name, ?applied, "migrations applied");
+            }
+        }
 
         let metrics = Arc::new(Metrics::default());
         let live = Arc::new(Live::new(
@@ -164,6 +173,7 @@ impl Host {
             cluster.id.clone().filter(|_| broker.is_some()),
             consumer_client,
             producer,
+            databases,
             metrics.clone(),
             shutdown_rx.clone(),
             shared_fetch,
@@ -283,6 +293,8 @@ impl Drop for Host {
 /// Compiles every plugin and runs its `init` with its config in a scratch sandbox, as a
 /// start would, without a broker or state: `eddy check`. Reports every plugin that fails.
 pub fn check_plugins(config: &Config) -> anyhow::Result<()> {
+    // Connection strings parse (nothing connects).
+    crate::sinks::Databases::new(&config.postgres)?;
     let engine = wasm::engine()?;
     let errors: Vec<String> = config
         .plugins

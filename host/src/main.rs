@@ -40,6 +40,12 @@ enum Command {
         #[arg(long, short, default_value = "plugins.toml")]
         config: PathBuf,
     },
+    /// Apply the `migrations` of every `[postgres.NAME]` (each `.sql` file once, in name
+    /// order; idempotent: files already applied are skipped).
+    Migrate {
+        #[arg(long, short, default_value = "plugins.toml")]
+        config: PathBuf,
+    },
     /// Show a plugin's durable state: size, saved offsets, keys. Stop the host first.
     State {
         plugin: String,
@@ -198,6 +204,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
             }
             Ok(())
+        }
+        Command::Migrate { config } => {
+            let c = Config::parse(
+                &std::fs::read_to_string(&config)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", config.display()))?,
+                &config,
+            )?;
+            if !c.postgres.values().any(|db| db.migrations.is_some()) {
+                anyhow::bail!("{}: no [postgres.NAME] has `migrations`", config.display());
+            }
+            tokio::runtime::Runtime::new()?.block_on(async {
+                for (name, db) in c.postgres.iter().filter(|(_, db)| db.migrations.is_some()) {
+                    let applied = eddy::sinks::postgres::migrate(name, db).await?;
+                    if applied.is_empty() {
+                        println!("[postgres.{name}]: up to date");
+                    } else {
+                        println!("[postgres.{name}]: applied {}", applied.join(", "));
+                    }
+                }
+                anyhow::Ok(())
+            })
         }
         Command::Reset { plugin, config } => {
             let config = Config::load(&config)?;

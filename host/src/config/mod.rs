@@ -6,12 +6,14 @@
 
 mod outputs;
 mod plugin;
+mod postgres;
 
 pub use outputs::OutputTarget;
 pub use plugin::{
     BreakerPolicy, Expire, ExpireClock, ExpireRule, Limits, MAX_BREAKER_PAUSE_MS, PluginConfig,
     StartFrom,
 };
+pub use postgres::{DeadLetterTable, PostgresConfig, TableTarget, WriteMode, tls_refusal};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -62,6 +64,9 @@ pub struct Config {
     pub reload: ReloadConfig,
     #[serde(default)]
     pub state: StateConfig,
+    /// `[postgres.NAME]`: databases outputs may write to.
+    #[serde(default)]
+    pub postgres: BTreeMap<String, PostgresConfig>,
     #[serde(default, rename = "plugin")]
     pub plugins: Vec<PluginConfig>,
     /// Where this config was read from; relative paths in it are resolved against its
@@ -417,6 +422,13 @@ impl Config {
         if self.state.dir.is_relative() {
             self.state.dir = base.join(&self.state.dir);
         }
+        for db in self.postgres.values_mut() {
+            for path in [&mut db.migrations, &mut db.ca_file].into_iter().flatten() {
+                if path.is_relative() {
+                    *path = base.join(&*path);
+                }
+            }
+        }
     }
 
     fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -428,6 +440,36 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        for (name, db) in &self.postgres {
+            let at = |key: &str| format!("postgres.{name}.{key}");
+            if !valid_name(name) {
+                return Err(self.invalid(
+                    format!("postgres.{name}"),
+                    "a name of letters, digits, `-` and `_`",
+                ));
+            }
+            if db.url.trim().is_empty() {
+                return Err(self.invalid(
+                    at("url"),
+                    "a libpq connection string, e.g. \"postgresql://user:pass@host:5432/db\"",
+                ));
+            }
+            if let Some(why) = tls_refusal(&db.url) {
+                return Err(self.invalid(at("url"), why));
+            }
+            if !(1..=1000).contains(&db.pool_size) {
+                return Err(self.invalid(
+                    at("pool_size"),
+                    format!("must be 1 to 1000, not {}", db.pool_size),
+                ));
+            }
+            if db.migrate_on_start && db.migrations.is_none() {
+                return Err(self.invalid(
+                    at("migrate_on_start"),
+                    "needs `migrations`, the directory of .sql files to apply",
+                ));
+            }
+        }
         let k = &self.kafka;
         if k.brokers.trim().is_empty() {
             return Err(self.invalid(
@@ -662,7 +704,29 @@ impl Config {
                     format!("`{t}` must be a valid Kafka topic name other than kafka.topic"),
                 ));
             }
+            if let Some(t) = &p.dead_letter_table {
+                if !self.postgres.contains_key(&t.postgres) {
+                    return Err(self.invalid(
+                        at("dead_letter_table.postgres"),
+                        format!("no [postgres.{}] in this file", t.postgres),
+                    ));
+                }
+                if !postgres::valid_table(&t.table) {
+                    return Err(self.invalid(
+                        at("dead_letter_table.table"),
+                        format!("`{}` is not a table name", t.table),
+                    ));
+                }
+            }
             for (name, target) in &p.outputs {
+                if let OutputTarget::Postgres(t) = target
+                    && !self.postgres.contains_key(&t.postgres)
+                {
+                    return Err(self.invalid(
+                        at(&format!("outputs.{name}.postgres")),
+                        format!("no [postgres.{}] in this file", t.postgres),
+                    ));
+                }
                 if let OutputTarget::Topic(t) = target
                     && !valid_topic(t)
                 {
@@ -887,13 +951,79 @@ path = "a.wasm"
     }
 
     #[test]
+    fn postgres_outputs_and_their_mistakes() {
+        let db = "[postgres.main]\nurl = \"postgresql://u@h/db\"\n";
+        let good = format!(
+            "{db}{MINIMAL}dead_letter_table = {{ postgres = \"main\" }}\n[plugin.outputs]\n\
+             e = {{ postgres = \"main\", table = \"public.user_events\", mode = \"insert_if_absent\", key = [\"event_id\"] }}\n\
+             a = {{ postgres = \"main\", table = \"raw\" }}\n"
+        );
+        let (_d, c) = with_wasm(&good);
+        let c = c.unwrap();
+        assert_eq!(c.postgres["main"].pool_size, 4);
+        let p = &c.plugins[0];
+        assert_eq!(
+            p.dead_letter_table.as_ref().unwrap().table,
+            "dead_letter_queue"
+        );
+        assert_eq!(
+            p.outputs["e"],
+            OutputTarget::Postgres(TableTarget {
+                postgres: "main".into(),
+                table: "public.user_events".into(),
+                mode: WriteMode::InsertIfAbsent,
+                key: vec!["event_id".into()],
+            })
+        );
+        assert!(
+            matches!(&p.outputs["a"], OutputTarget::Postgres(t) if t.mode == WriteMode::Append)
+        );
+        for (text, expected) in [
+            (
+                "{ postgres = \"other\", table = \"t\" }",
+                "no [postgres.other]",
+            ),
+            ("{ postgres = \"main\" }", "needs `table`"),
+            (
+                "{ postgres = \"main\", table = \"t; drop\" }",
+                "not a table name",
+            ),
+            (
+                "{ postgres = \"main\", table = \"t\", mode = \"upsert\" }",
+                "needs `key`",
+            ),
+            (
+                "{ postgres = \"main\", table = \"t\", key = [\"id\"] }",
+                "not \"append\"",
+            ),
+            (
+                "{ postgres = \"main\", table = \"t\", mode = \"merge\" }",
+                r#"mode = "append"|"insert_if_absent"|"upsert""#,
+            ),
+            ("{ topic = \"x\", table = \"t\" }", "for `postgres` outputs"),
+        ] {
+            let e = error(&format!("{db}{MINIMAL}[plugin.outputs]\nx = {text}\n"));
+            assert!(e.contains(expected), "{text}: {e}");
+        }
+        let e = error(&format!(
+            "[postgres.main]\nurl = \"host=h sslmode=verify-full\"\n{MINIMAL}"
+        ));
+        assert!(
+            e.contains("postgres.main.url") && e.contains("use sslmode=require"),
+            "{e}"
+        );
+        let e = error(&format!("{db}pool_size = 0\n{MINIMAL}"));
+        assert!(e.contains("postgres.main.pool_size"), "{e}");
+    }
+
+    #[test]
     fn bad_values_name_the_key_and_what_is_expected() {
         let e = error(&format!("{MINIMAL}[plugin.limits]\nmemory_mib = 0\n"));
         assert!(e.contains("plugin[0].limits.memory_mib"), "{e}");
         assert!(e.contains("1 to 4096"), "{e}");
         let e = error(&format!("{MINIMAL}[plugin.outputs]\nalerts = \"kafka\"\n"));
         assert!(
-            e.contains(r#"expected "stdout", "discard" or { topic = "name" }"#),
+            e.contains(r#"expected "stdout", "discard", { topic = "name" } or { postgres"#),
             "{e}"
         );
         let e = error(&MINIMAL.replace("a.wasm", "missing.wasm"));

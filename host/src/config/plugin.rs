@@ -1,7 +1,7 @@
 //! One `[[plugin]]` entry of `plugins.toml`: which `.wasm`, its consumer group, batching,
 //! its sandbox limits, its breaker and where its outputs go.
 
-use super::OutputTarget;
+use super::{DeadLetterTable, OutputTarget};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -35,6 +35,9 @@ pub struct PluginConfig {
     /// Topic that dead-lettered events go to; `<name>-dlq` by default.
     #[serde(default)]
     pub dead_letter_topic: Option<String>,
+    /// Dead letters also go to this PostgreSQL table (as well as to the topic).
+    #[serde(default)]
+    pub dead_letter_table: Option<DeadLetterTable>,
     #[serde(default)]
     pub limits: Limits,
     #[serde(default)]

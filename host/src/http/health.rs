@@ -9,7 +9,8 @@ use std::sync::atomic::Ordering::Relaxed;
 #[derive(Debug, Clone)]
 pub struct Health {
     /// Degraded when a plugin is not consuming, its breaker is open, its state is at
-    /// [`STATE_FULL_PERCENT`] of its quota or more, or Kafka is unreachable.
+    /// [`STATE_FULL_PERCENT`] of its quota or more, its deliveries fail, or Kafka is
+    /// unreachable.
     pub degraded: bool,
     /// `up` if a consumer has a broker connection and none lost it, `down` if any lost it.
     pub kafka: &'static str,
@@ -58,7 +59,8 @@ pub fn health(metrics: &Metrics) -> Health {
                 m.state_limit_bytes.load(Relaxed),
             );
             let full = state_full(bytes, limit);
-            all_up &= up && breaker != "open" && !full;
+            let delivering = m.delivery_failing.load(Relaxed) == 0;
+            all_up &= up && breaker != "open" && !full && delivering;
             let plugin_kafka = match m.kafka.load(Relaxed) {
                 1 => "up",
                 2 => "down",
@@ -70,7 +72,7 @@ pub fn health(metrics: &Metrics) -> Health {
                 _ => "unknown",
             };
             let version = m.version();
-            let v = serde_json::json!({
+            let mut v = serde_json::json!({
                 "up": up,
                 "kafka": plugin_kafka,
                 "breaker": breaker,
@@ -81,7 +83,11 @@ pub fn health(metrics: &Metrics) -> Health {
                 "consumer_lag": m.consumer_lag.load(Relaxed),
                 "shared_fetch_partitions": m.shared_partitions.load(Relaxed),
                 "state": { "bytes": bytes, "limit_bytes": limit, "full": full },
+                "delivering": delivering,
             });
+            if let Some(e) = m.delivery_error.lock().expect("metrics lock").as_ref() {
+                v["delivery_error"] = serde_json::Value::String(e.clone());
+            }
             (name, v)
         })
         .collect();

@@ -145,6 +145,12 @@ fn families(metrics: &Metrics) -> Vec<MetricFamily> {
         "A plugin's breaker: 0 closed, 1 open (paused after repeated failures), 2 half-open.",
         |m| m.breaker_state.load(Relaxed) as f64,
     ));
+    out.push(per_plugin_gauge(
+        plugins,
+        "eddy_delivery_failing",
+        "1 while a plugin's outputs or dead letters cannot be delivered (retried, offsets held back), else 0.",
+        |m| m.delivery_failing.load(Relaxed) as f64,
+    ));
     out.push(per_plugin_counter(
         plugins,
         "eddy_breaker_trips_total",

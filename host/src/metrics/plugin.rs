@@ -74,6 +74,11 @@ pub struct PluginMetrics {
     pub breaker_state: AtomicI64,
     /// Times the breaker opened.
     pub breaker_trips: AtomicU64,
+    /// 1 while the last delivery of outputs or dead letters failed (it is being retried,
+    /// the offsets wait), 0 once one went through.
+    pub delivery_failing: AtomicI64,
+    /// Why the last delivery failed, while `delivery_failing`.
+    pub delivery_error: Mutex<Option<String>>,
     pub(crate) dead_letters: [AtomicU64; 7],
     pub(crate) reloads: [AtomicU64; 3],
     pub(crate) version: Mutex<Version>,

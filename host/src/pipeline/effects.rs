@@ -54,6 +54,10 @@ impl Worker {
             match result {
                 Ok(written) => {
                     let m = &self.metrics;
+                    if m.delivery_failing.swap(0, Relaxed) == 1 {
+                        *m.delivery_error.lock().expect("metrics lock") = None;
+                        tracing::info!("delivery goes through again");
+                    }
                     if let Some(first) = refused.first() {
                         warn!(
                             records = refused.len(),
@@ -70,6 +74,9 @@ impl Worker {
                 }
                 Err(e) => {
                     self.metrics.output_failures.fetch_add(1, Relaxed);
+                    self.metrics.delivery_failing.store(1, Relaxed);
+                    *self.metrics.delivery_error.lock().expect("metrics lock") =
+                        Some(format!("{e:#}"));
                     let delay = backoff.next_delay();
                     error!(
                         "delivery failed, retrying in {delay:?} (offsets are held back meanwhile): {e:#}"

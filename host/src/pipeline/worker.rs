@@ -347,7 +347,11 @@ impl Worker {
             .await;
         match result {
             Ok(()) => {
-                self.outputs = Outputs::new(&plugin, self.outputs.producer().clone());
+                self.outputs = Outputs::new(
+                    &plugin,
+                    self.outputs.producer().clone(),
+                    self.outputs.databases().clone(),
+                );
                 // A new version or config deserves a fresh start, not the old one's pause.
                 self.breaker = Breaker::new(plugin.breaker.clone());
                 self.metrics.set_breaker(BreakerState::Closed);
@@ -424,11 +428,14 @@ impl Worker {
             .enumerate()
             .filter_map(|(index, d)| match d {
                 Disposition::DeadLetter {
-                    reason, attempts, ..
+                    reason,
+                    attempts,
+                    cause,
                 } => Some(DeadLetter {
                     index,
                     reason: reason.clone(),
                     attempts: *attempts,
+                    cause: cause.label(),
                 }),
                 _ => None,
             })

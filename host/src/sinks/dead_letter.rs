@@ -7,11 +7,13 @@
 //! headers, with `eddy.payload.dropped` saying why; one refused even so is logged and
 //! counted as lost ([`Written`]). Never a wedge.
 
+use super::postgres::TableWriter;
 use super::{DELIVERY_TIMEOUT, Unacknowledged, Undeliverable, acknowledged, send_one};
 use crate::event::Event;
 use crate::wasm::OutputRecord;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use sha2::Digest as _;
 
 /// Kafka headers added to a dead-lettered record, next to the original ones.
 pub mod headers {
@@ -55,6 +57,8 @@ pub struct DeadLetter {
     pub index: usize,
     pub reason: String,
     pub attempts: u32,
+    /// What gave up on it, as in `eddy_dead_letters_total{reason}`: `verdict`, `trap`, …
+    pub cause: &'static str,
 }
 
 /// Why dead letters did not reach their topic (retried by the worker).
@@ -70,6 +74,43 @@ pub struct DeadLetters {
     plugin: String,
     topic: String,
     producer: FutureProducer,
+    /// `dead_letter_table`: each dead letter is a row there too.
+    table: Option<TableWriter>,
+}
+
+/// A row of a dead-letter table (seed 004's `dead_letter_queue`, see `migrations/`).
+#[derive(serde::Serialize)]
+struct DeadLetterRow<'a> {
+    /// What makes a replayed dead letter the same row: the plugin and the event's source
+    /// coordinates, or for an output record its output and the digest of its payload.
+    dedup_key: String,
+    event_id: Option<String>,
+    event_data: serde_json::Value,
+    error_type: &'a str,
+    error_message: &'a str,
+    retry_count: u32,
+    status: &'static str,
+    plugin: &'a str,
+    plugin_version: &'a str,
+    output: Option<&'a str>,
+    source_topic: Option<&'a str>,
+    source_partition: Option<i32>,
+    source_offset: Option<i64>,
+}
+
+/// A payload as JSON: itself if it is JSON, else its text as a JSON string.
+fn as_json(payload: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(payload)
+        .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(payload).into()))
+}
+
+/// The `event_id` of a JSON object payload (a string, or a number as text), if it has one.
+fn event_id(data: &serde_json::Value) -> Option<String> {
+    match data.get("event_id")? {
+        serde_json::Value::String(s) => Some(s.chars().take(100).collect()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
 }
 
 impl DeadLetters {
@@ -78,7 +119,42 @@ impl DeadLetters {
             plugin: plugin.to_string(),
             topic,
             producer,
+            table: None,
         }
+    }
+
+    /// Dead letters go to `table` as well as to the topic.
+    pub fn with_table(mut self, table: Option<TableWriter>) -> DeadLetters {
+        self.table = table;
+        self
+    }
+
+    /// Writes `rows` to the dead-letter table, if there is one. A row it refuses for good is
+    /// logged (the topic has the dead letter).
+    async fn write_rows(&self, rows: &[DeadLetterRow<'_>]) -> Result<(), DeadLetterError> {
+        let Some(table) = &self.table else {
+            return Ok(());
+        };
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let json: Vec<Vec<u8>> = rows
+            .iter()
+            .map(|r| serde_json::to_vec(r).expect("a row is JSON"))
+            .collect();
+        let slices: Vec<&[u8]> = json.iter().map(Vec::as_slice).collect();
+        let refused = table.write(&slices).await.map_err(|m| DeadLetterError {
+            topic: format!("{} (and its dead-letter table)", self.topic),
+            message: m,
+        })?;
+        for u in refused {
+            tracing::error!(
+                dedup_key = %rows[u.index].dedup_key,
+                "the dead-letter table refused a dead letter (it is in the dead-letter topic): {}",
+                u.reason
+            );
+        }
+        Ok(())
     }
 
     fn error(&self, message: impl Into<String>) -> DeadLetterError {
@@ -96,6 +172,7 @@ impl DeadLetters {
         letters: &[DeadLetter],
         version: &str,
     ) -> Result<Written, DeadLetterError> {
+        let letters_in = letters;
         let letters: Vec<Letter<'_>> = letters
             .iter()
             .map(|letter| {
@@ -120,7 +197,36 @@ impl DeadLetters {
                 }
             })
             .collect();
-        self.write(&letters).await
+        let written = self.write(&letters).await?;
+        if self.table.is_some() {
+            let rows: Vec<DeadLetterRow<'_>> = letters_in
+                .iter()
+                .map(|letter| {
+                    let e = &events[letter.index];
+                    let data = as_json(&e.payload);
+                    DeadLetterRow {
+                        dedup_key: format!(
+                            "{}/{}/{}/{}",
+                            self.plugin, e.topic, e.partition, e.offset
+                        ),
+                        event_id: event_id(&data),
+                        event_data: data,
+                        error_type: letter.cause,
+                        error_message: &letter.reason,
+                        retry_count: letter.attempts,
+                        status: "dead",
+                        plugin: &self.plugin,
+                        plugin_version: version,
+                        output: None,
+                        source_topic: Some(&e.topic),
+                        source_partition: Some(e.partition),
+                        source_offset: Some(e.offset),
+                    }
+                })
+                .collect();
+            self.write_rows(&rows).await?;
+        }
+        Ok(written)
     }
 
     /// Writes output `records` their destination refused for good (`refused`: indexes into
@@ -151,7 +257,52 @@ impl DeadLetters {
                 }
             })
             .collect();
-        self.write(&letters).await
+        let written = self.write(&letters).await?;
+        if self.table.is_some() {
+            let reasons: Vec<String> = refused
+                .iter()
+                .map(|u| {
+                    format!(
+                        "output `{}` cannot be delivered: {}",
+                        records[u.index].output, u.reason
+                    )
+                })
+                .collect();
+            let rows: Vec<DeadLetterRow<'_>> = refused
+                .iter()
+                .zip(&reasons)
+                .map(|(u, reason)| {
+                    let r = &records[u.index];
+                    let data = as_json(&r.payload);
+                    let digest = sha2::Sha256::digest(&r.payload);
+                    DeadLetterRow {
+                        dedup_key: format!(
+                            "{}/output/{}/{}",
+                            self.plugin,
+                            r.output,
+                            digest.iter().fold(String::with_capacity(64), |mut s, b| {
+                                let _ = std::fmt::Write::write_fmt(&mut s, format_args!("{b:02x}"));
+                                s
+                            })
+                        ),
+                        event_id: event_id(&data),
+                        event_data: data,
+                        error_type: "output",
+                        error_message: reason,
+                        retry_count: 0,
+                        status: "dead",
+                        plugin: &self.plugin,
+                        plugin_version: version,
+                        output: Some(&r.output),
+                        source_topic: None,
+                        source_partition: None,
+                        source_offset: None,
+                    }
+                })
+                .collect();
+            self.write_rows(&rows).await?;
+        }
+        Ok(written)
     }
 
     /// Sends `letters` (whole, or stripped when refused whole for good) and waits for them.

@@ -11,10 +11,12 @@
 //! reason instead of retrying forever (a plugin wedged on one record for good).
 
 pub mod dead_letter;
+pub mod postgres;
 pub mod stdout;
 pub mod topic;
 
 pub use dead_letter::{DeadLetter, DeadLetters, Written, headers};
+pub use postgres::Databases;
 
 use crate::config::{OutputTarget, PluginConfig};
 use crate::event::Event;
@@ -138,8 +140,14 @@ pub trait Sink: Send + Sync {
 }
 
 /// The sink for one `[plugin.outputs]` entry of `plugin`.
-pub fn sink_for(plugin: &str, target: &OutputTarget, producer: &FutureProducer) -> Arc<dyn Sink> {
+pub fn sink_for(
+    plugin: &str,
+    target: &OutputTarget,
+    producer: &FutureProducer,
+    databases: &Databases,
+) -> Arc<dyn Sink> {
     match target {
+        OutputTarget::Postgres(table) => Arc::new(postgres::Table::new(databases, table)),
         OutputTarget::Stdout => Arc::new(stdout::Stdout::new(plugin)),
         OutputTarget::Discard => Arc::new(Discard),
         OutputTarget::Topic(topic) => Arc::new(topic::Topic::new(topic, producer.clone())),
@@ -160,27 +168,49 @@ pub struct Outputs {
     routes: BTreeMap<String, Arc<dyn Sink>>,
     dead_letters: DeadLetters,
     producer: FutureProducer,
+    databases: Databases,
 }
 
 impl Outputs {
-    pub fn new(plugin: &PluginConfig, producer: FutureProducer) -> Outputs {
+    pub fn new(plugin: &PluginConfig, producer: FutureProducer, databases: Databases) -> Outputs {
         Outputs {
             routes: plugin
                 .outputs
                 .iter()
-                .map(|(name, target)| (name.clone(), sink_for(&plugin.name, target, &producer)))
+                .map(|(name, target)| {
+                    (
+                        name.clone(),
+                        sink_for(&plugin.name, target, &producer, &databases),
+                    )
+                })
                 .collect(),
             dead_letters: DeadLetters::new(
                 &plugin.name,
                 plugin.dead_letter_topic(),
                 producer.clone(),
-            ),
+            )
+            .with_table(plugin.dead_letter_table.as_ref().map(|t| {
+                postgres::TableWriter::new(
+                    &databases,
+                    &crate::config::TableTarget {
+                        postgres: t.postgres.clone(),
+                        table: t.table.clone(),
+                        mode: crate::config::WriteMode::InsertIfAbsent,
+                        key: vec!["dedup_key".into()],
+                    },
+                )
+            })),
             producer,
+            databases,
         }
     }
 
     pub fn producer(&self) -> &FutureProducer {
         &self.producer
+    }
+
+    pub fn databases(&self) -> &Databases {
+        &self.databases
     }
 
     /// Delivers `records` (all of them, or an error naming the first failure that may go

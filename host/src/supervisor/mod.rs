@@ -80,6 +80,8 @@ pub struct Supervisor {
     config: Config,
     client: ClientConfig,
     producer: FutureProducer,
+    /// The pools of `[postgres.NAME]`, made at start.
+    databases: crate::sinks::Databases,
     metrics: Arc<Metrics>,
     shutdown: tokio::sync::watch::Receiver<bool>,
     /// The id the host gave its own embedded broker, if it runs one.
@@ -113,6 +115,7 @@ impl Supervisor {
         embedded_cluster: Option<String>,
         client: ClientConfig,
         producer: FutureProducer,
+        databases: crate::sinks::Databases,
         metrics: Arc<Metrics>,
         shutdown: tokio::sync::watch::Receiver<bool>,
         shared_fetch: Option<Arc<SharedFetch>>,
@@ -124,6 +127,7 @@ impl Supervisor {
             config,
             client,
             producer,
+            databases,
             metrics,
             shutdown,
             embedded_cluster,
@@ -151,7 +155,7 @@ impl Supervisor {
             self.config.kafka.topic.clone(),
             self.client.clone(),
             sandbox,
-            Outputs::new(&plugin, self.producer.clone()),
+            Outputs::new(&plugin, self.producer.clone(), self.databases.clone()),
             self.metrics.plugin(&plugin.name),
             self.shutdown.clone(),
             control_rx,
@@ -222,6 +226,7 @@ impl Supervisor {
             ("[http]", new.http != self.config.http),
             ("[generator]", new.generator != self.config.generator),
             ("[reload]", new.reload != self.config.reload),
+            ("[postgres]", new.postgres != self.config.postgres),
         ] {
             if changed {
                 warn!(
@@ -285,6 +290,7 @@ impl Supervisor {
             http: self.config.http.clone(),
             generator: self.config.generator.clone(),
             reload: self.config.reload.clone(),
+            postgres: self.config.postgres.clone(),
             ..new
         };
         report

@@ -118,6 +118,7 @@ fn empty_plugin() -> crate::config::PluginConfig {
         batch_linger_ms: 0,
         tick_interval_ms: 0,
         dead_letter_topic: None,
+        dead_letter_table: None,
         limits: Limits::default(),
         breaker: Default::default(),
         expire: Default::default(),

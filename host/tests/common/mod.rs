@@ -4,6 +4,7 @@
 
 pub mod host_process;
 pub mod misbehaving;
+pub mod postgres;
 pub mod tansu;
 
 use eddy::generator::{Generated, Generator, GeneratorOptions};
@@ -56,6 +57,8 @@ pub fn plugins_dir() -> &'static Path {
                 "eddy-dashboard",
                 "-p",
                 "eddy-behaviour",
+                "-p",
+                "eddy-warehouse",
             ])
             .args([
                 "-p",

@@ -1,0 +1,626 @@
+//! PostgreSQL outputs against a real PostgreSQL 15 (started by the test, see
+//! `common/postgres.rs`): the warehouse plugin keeps seed 004's `user_events` and
+//! `user_stats`, whose rows must match the produced events and the per-user figures computed
+//! here from them; a database stopped under load loses and duplicates nothing; rows the
+//! database refuses are dead-lettered with its message, in the topic and the table.
+
+mod common;
+
+use common::postgres::Postgres;
+use common::*;
+use eddy::Host;
+use eddy::generator::Generated;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::Duration;
+
+const PARTITIONS: i32 = 6;
+
+/// The `[postgres.main]` table and a warehouse plugin writing seed 004's tables to it.
+fn plugins(pg: &Postgres, migrate_on_start: bool) -> String {
+    format!(
+        r#"
+[postgres.main]
+url = "{url}"
+pool_size = 4
+migrations = "{migrations}"
+migrate_on_start = {migrate_on_start}
+
+[[plugin]]
+name = "warehouse"
+path = "{wasm}"
+max_batch = 200
+tick_interval_ms = 0
+dead_letter_table = {{ postgres = "main", table = "dead_letter_queue" }}
+[plugin.outputs]
+events = {{ postgres = "main", table = "user_events", mode = "insert_if_absent", key = ["event_id"] }}
+stats = {{ postgres = "main", table = "user_stats", mode = "upsert", key = ["user_id"] }}
+"#,
+        url = pg.url(),
+        migrations = root().join("migrations").display(),
+        wasm = wasm("eddy_warehouse"),
+    )
+}
+
+/// One user's figures, computed here from the events (not by the plugin's code).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Figures {
+    events: i64,
+    purchases: i64,
+    cents: i64,
+    last_active_ms: Option<i64>,
+    last_purchase_ms: Option<i64>,
+}
+
+fn expected_figures(payloads: &[Vec<u8>]) -> BTreeMap<String, Figures> {
+    let mut users: BTreeMap<String, Figures> = BTreeMap::new();
+    for p in payloads {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(p) else {
+            continue;
+        };
+        let Some(user) = v["user_id"].as_str() else {
+            continue;
+        };
+        let f = users.entry(user.to_string()).or_default();
+        f.events += 1;
+        let t = v["timestamp"]
+            .as_str()
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+            .map(|t| t.as_millisecond());
+        if let Some(t) = t {
+            f.last_active_ms = f.last_active_ms.max(Some(t));
+        }
+        if v["event_type"] == "purchase" {
+            f.purchases += 1;
+            let props = &v["properties"];
+            let amount = match props["price"].as_f64() {
+                Some(price) => price * props["quantity"].as_f64().unwrap_or(1.0).max(1.0),
+                None => props["cart_value"].as_f64().unwrap_or(0.0),
+            };
+            f.cents += (amount * 100.0).round() as i64;
+            if let Some(t) = t {
+                f.last_purchase_ms = f.last_purchase_ms.max(Some(t));
+            }
+        }
+    }
+    users
+}
+
+fn actual_figures(pg: &Postgres) -> BTreeMap<String, Figures> {
+    pg.query(
+        "SELECT user_id, total_events, total_purchases, (total_spent * 100)::bigint, \
+         (extract(epoch FROM last_active) * 1000)::bigint, \
+         (extract(epoch FROM last_purchase) * 1000)::bigint FROM user_stats",
+    )
+    .into_iter()
+    .map(|row| {
+        let f: Vec<&str> = row.split('|').collect();
+        let opt = |s: &str| (!s.is_empty()).then(|| s.parse().unwrap());
+        (
+            f[0].to_string(),
+            Figures {
+                events: f[1].parse().unwrap(),
+                purchases: f[2].parse().unwrap(),
+                cents: f[3].parse().unwrap(),
+                last_active_ms: opt(f[4]),
+                last_purchase_ms: opt(f[5]),
+            },
+        )
+    })
+    .collect()
+}
+
+/// `user_events` holds exactly one row per event of `events`, and `user_stats` the figures
+/// computed from `payloads` (all that was produced).
+fn assert_tables_exact(pg: &Postgres, events: &[Generated], payloads: &[Vec<u8>]) {
+    let ids: BTreeSet<String> = events
+        .iter()
+        .map(|g| {
+            let v: serde_json::Value = serde_json::from_slice(&g.payload).unwrap();
+            v["event_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(
+        ids.len(),
+        events.len(),
+        "the generator's event ids are unique"
+    );
+    let rows = pg.count("SELECT count(*) FROM user_events");
+    let in_db: BTreeSet<String> = pg
+        .query("SELECT event_id FROM user_events")
+        .into_iter()
+        .collect();
+    assert_eq!(rows as usize, in_db.len());
+    let missing: Vec<_> = ids.difference(&in_db).take(5).collect();
+    assert!(missing.is_empty(), "events not in user_events: {missing:?}");
+    assert_eq!(
+        in_db.len(),
+        ids.len(),
+        "user_events holds rows that were not produced"
+    );
+    // A row holds its event: type, user and time as produced.
+    let sample = &events[events.len() / 2];
+    let v: serde_json::Value = serde_json::from_slice(&sample.payload).unwrap();
+    let row = pg.query(&format!(
+        "SELECT user_id, event_type, (extract(epoch FROM timestamp) * 1000)::bigint, metadata->>'session_id' \
+         FROM user_events WHERE event_id = '{}'",
+        v["event_id"].as_str().unwrap()
+    ));
+    assert_eq!(
+        row[0],
+        format!(
+            "{}|{}|{}|{}",
+            v["user_id"].as_str().unwrap(),
+            v["event_type"].as_str().unwrap(),
+            sample.time_ms,
+            v["session_id"].as_str().unwrap()
+        )
+    );
+    let expected = expected_figures(payloads);
+    let actual = actual_figures(pg);
+    assert_eq!(actual.len(), expected.len(), "users in user_stats");
+    for (user, figures) in &expected {
+        assert_eq!(actual.get(user), Some(figures), "user_stats of {user}");
+    }
+}
+
+/// A host with the warehouse plugin writing to `pg` (migrations applied at start).
+async fn start_host(bootstrap: &str, pg: &Postgres) -> Host {
+    Host::start(common::config(&config_text(
+        bootstrap,
+        PARTITIONS,
+        &plugins(pg, true),
+    )))
+    .await
+    .expect("host starts")
+}
+
+/// Waits until the plugin has handled `n` events and committed the topic's end.
+async fn settle(bootstrap: &str, host: &Host, n: u64) {
+    let metrics = host.metrics().clone();
+    wait_async(
+        Duration::from_secs(120),
+        "the warehouse plugin to handle every event",
+        move || metrics.plugin("warehouse").events_handled() >= n,
+    )
+    .await;
+    wait_settled(bootstrap, &["warehouse"], PARTITIONS, n).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_match_the_events_and_refused_rows_are_dead_lettered_with_the_reason() {
+    init_logs();
+    let pg = Postgres::start();
+    // `eddy migrate` twice: the second applies nothing.
+    let config = config(&config_text("embedded", PARTITIONS, &plugins(&pg, false)));
+    let db = &config.postgres["main"];
+    let applied = eddy::sinks::postgres::migrate("main", db).await.unwrap();
+    assert_eq!(applied, ["001_seed004.sql"]);
+    assert!(
+        eddy::sinks::postgres::migrate("main", db)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let broker = broker(PARTITIONS);
+    let bootstrap = broker.bootstrap_servers().to_string();
+    let events = generate(3000, &generator_options(11, 500));
+    produce_generated(&bootstrap, &events);
+    // One the database refuses (a time that is none), one that is no event at all.
+    let refused = br#"{"event_id":"bad-time","user_id":"user-bad","event_type":"click","timestamp":"yesterday at noon"}"#.to_vec();
+    let garbage = b"{not json".to_vec();
+    produce(
+        &bootstrap,
+        TOPIC,
+        &[
+            (Some(b"user-bad".to_vec()), refused.clone()),
+            (Some(b"x".to_vec()), garbage.clone()),
+        ],
+    );
+    let host = start_host(&bootstrap, &pg).await;
+    settle(&bootstrap, &host, events.len() as u64 + 2).await;
+    let health = http_get(host.http_addr(), "/healthz").await;
+    assert!(health.contains(r#""delivering":true"#), "{health}");
+    host.stop().await.unwrap();
+
+    let mut payloads: Vec<Vec<u8>> = events.iter().map(|g| g.payload.clone()).collect();
+    payloads.push(refused.clone());
+    assert_tables_exact(&pg, &events, &payloads);
+    assert_eq!(
+        pg.count("SELECT count(*) FROM user_events WHERE event_id = 'bad-time'"),
+        0
+    );
+
+    // The refused row: in the dead-letter topic with the database's message and the output…
+    let letters = read_topic(&bootstrap, "warehouse-dlq", 2);
+    assert_eq!(letters.len(), 2, "two dead letters");
+    let row_letter = letters
+        .iter()
+        .find(|m| header(m, "eddy.output").is_some())
+        .expect("the refused row's dead letter");
+    assert_eq!(header(row_letter, "eddy.output").as_deref(), Some("events"));
+    let reason = header(row_letter, "eddy.reason").unwrap();
+    assert!(
+        reason.contains("invalid input syntax for type timestamp with time zone")
+            && reason.contains("SQLSTATE 22007"),
+        "{reason}"
+    );
+    // …and in dead_letter_queue, once each, as is the event that is no event.
+    let rows = pg.query(
+        "SELECT error_type, event_id, status, output, error_message FROM dead_letter_queue ORDER BY error_type",
+    );
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert!(
+        rows[0].starts_with(
+            "output|bad-time|dead|events|output `events` cannot be delivered: invalid input syntax"
+        ),
+        "{rows:?}"
+    );
+    assert!(rows[1].starts_with("verdict||dead||"), "{rows:?}");
+    assert_eq!(
+        pg.count("SELECT count(*) FROM dead_letter_queue WHERE source_offset IS NOT NULL AND plugin = 'warehouse'"),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_stopped_under_load_loses_nothing_and_duplicates_nothing() {
+    init_logs();
+    let pg = Postgres::start();
+    let broker = broker(PARTITIONS);
+    let bootstrap = broker.bootstrap_servers().to_string();
+    let host = start_host(&bootstrap, &pg).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = produce_until(
+        bootstrap.clone(),
+        generator_options(23, 500),
+        400,
+        stop.clone(),
+    );
+    let metrics = host.metrics().plugin("warehouse");
+    let rows_in = |pg: &Postgres| pg.count("SELECT count(*) FROM user_events");
+    wait_for_rows(&pg, 500).await;
+
+    // Down: deliveries fail, /healthz says so, nothing is committed past them.
+    tokio::task::block_in_place(|| pg.stop());
+    let m = metrics.clone();
+    wait_async(Duration::from_secs(60), "deliveries to fail", move || {
+        m.delivery_failing.load(Relaxed) == 1
+    })
+    .await;
+    let health = http_get(host.http_addr(), "/healthz").await;
+    assert!(
+        health.contains(r#""delivering":false"#) && health.contains(r#""status":"degraded""#),
+        "{health}"
+    );
+    assert!(health.contains("delivery_error"), "{health}");
+    // Events keep coming while it is down (a few retries' worth).
+    let m = metrics.clone();
+    let failures = m.output_failures.load(Relaxed);
+    wait_async(
+        Duration::from_secs(60),
+        "three more failed deliveries",
+        move || m.output_failures.load(Relaxed) >= failures + 3,
+    )
+    .await;
+
+    // Back: deliveries resume on their own.
+    tokio::task::block_in_place(|| pg.start_again());
+    let m = metrics.clone();
+    wait_async(
+        Duration::from_secs(90),
+        "deliveries to go through again",
+        move || m.delivery_failing.load(Relaxed) == 0,
+    )
+    .await;
+    let before = rows_in(&pg);
+    wait_for_rows(&pg, before + 300).await;
+    stop.store(true, Relaxed);
+    let produced = tokio::task::spawn_blocking(move || producer.join().unwrap())
+        .await
+        .unwrap();
+    settle(&bootstrap, &host, produced.len() as u64).await;
+    let health = http_get(host.http_addr(), "/healthz").await;
+    assert!(health.contains(r#""delivering":true"#), "{health}");
+    host.stop().await.unwrap();
+
+    let payloads: Vec<Vec<u8>> = produced.iter().map(|g| g.payload.clone()).collect();
+    assert_tables_exact(&pg, &produced, &payloads);
+    assert_eq!(pg.count("SELECT count(*) FROM dead_letter_queue"), 0);
+}
+
+/// Waits until `user_events` has at least `n` rows.
+async fn wait_for_rows(pg: &Postgres, n: i64) {
+    tokio::task::block_in_place(|| {
+        wait_for(Duration::from_secs(90), "rows in user_events", || {
+            pg.count("SELECT count(*) FROM user_events") >= n
+        })
+    });
+}
+
+/// `sslmode=require`: TLS, with the server's certificate verified against `ca_file`; without
+/// it (the system's roots do not know the test CA) the connection is refused and the write
+/// is an error to retry, not a plaintext connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sslmode_require_connects_with_tls_and_verifies_the_server() {
+    use eddy::config::{PostgresConfig, TableTarget, WriteMode};
+    use eddy::sinks::postgres::{Databases, TableWriter};
+    let pg = Postgres::start_with_tls(true);
+    let db = |url: String, ca_file| PostgresConfig {
+        url,
+        ca_file,
+        pool_size: 1,
+        migrations: Some(root().join("migrations")),
+        migrate_on_start: false,
+    };
+    let url = |host: &str| {
+        format!(
+            "postgresql://eddy@{host}:{}/postgres?sslmode=require&application_name=eddy-tls",
+            pg.port
+        )
+    };
+    let target = TableTarget {
+        postgres: "main".into(),
+        table: "user_stats".into(),
+        mode: WriteMode::Upsert,
+        key: vec!["user_id".into()],
+    };
+    let row: &[u8] = br#"{"user_id":"u1","total_events":1,"total_purchases":0,"total_spent":0}"#;
+    for host in ["localhost", "127.0.0.1"] {
+        let trusted = db(url(host), Some(pg.ca()));
+        eddy::sinks::postgres::migrate("main", &trusted)
+            .await
+            .unwrap_or_else(|e| panic!("{host}: {e:#}"));
+        let databases = Databases::new(&[("main".to_string(), trusted)].into()).unwrap();
+        let writer = TableWriter::new(&databases, &target);
+        assert!(writer.write(&[row]).await.unwrap().is_empty(), "{host}");
+        // The pool keeps its connection: the server says it is encrypted.
+        let sql = "SELECT count(*) FILTER (WHERE ssl), count(*) FILTER (WHERE NOT ssl) \
+                   FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+                   WHERE application_name = 'eddy-tls'";
+        let counts = pg.query(sql);
+        assert!(
+            counts[0].starts_with(|c: char| c != '0') && counts[0].ends_with("|0"),
+            "{host}: connections with TLS | without: {counts:?}"
+        );
+    }
+    let untrusted = db(url("localhost"), None);
+    let databases = Databases::new(&[("main".to_string(), untrusted)].into()).unwrap();
+    let e = TableWriter::new(&databases, &target)
+        .write(&[row])
+        .await
+        .unwrap_err();
+    assert!(e.contains("certificate"), "{e}");
+}
+
+/// The cost of exactly-once writes: rows per second of `insert_if_absent` and `upsert`
+/// against plain `append` inserts, same rows, same batches, one run (a benchmark, not a
+/// test: `cargo test -p eddy --test postgres --release -- --ignored --nocapture`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn benchmark_write_modes() {
+    use eddy::config::{PostgresConfig, TableTarget, WriteMode};
+    use eddy::sinks::postgres::{Databases, TableWriter};
+    let pg = Postgres::start();
+    let db = PostgresConfig {
+        url: pg.url(),
+        ca_file: None,
+        pool_size: 1,
+        migrations: Some(root().join("migrations")),
+        migrate_on_start: false,
+    };
+    eddy::sinks::postgres::migrate("main", &db).await.unwrap();
+    // The same table and indexes, but the unique one on event_id is a plain index: what is
+    // measured is the conflict check (and upsert's sort and update), not index upkeep.
+    pg.query(
+        "CREATE TABLE events_append (LIKE user_events INCLUDING DEFAULTS); \
+         ALTER TABLE events_append ADD PRIMARY KEY (id); \
+         CREATE INDEX ON events_append (event_id); \
+         CREATE INDEX ON events_append (user_id, timestamp); \
+         CREATE INDEX ON events_append (event_type, timestamp)",
+    );
+    let databases = Databases::new(&[("main".to_string(), db)].into()).unwrap();
+    let batches: usize = std::env::var("EDDY_BENCH_BATCHES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100);
+    const BATCH: usize = 500;
+    let events = generate(batches * BATCH, &generator_options(5, 0));
+    let rows: Vec<Vec<u8>> = events
+        .iter()
+        .map(|g| {
+            let v: serde_json::Value = serde_json::from_slice(&g.payload).unwrap();
+            serde_json::to_vec(&serde_json::json!({
+                "event_id": v["event_id"], "user_id": v["user_id"], "event_type": v["event_type"],
+                "timestamp": v["timestamp"], "session_id": v["session_id"],
+                "page_url": v["page_url"], "metadata": v,
+            }))
+            .unwrap()
+        })
+        .collect();
+    let writer = |table: &str, mode, key: &[&str]| {
+        TableWriter::new(
+            &databases,
+            &TableTarget {
+                postgres: "main".into(),
+                table: table.into(),
+                mode,
+                key: key.iter().map(|k| k.to_string()).collect(),
+            },
+        )
+    };
+    let run = |w: TableWriter, rows: Vec<Vec<u8>>| async move {
+        let started = std::time::Instant::now();
+        for chunk in rows.chunks(BATCH) {
+            let slices: Vec<&[u8]> = chunk.iter().map(Vec::as_slice).collect();
+            assert!(w.write(&slices).await.unwrap().is_empty());
+        }
+        rows.len() as f64 / started.elapsed().as_secs_f64()
+    };
+    let append = run(
+        writer("events_append", WriteMode::Append, &[]),
+        rows.clone(),
+    )
+    .await;
+    let insert = run(
+        writer("user_events", WriteMode::InsertIfAbsent, &["event_id"]),
+        rows.clone(),
+    )
+    .await;
+    let replay = run(
+        writer("user_events", WriteMode::InsertIfAbsent, &["event_id"]),
+        rows.clone(),
+    )
+    .await;
+    // Upserts of per-user figures, absolute values, each user once per batch (as warehouse
+    // emits them): 20,000 users, so after the first 40 batches every row is an update.
+    let stats: Vec<Vec<u8>> = (0..events.len())
+        .map(|i| {
+            serde_json::to_vec(&serde_json::json!({
+                "user_id": format!("user-{}", i % 20_000), "total_events": i, "total_purchases": i / 50,
+                "total_spent": i as f64 / 4.0, "last_active": "2024-01-15T10:00:00Z",
+            }))
+            .unwrap()
+        })
+        .collect();
+    let upsert = run(
+        writer("user_stats", WriteMode::Upsert, &["user_id"]),
+        stats.clone(),
+    )
+    .await;
+    pg.query(
+        "CREATE TABLE stats_append (LIKE user_stats INCLUDING DEFAULTS); \
+         ALTER TABLE stats_append ADD PRIMARY KEY (id); \
+         CREATE INDEX ON stats_append (user_id); CREATE INDEX ON stats_append (last_active)",
+    );
+    let stats_append = run(writer("stats_append", WriteMode::Append, &[]), stats).await;
+    println!(
+        "{} rows in batches of {BATCH}, one connection: user_events append {append:.0} rows/s, \
+         insert_if_absent {insert:.0} rows/s ({:.2}x append), the same rows again (a replay, all \
+         conflicts) {replay:.0} rows/s ({:.2}x); user_stats append {stats_append:.0} rows/s, \
+         upsert {upsert:.0} rows/s ({:.2}x append)",
+        rows.len(),
+        insert / append,
+        replay / append,
+        upsert / stats_append,
+    );
+}
+
+/// The real `eddy` binary, killed with SIGKILL at random moments while it consumes under
+/// continuous production
+/// (rows delivered but not yet committed with the state are written again after each
+/// restart): the tables come out exact.
+#[test]
+fn sigkill_at_random_moments_under_load_leaves_the_tables_exact() {
+    use common::host_process::{free_port, start, stop, wait_caught_up, write_config};
+    let pg = Postgres::start();
+    let broker = broker(PARTITIONS);
+    let bootstrap = broker.bootstrap_servers().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    write_config(dir.path(), &bootstrap, port, &plugins(&pg, true));
+
+    let stop_producing = Arc::new(AtomicBool::new(false));
+    let producer = produce_until(
+        bootstrap.clone(),
+        generator_options(31, 500),
+        300,
+        stop_producing.clone(),
+    );
+    let mut rng = eddy::generator::Rng::new(9);
+    let kills = 5;
+    let runs_consuming = || {
+        std::fs::read_to_string(dir.path().join("host.log"))
+            .unwrap_or_default()
+            .matches("consuming")
+            .count()
+    };
+    for run in 0..kills {
+        let mut child = start(dir.path());
+        // Once it consumes (the first start also compiles the plugin), anywhere from its first
+        // batches to well into writing rows.
+        wait_for(Duration::from_secs(60), "the host to consume", || {
+            runs_consuming() > run
+        });
+        std::thread::sleep(Duration::from_millis(rng.below(4000)));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    stop_producing.store(true, Relaxed);
+    let produced = producer.join().unwrap();
+    let child = start(dir.path());
+    wait_caught_up(dir.path(), port, &["warehouse"], Duration::from_secs(120));
+    stop(child);
+    let log = std::fs::read_to_string(dir.path().join("host.log")).unwrap();
+    assert!(
+        log.matches("consuming").count() > kills,
+        "every run started:\n{log}"
+    );
+    let payloads: Vec<Vec<u8>> = produced.iter().map(|g| g.payload.clone()).collect();
+    assert_tables_exact(&pg, &produced, &payloads);
+}
+
+/// The warehouse plugin end to end in the host (a benchmark, not a test: `--ignored
+/// --nocapture`): events/s from the first event handled to the last committed, with its
+/// outputs going to PostgreSQL, against the same with its outputs discarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn benchmark_warehouse_end_to_end() {
+    let n: usize = std::env::var("EDDY_BENCH_EVENTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        // The embedded broker keeps 5 MiB per partition: 30,000 events fit in 6.
+        .unwrap_or(30_000);
+    let pg = Postgres::start();
+    let events = generate(n, &generator_options(41, 500));
+    let mut rates = Vec::new();
+    for to_postgres in [true, false] {
+        let broker = broker(PARTITIONS);
+        let bootstrap = broker.bootstrap_servers().to_string();
+        produce_generated(&bootstrap, &events);
+        let mut text = plugins(&pg, true).replace("max_batch = 200", "max_batch = 500");
+        if !to_postgres {
+            text = text
+                .replace(
+                    r#"{ postgres = "main", table = "user_events", mode = "insert_if_absent", key = ["event_id"] }"#,
+                    r#""discard""#,
+                )
+                .replace(
+                    r#"{ postgres = "main", table = "user_stats", mode = "upsert", key = ["user_id"] }"#,
+                    r#""discard""#,
+                );
+        }
+        let host = Host::start(common::config(&config_text(&bootstrap, PARTITIONS, &text)))
+            .await
+            .expect("host starts");
+        let m = host.metrics().plugin("warehouse");
+        let started = tokio::task::spawn_blocking(move || {
+            wait_for(Duration::from_secs(60), "a first event", || {
+                m.events_handled() > 0
+            });
+            std::time::Instant::now()
+        })
+        .await
+        .unwrap();
+        // Counted once delivered and committed.
+        let m = host.metrics().plugin("warehouse");
+        wait_async(Duration::from_secs(300), "every event handled", move || {
+            m.events_handled() >= n as u64
+        })
+        .await;
+        rates.push(n as f64 / started.elapsed().as_secs_f64());
+        settle(&bootstrap, &host, n as u64).await;
+        host.stop().await.unwrap();
+        if to_postgres {
+            assert_eq!(pg.count("SELECT count(*) FROM user_events"), n as i64);
+        }
+    }
+    println!(
+        "{n} events through warehouse (6 partitions, max_batch 500): to PostgreSQL {:.0} events/s, outputs discarded {:.0} events/s ({:.2}x)",
+        rates[0],
+        rates[1],
+        rates[0] / rates[1]
+    );
+}

@@ -1,0 +1,247 @@
+//! warehouse: seed 004's PostgreSQL tables, kept by the host's PostgreSQL outputs (see the
+//! README's PostgreSQL section and `migrations/001_seed004.sql`).
+//!
+//! - `events` (→ `user_events`, `insert_if_absent` on `event_id`): one record per event:
+//!   `event_id` (the event's own, else `<topic>:<partition>:<offset>`, which a replay
+//!   reproduces), `user_id`, `event_type`, `timestamp`, `session_id`, `page_url`, `amount`
+//!   and the whole event as `metadata`.
+//! - `stats` (→ `user_stats`, `upsert` on `user_id`): after each batch, for every user the
+//!   batch touched, the user's absolute figures from state: `total_events`,
+//!   `total_purchases`, `total_spent` (purchases' price × quantity, else cart value),
+//!   `last_active` and `last_purchase` (the latest event times seen, by event time).
+//!
+//! State: `u:<user_id>` per user (a JSON [`Stats`]). The figures are exact across crashes
+//! (state is committed with the offsets), and so are the rows: a replayed event is inserted
+//! if absent, and a replayed batch upserts the same absolute figures. State is never expired
+//! (an expired user would start again from zero and overwrite the row with smaller figures).
+
+use eddy_sdk::{Context, Event, EventType, Plugin, Verdict};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::collections::BTreeSet;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The output of the per-event records (`""`: none).
+    pub events_output: String,
+    /// The output of the per-user figures (`""`: none).
+    pub stats_output: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            events_output: "events".into(),
+            stats_output: "stats".into(),
+        }
+    }
+}
+
+/// One user's figures, as kept in state.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    #[serde(rename = "e")]
+    pub events: i64,
+    #[serde(rename = "p")]
+    pub purchases: i64,
+    /// Money spent in cents: sums of cents are exact, sums of floats are not.
+    #[serde(rename = "c")]
+    pub cents: i64,
+    /// The latest event time seen: (Unix ms, as the event wrote it).
+    #[serde(rename = "a", default)]
+    pub last_active: Option<(i64, String)>,
+    #[serde(rename = "b", default)]
+    pub last_purchase: Option<(i64, String)>,
+}
+
+/// A `user_events` row.
+#[derive(Serialize)]
+struct EventRow<'a> {
+    event_id: &'a str,
+    user_id: &'a str,
+    event_type: &'a str,
+    timestamp: Option<&'a str>,
+    session_id: Option<&'a str>,
+    page_url: Option<&'a str>,
+    amount: Option<f64>,
+    metadata: &'a RawValue,
+}
+
+/// A `user_stats` row.
+#[derive(Serialize)]
+struct StatsRow<'a> {
+    user_id: &'a str,
+    total_events: i64,
+    total_purchases: i64,
+    total_spent: f64,
+    last_active: Option<&'a str>,
+    last_purchase: Option<&'a str>,
+}
+
+pub struct Warehouse {
+    config: Config,
+    /// Users whose figures changed in the current batch.
+    touched: BTreeSet<String>,
+}
+
+/// `(ms, text)` if it is later than `seen`.
+fn later(seen: &mut Option<(i64, String)>, ms: i64, text: &str) {
+    if seen.as_ref().is_none_or(|(t, _)| ms > *t) {
+        *seen = Some((ms, text.to_string()));
+    }
+}
+
+impl Plugin for Warehouse {
+    type Config = Config;
+
+    fn init(config: Config, _ctx: &mut Context) -> Result<Self, String> {
+        Ok(Warehouse {
+            config,
+            touched: BTreeSet::new(),
+        })
+    }
+
+    fn state_keys(&self, event: &Event, keys: &mut Vec<String>) {
+        if let Ok(a) = event.activity() {
+            keys.push(format!("u:{}", a.user_id));
+        }
+    }
+
+    fn on_event(&mut self, event: &Event, ctx: &mut Context) -> Verdict {
+        let a = match event.activity() {
+            Ok(a) => a,
+            Err(e) => return Verdict::DeadLetter(e.to_string()),
+        };
+        let coordinates;
+        let event_id = match a.event_id.as_deref() {
+            Some(id) => id,
+            None => {
+                coordinates = format!("{}:{}:{}", event.topic, event.partition, event.offset);
+                &coordinates
+            }
+        };
+        if !self.config.events_output.is_empty() {
+            // The payload parsed as an activity, so it is one JSON value.
+            let Ok(metadata) = serde_json::from_slice::<&RawValue>(event.payload) else {
+                return Verdict::DeadLetter("not a single JSON value".into());
+            };
+            let row = EventRow {
+                event_id,
+                user_id: &a.user_id,
+                event_type: a.event_type.as_str(),
+                timestamp: a.timestamp.as_deref(),
+                session_id: a.session_id.as_deref(),
+                page_url: a.page_url.as_deref(),
+                amount: a.amount(),
+                metadata,
+            };
+            let key = event_id.as_bytes().to_vec();
+            ctx.emit_json(&self.config.events_output, Some(&key), &row);
+        }
+        let purchase = a.event_type == EventType::Purchase;
+        let time = a.time_ms().zip(a.timestamp.as_deref());
+        let stats = ctx.state.json_mut::<Stats>(("u:", &*a.user_id));
+        stats.events += 1;
+        if let Some((ms, text)) = time {
+            later(&mut stats.last_active, ms, text);
+        }
+        if purchase {
+            stats.purchases += 1;
+            stats.cents += a.amount().map_or(0, |x| (x * 100.0).round() as i64);
+            if let Some((ms, text)) = time {
+                later(&mut stats.last_purchase, ms, text);
+            }
+        }
+        if !self.touched.contains(&*a.user_id) {
+            self.touched.insert(a.user_id.to_string());
+        }
+        Verdict::Ok
+    }
+
+    fn on_batch_end(&mut self, ctx: &mut Context) {
+        let touched = std::mem::take(&mut self.touched);
+        if self.config.stats_output.is_empty() {
+            return;
+        }
+        for user in &touched {
+            let Some(s) = ctx.state.get_json::<Stats>(("u:", user.as_str())) else {
+                continue;
+            };
+            let row = StatsRow {
+                user_id: user,
+                total_events: s.events,
+                total_purchases: s.purchases,
+                total_spent: s.cents as f64 / 100.0,
+                last_active: s.last_active.as_ref().map(|(_, t)| t.as_str()),
+                last_purchase: s.last_purchase.as_ref().map(|(_, t)| t.as_str()),
+            };
+            ctx.emit_json(&self.config.stats_output, Some(user.as_bytes()), &row);
+        }
+    }
+}
+
+eddy_sdk::plugin!(Warehouse);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use eddy_sdk::testing::Harness;
+
+    fn event(id: &str, user: &str, kind: &str, ts: &str, price: Option<f64>) -> String {
+        let props = price.map_or(String::new(), |p| {
+            format!(r#","properties":{{"price":{p},"quantity":2}}"#)
+        });
+        format!(
+            r#"{{"event_id":"{id}","user_id":"{user}","event_type":"{kind}","timestamp":"{ts}"{props}}}"#
+        )
+    }
+
+    #[test]
+    fn one_event_row_each_and_absolute_figures_per_touched_user() {
+        let mut h = Harness::<Warehouse>::new("{}").unwrap();
+        h.run_payloads(&[
+            event("e1", "u1", "page_view", "2024-01-15T10:00:00Z", None),
+            event("e2", "u1", "purchase", "2024-01-15T10:05:00Z", Some(10.25)),
+            event("e3", "u2", "page_view", "2024-01-15T09:00:00Z", None),
+        ]);
+        let events = h.outputs_json("events");
+        assert_eq!(events.len(), 3);
+        assert_eq!(events[1]["event_id"], "e2");
+        assert_eq!(events[1]["amount"], 20.5);
+        assert_eq!(events[1]["metadata"]["properties"]["quantity"], 2);
+        let stats = h.outputs_json("stats");
+        assert_eq!(stats.len(), 2, "{stats:?}");
+        assert_eq!(stats[0]["user_id"], "u1");
+        assert_eq!(stats[0]["total_events"], 2);
+        assert_eq!(stats[0]["total_purchases"], 1);
+        assert_eq!(stats[0]["total_spent"], 20.5);
+        assert_eq!(stats[0]["last_active"], "2024-01-15T10:05:00Z");
+        assert_eq!(stats[0]["last_purchase"], "2024-01-15T10:05:00Z");
+        assert_eq!(stats[1]["last_purchase"], serde_json::Value::Null);
+
+        // An older event later: counted, but last_active stays.
+        h.clear_outputs();
+        h.run_payloads(&[event("e4", "u1", "click", "2024-01-15T08:00:00Z", None)]);
+        let stats = h.outputs_json("stats");
+        assert_eq!(stats.len(), 1);
+        assert_eq!(stats[0]["total_events"], 3);
+        assert_eq!(stats[0]["last_active"], "2024-01-15T10:05:00Z");
+    }
+
+    #[test]
+    fn an_event_without_an_id_is_named_by_its_coordinates_and_garbage_is_dead_lettered() {
+        let mut h = Harness::<Warehouse>::new("{}").unwrap();
+        let v = h.run_payloads(&[
+            r#"{"user_id":"u","event_type":"click"}"#.to_string(),
+            "nope".to_string(),
+        ]);
+        assert_eq!(v[0], Verdict::Ok);
+        assert!(matches!(v[1], Verdict::DeadLetter(_)));
+        let events = h.outputs_json("events");
+        assert!(
+            events[0]["event_id"].as_str().unwrap().contains(':'),
+            "{events:?}"
+        );
+    }
+}
