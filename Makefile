@@ -6,7 +6,7 @@
 PLUGINS := eddy-logger eddy-analytics eddy-alert eddy-fraud eddy-dashboard eddy-behaviour eddy-warehouse eddy-fixture-misbehave eddy-fixture-wrong-world eddy-fixture-old-contract eddy-fixture-noop eddy-fixture-echo
 CARGO ?= cargo
 
-.PHONY: run test tansu promtool browser postgres plugins target check lint bench-reload bench-state bench-throughput bench-dispatch bench-plugins bench-memory bench-peer bench-isolation soak fuzz
+.PHONY: run test tansu promtool browser postgres plugins target check lint bench-reload bench-state bench-throughput bench-dispatch bench-plugins bench-memory bench-peer bench-isolation bench-postgres soak fuzz
 
 run: plugins
 	$(CARGO) run --release -p eddy -- run --config plugins.toml
@@ -101,6 +101,11 @@ bench-peer: plugins
 # against their pace beside the same plugins behaving.
 bench-isolation: plugins
 	$(CARGO) bench -p eddy --bench isolation
+
+# PostgreSQL outputs: insert_if_absent / upsert against plain appends, and the warehouse
+# plugin end to end against its outputs discarded (a real PostgreSQL 15 in a temp dir).
+bench-postgres: plugins postgres
+	$(CARGO) test -p eddy --test postgres -- --ignored --nocapture benchmark_
 
 # Resident memory of the host with the four plugins, and per additional plugin.
 bench-memory: plugins
