@@ -19,7 +19,8 @@
 //! - [`wasm`]: engines, compiled programs and their cache, the sandbox lifecycle
 //!   (traps, swaps, probation), and the host side of each WIT interface in `wasm/host/`.
 //! - [`sinks`]: where outputs go, one [`sinks::Sink`] per kind (stdout, Kafka topic,
-//!   PostgreSQL table), and dead letters (to a topic, and optionally a table).
+//!   PostgreSQL table, whose module also applies migrations: `eddy migrate`), and dead
+//!   letters (to a topic, and optionally a table).
 //! - [`live`]: the live feed: committed output records fanned out to watchers, a slow
 //!   watcher disconnected rather than waited for.
 //! - [`pipeline`]: one plugin's worker: take events (its consumer or the shared fetch), fill
