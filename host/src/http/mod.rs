@@ -1,6 +1,6 @@
 //! The host's HTTP server (axum on the host's tokio runtime): `/metrics` and `/healthz`; the
 //! live stream of plugins' outputs (`/v1/stream`, `/v1/ws`: [`stream`]) and the web dashboard
-//! at `/` ([`pages`]); the collector (`POST /v1/events`, `/tracker.js`, `/demo`:
+//! at `/` (`pages.rs`); the collector (`POST /v1/events`, `/tracker.js`, `/demo`:
 //! [`collector`]). Bounded: at most `[http] max_connections` connections at once (more
 //! wait in the kernel's backlog), a connection whose peer stops reading is closed after
 //! `[http] send_timeout_ms`, and the accept loop backs off after an error such as too many
