@@ -107,6 +107,19 @@ async fn swapping_a_plugin_under_load_loses_nothing_duplicates_nothing_and_keeps
                     last_good,
                     "the previous version runs again"
                 );
+                // And stays: the trapping version's optimized code, compiled in the
+                // background meanwhile, must not bring it back.
+                let handled = m.events_handled();
+                let m2 = m.clone();
+                wait_async(Duration::from_secs(30), "events to flow", move || {
+                    m2.events_handled() >= handled + 300
+                })
+                .await;
+                assert_eq!(
+                    (m.version().digest, m.reloads(ReloadOutcome::RolledBack)),
+                    (last_good.clone(), 1),
+                    "the rolled back version stays out"
+                );
                 write_config(dir.path(), &bootstrap, &entry);
                 let m2 = m.clone();
                 wait_async(

@@ -11,6 +11,7 @@ use common::tansu::Tansu;
 use common::*;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const PARTITIONS: i32 = 6;
@@ -348,6 +349,56 @@ fn the_host_rides_out_a_broker_restart_and_loses_nothing() {
         committed_total(&bootstrap, "eddy-analytics", PARTITIONS),
         3000
     );
+}
+
+/// Ctrl-C while the broker is gone: the host still stops (and would give up on leaving its
+/// groups after a deadline if closing a consumer hung, as it can in librdkafka), and nothing
+/// is lost or counted twice: the next run resumes from the offsets kept with the state.
+#[test]
+fn ctrl_c_with_the_broker_gone_stops_the_host_and_loses_nothing() {
+    let mut tansu = Tansu::start();
+    tansu.create_topic(PARTITIONS);
+    let bootstrap = tansu.bootstrap();
+    produce_generated(&bootstrap, &generate(500, &generator_options(61, 0)));
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    write_config(dir.path(), &bootstrap, port, &analytics("analytics"));
+    let mut host = start(dir.path());
+    wait_handled(
+        &[dir.path()],
+        &[port],
+        &["analytics"],
+        500,
+        Duration::from_secs(120),
+    );
+    tansu.kill();
+    wait_for(
+        Duration::from_secs(30),
+        "/healthz to report Kafka down",
+        || health(port).is_some_and(|h| h["kafka"] == "down"),
+    );
+    Command::new("kill")
+        .args(["-INT", &host.id().to_string()])
+        .status()
+        .unwrap();
+    wait_for(Duration::from_secs(60), "the host to exit", || {
+        host.try_wait().unwrap().is_some()
+    });
+    assert!(host.wait().unwrap().success(), "a clean exit");
+    drop(host);
+
+    tansu.restart();
+    produce_generated(&bootstrap, &generate(500, &generator_options(62, 0)));
+    let host = start(dir.path());
+    wait_handled(
+        &[dir.path()],
+        &[port],
+        &["analytics"],
+        500,
+        Duration::from_secs(120),
+    );
+    stop(host);
+    assert_eq!(state_value(dir.path(), "analytics", "total"), Some(1000));
 }
 
 /// After `kill -9`, the restarted host's plugins get their partitions back at once: each

@@ -12,6 +12,10 @@ pub enum Control {
     Swap {
         program: Arc<Program>,
         plugin: Box<PluginConfig>,
+        /// Only the optimized code of the version the worker runs on baseline code: refused
+        /// if the worker runs another version by now (one that trapped on probation was
+        /// rolled back while it compiled, say).
+        tier_up: bool,
         done: oneshot::Sender<Result<(), String>>,
     },
 }

@@ -41,7 +41,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, error, info, instrument, warn};
 
 /// How handling a batch ended.
@@ -237,8 +237,8 @@ impl Worker {
                 biased;
                 _ = self.shutdown.changed() => break,
                 control = self.control.recv() => match control {
-                    Some(Control::Swap { program, plugin, done }) => {
-                        let _ = done.send(self.swap(program, *plugin).await);
+                    Some(Control::Swap { program, plugin, tier_up, done }) => {
+                        let _ = done.send(self.swap(program, *plugin, tier_up).await);
                         continue;
                     }
                     None => break,
@@ -291,9 +291,10 @@ impl Worker {
                 Some(Some(Control::Swap {
                     program,
                     plugin,
+                    tier_up,
                     done,
                 })) => {
-                    let _ = done.send(self.swap(program, *plugin).await);
+                    let _ = done.send(self.swap(program, *plugin, tier_up).await);
                 }
                 // Removed: this batch is still handled and committed; the loop ends after it
                 // (the closed channel is seen again at the top).
@@ -320,23 +321,45 @@ impl Worker {
         }
         self.metrics.up.store(0, Relaxed);
         self.sync(&source.consumer).await;
-        // The final commit and leaving the group wait for the broker: on a blocking thread,
-        // so that a slow broker holds up no other plugin's task meanwhile.
+        // The final commit and leaving the group wait for the broker: on a thread of their
+        // own, so that a slow broker holds up no other plugin's task meanwhile, and for at
+        // most LEAVE_DEADLINE: with the broker gone, closing a consumer never ends
+        // (fede1024/rust-rdkafka#509, #611). Nothing is lost then: the offsets are in the
+        // state store, and the broker drops the member after its session timeout.
         let Source { consumer, .. } = source;
         let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || span.in_scope(|| leave(consumer)))
-            .await
-            .expect("leaving the group does not panic");
+        let (left_tx, left) = oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("eddy-leave".into())
+            .spawn(move || {
+                span.in_scope(|| leave(consumer));
+                let _ = left_tx.send(());
+            });
+        if spawned.is_ok() && tokio::time::timeout(LEAVE_DEADLINE, left).await.is_err() {
+            warn!(
+                "the broker did not let this plugin leave its group within {LEAVE_DEADLINE:?}: stopping without it (the offsets are in the state store)"
+            );
+        }
         Ok(())
     }
 
     /// Switches version and/or config between two batches.
-    async fn swap(&mut self, program: Arc<Program>, plugin: PluginConfig) -> Result<(), String> {
+    /// `tier_up_only`: only if it replaces baseline code of the same version.
+    async fn swap(
+        &mut self,
+        program: Arc<Program>,
+        plugin: PluginConfig,
+        tier_up_only: bool,
+    ) -> Result<(), String> {
         let from = self.sandbox().program().digest().to_string();
         let to = program.digest().to_string();
         // The same version and settings on optimized code instead of baseline code: not a
         // reload, so not counted as one.
         let tier_up = from == to && self.sandbox().program().baseline && !program.baseline;
+        if tier_up_only && !tier_up {
+            debug!(running = %from, optimized = %to, "optimized code no longer wanted: the plugin runs another version");
+            return Err("the plugin runs another version by now".into());
+        }
         let path = program.path().display().to_string();
         let started = Instant::now();
         let target = plugin.clone();
@@ -514,8 +537,8 @@ impl Worker {
                 biased;
                 _ = self.shutdown.changed() => return false,
                 control = self.control.recv() => match control {
-                    Some(Control::Swap { program, plugin, done }) => {
-                        let result = self.swap(program, *plugin).await;
+                    Some(Control::Swap { program, plugin, tier_up, done }) => {
+                        let result = self.swap(program, *plugin, tier_up).await;
                         let swapped = result.is_ok();
                         let _ = done.send(result);
                         if swapped {
@@ -589,6 +612,9 @@ impl Worker {
         }
     }
 }
+
+/// How long a stopping worker waits for its final commit and for leaving its group.
+const LEAVE_DEADLINE: Duration = Duration::from_secs(15);
 
 /// Commits the offsets stored in `consumer` and leaves its group (dropping the consumer
 /// closes it). Blocking: each waits for the group's coordinator.

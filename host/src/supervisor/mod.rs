@@ -346,16 +346,8 @@ impl Supervisor {
         })
         .await
         .expect("read task")?;
-        let version_now = self.metrics.plugin(&plugin.name).version().digest;
+        self.note_rollback(&plugin.name);
         let running = self.running.get_mut(&plugin.name).expect("caller checked");
-        // The worker went back to the previous version after the new one trapped on probation.
-        if version_now != running.program.digest()
-            && let Some(previous) = running.previous.take()
-            && previous.digest() == version_now
-        {
-            running.refused = Some(running.program.digest().to_string());
-            running.program = previous;
-        }
         let same_settings = *plugin == running.plugin;
         if same_settings
             && (digest == running.program.digest() || running.refused.as_deref() == Some(&digest))
@@ -408,6 +400,7 @@ impl Supervisor {
         let swap = Control::Swap {
             program: program.clone(),
             plugin: Box::new(plugin.clone()),
+            tier_up: false,
             done,
         };
         if running.control.send(swap).await.is_err() {
@@ -468,10 +461,29 @@ impl Supervisor {
         });
     }
 
+    /// Catches up with a worker that went back to the previous version after the new one
+    /// trapped on probation: the previous version is the running one again, and the one that
+    /// trapped is refused until its file changes.
+    fn note_rollback(&mut self, name: &str) {
+        let version_now = self.metrics.plugin(name).version().digest;
+        let Some(running) = self.running.get_mut(name) else {
+            return;
+        };
+        if version_now != running.program.digest()
+            && let Some(previous) = running.previous.take()
+            && previous.digest() == version_now
+        {
+            running.refused = Some(running.program.digest().to_string());
+            running.program = previous;
+        }
+    }
+
     /// Switches a plugin from baseline code to the optimized code of the same version (same
     /// file, same settings, same state: not a reload). Does nothing if the plugin moved on
     /// to another version or was removed meanwhile.
     async fn tier_up(&mut self, optimized: Optimized) {
+        // A version rolled back while it compiled must not come back as "optimized code".
+        self.note_rollback(&optimized.plugin);
         let Some(running) = self.running.get_mut(&optimized.plugin) else {
             return;
         };
@@ -491,6 +503,7 @@ impl Supervisor {
         let swap = Control::Swap {
             program: program.clone(),
             plugin: Box::new(running.plugin.clone()),
+            tier_up: true,
             done,
         };
         if running.control.send(swap).await.is_err() {
