@@ -13,9 +13,9 @@
 //! While the worker waits (a batch in the sandbox, its retries' backoff, its delivery and
 //! commit, an open breaker), [`Source::keep_polled`] keeps the consumer polled, so that
 //! librdkafka serves rebalances meanwhile and the member is not thrown out of its group
-//! after `max.poll.interval.ms`: the partitions it fetches are paused for the wait (those
-//! the shared fetch reads are paused already, and stay so), and what still arrives is kept
-//! and handed over after it.
+//! after `max.poll.interval.ms`: from the wait's first second on, the partitions it fetches
+//! are paused (those the shared fetch reads are paused already, and stay so), and what
+//! still arrives is kept and handed over after it.
 
 use crate::event::Event;
 use crate::kafka::consumer::{Callbacks, to_event};
@@ -32,6 +32,13 @@ use tracing::debug;
 
 /// How often a waiting plugin tries again to read its partitions from the shared fetch.
 const RETRY_SHARING: Duration = Duration::from_millis(500);
+
+/// How long a wait runs before [`Source::keep_polled`] pauses the partitions and polls: a
+/// paused partition drops what librdkafka fetched ahead and fetches it again on resume,
+/// which costs every batch a second or so (measured on the embedded broker), while a
+/// batch takes milliseconds. Far below any `max.poll.interval.ms`, and a rebalance waits
+/// no longer than that.
+const POLL_AFTER: Duration = Duration::from_secs(1);
 
 /// How often a waiting worker polls its consumer afresh: librdkafka's poll timer
 /// (`max.poll.interval.ms`) is reset only by a poll, and a waiting `recv` polls only when
@@ -111,14 +118,19 @@ impl Source {
     }
 
     /// Runs `wait` (which does not use this source) to its end while keeping the consumer
-    /// polled: every partition the consumer fetches is paused for the wait (and so is every
-    /// partition a rebalance assigns meanwhile), and the consumer is polled at least every
-    /// [`POLL_WHILE_WAITING`], so its rebalance callback runs and librdkafka's poll timer is
-    /// reset. A message that still arrives is kept, and handed over after the wait (through
-    /// [`Source::ready`], which drops what was handed over already). The paused partitions
-    /// are resumed at the end.
+    /// polled: once it has run for [`POLL_AFTER`], every partition the consumer fetches is
+    /// paused for the rest of it (and so is every partition a rebalance assigns meanwhile),
+    /// and the consumer is polled at least every [`POLL_WHILE_WAITING`], so its rebalance
+    /// callback runs and librdkafka's poll timer is reset. A message that still arrives is
+    /// kept, and handed over after the wait (through [`Source::ready`], which drops what was
+    /// handed over already). The paused partitions are resumed at the end.
     pub async fn keep_polled<T>(&mut self, wait: impl std::future::Future<Output = T>) -> T {
         let mut wait = std::pin::pin!(wait);
+        tokio::select! {
+            biased;
+            out = &mut wait => return out,
+            _ = tokio::time::sleep(POLL_AFTER) => {}
+        }
         let mut rebalances = self.rebalances.load(Relaxed);
         self.pause_for_wait(false);
         let out = loop {

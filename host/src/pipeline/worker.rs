@@ -9,9 +9,9 @@
 //! thread too: every plugin's worker shares the runtime's few threads.
 //!
 //! Meanwhile (a batch in the sandbox, waiting for its retries, being delivered and
-//! committed; an open breaker's pause) the consumer stays polled with its partitions paused
-//! ([`Source::keep_polled`]): the group can rebalance, and the member is not thrown out of
-//! it after `max.poll.interval.ms`. A partition revoked then is handed over at once (the
+//! committed; an open breaker's pause) the consumer stays polled, from the wait's first
+//! second on, with its partitions paused ([`Source::keep_polled`]): the group can
+//! rebalance, and the member is not thrown out of it after `max.poll.interval.ms`. A partition revoked then is handed over at once (the
 //! offsets saved with the state decide where it starts when it comes back), except with
 //! `[state] shared_group`, where it goes once the batch's offsets are stored.
 //!
