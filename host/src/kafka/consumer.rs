@@ -131,8 +131,9 @@ impl Callbacks {
 impl Callbacks {
     /// From now until [`release_revocations`], a revocation takes the partitions out of
     /// [`Callbacks::assigned`] at once but leaves librdkafka's assignment alone: the group
-    /// waits (the member is polled meanwhile, so it is not thrown out), and the batch in
-    /// flight can still store its offsets, which go with the partitions.
+    /// waits (up to its rebalance timeout, `max.poll.interval.ms`; the member is polled
+    /// meanwhile, so librdkafka does not leave the group), and the batch in flight can
+    /// still store its offsets, which go with the partitions.
     pub fn hold_revocations(&self) {
         self.held.lock().expect("held lock").holding = true;
     }

@@ -11,9 +11,10 @@
 //! Meanwhile (a batch in the sandbox, waiting for its retries, being delivered and
 //! committed; an open breaker's pause) the consumer stays polled, from the wait's first
 //! second on, with its partitions paused ([`Source::keep_polled`]): the group can
-//! rebalance, and the member is not thrown out of it after `max.poll.interval.ms`. A partition revoked then is handed over at once (the
-//! offsets saved with the state decide where it starts when it comes back), except with
-//! `[state] shared_group`, where it goes once the batch's offsets are stored.
+//! rebalance, and the member is not thrown out of it after `max.poll.interval.ms`. A
+//! partition revoked then is handed over at once (the offsets saved with the state decide
+//! where it starts when it comes back), except with `[state] shared_group`, where it goes
+//! once the batch's offsets are stored.
 //!
 //! Hot reload: the supervisor sends a [`Control::Swap`] with a new version (compiled off the
 //! event path) or config; the worker applies it between two batches, so every event is
