@@ -43,6 +43,17 @@ async fn wait_all_handled(m: &std::sync::Arc<eddy::metrics::PluginMetrics>, tota
     .await;
 }
 
+/// Waits until the marked event waits for its first retry.
+async fn wait_first_retry(m: &std::sync::Arc<eddy::metrics::PluginMetrics>) {
+    let m = m.clone();
+    wait_async(
+        std::time::Duration::from_secs(60),
+        "the marked event to wait for its first retry",
+        move || m.retries.load(Relaxed) >= 1,
+    )
+    .await;
+}
+
 /// A running test: the broker with `records` in the topic, and a host running the
 /// `misbehave` fixture as plugin `name` in `mode`, with `settings` (TOML lines of its
 /// `[[plugin]]` entry, tables such as `[plugin.limits]` included) and its output
@@ -232,15 +243,7 @@ async fn a_retry_backoff_ends_at_once_when_the_host_stops_and_keeps_nothing() {
         "[plugin.limits]\nmax_retries = 3\nretry_backoff_ms = 10000",
     )
     .await;
-    {
-        let m = m.clone();
-        wait_async(
-            std::time::Duration::from_secs(60),
-            "the marked event to wait for its first retry",
-            move || m.retries.load(Relaxed) >= 1,
-        )
-        .await;
-    }
+    wait_first_retry(&m).await;
     let handled = m.events_handled();
     let stopped = tokio::time::timeout(std::time::Duration::from_secs(5), host.stop()).await;
     assert!(
@@ -394,6 +397,128 @@ async fn a_rebalance_while_a_batch_fills_applies_no_event_twice() {
     assert_eq!(
         serde_json::from_slice::<u64>(&seen).unwrap(),
         total,
+        "each event applied to the state once"
+    );
+}
+
+/// Item 2: a batch whose event waits for its retries (8 + 10 s, three times the consumer's
+/// `max.poll.interval.ms` of 6 s) keeps its consumer polled meanwhile. A second member that
+/// joins the group during the wait gets its share of the partitions within seconds, and the
+/// host's member keeps the other one throughout: it takes part in the rebalance rather than
+/// holding it up, and is not thrown out of its group for not polling. Afterwards every event
+/// is handled once, the in-flight batch's too, on the partition that went and came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_waiting_on_retries_stays_polled_and_lets_a_member_join() {
+    use rdkafka::consumer::Consumer;
+    use std::time::{Duration, Instant};
+    let records = records_with_marks(200, 1);
+    let Running {
+        broker: _broker,
+        bootstrap,
+        config,
+        host,
+        plugin: m,
+    } = start_with(
+        &records,
+        "patient",
+        "retry",
+        "[plugin.limits]\nmax_retries = 2\nretry_backoff_ms = 8000",
+        "\"max.poll.interval.ms\" = \"6000\"",
+    )
+    .await;
+    wait_first_retry(&m).await;
+    let waiting_since = Instant::now();
+    let handled_before = m.events_handled();
+    // A second member joins and stays, polling, until the batch in flight is done; it
+    // reports how long its first assignment took and every assignment it had.
+    let (joined_tx, joined_rx) = tokio::sync::oneshot::channel();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let member = {
+        let (bootstrap, done) = (bootstrap.clone(), done.clone());
+        std::thread::spawn(move || {
+            let started = Instant::now();
+            let mut joined_tx = Some(joined_tx);
+            let mut held = std::collections::BTreeSet::new();
+            other_member(
+                group_consumer(&bootstrap, "eddy-patient", 6000),
+                |consumer| {
+                    let now: Vec<i32> = consumer
+                        .assignment()
+                        .unwrap()
+                        .elements()
+                        .iter()
+                        .map(|e| e.partition())
+                        .collect();
+                    if !now.is_empty() {
+                        held.insert(now.len());
+                        if let Some(tx) = joined_tx.take() {
+                            let _ = tx.send((started.elapsed(), now.len()));
+                        }
+                    }
+                    done.load(Relaxed) || started.elapsed() > Duration::from_secs(60)
+                },
+            );
+            held
+        })
+    };
+    let (took, partitions) = tokio::time::timeout(Duration::from_secs(60), joined_rx)
+        .await
+        .expect("the second member got partitions within a minute")
+        .unwrap();
+    let waited = waiting_since.elapsed();
+    let handled_then = m.events_handled();
+    // The batch waits until 18 s after its first retry: all of this happened during it.
+    {
+        let (m, first) = (m.clone(), records.len() as u64);
+        wait_async(
+            Duration::from_secs(60),
+            "the batch in flight to be done",
+            move || m.events_handled() >= first,
+        )
+        .await;
+    }
+    done.store(true, Relaxed);
+    let held = member.join().unwrap();
+    assert_eq!(
+        handled_then, handled_before,
+        "the member joined while the batch waited"
+    );
+    // The embedded broker gives a joining member's group the session less a second (5 s)
+    // to rejoin, then hands out the partitions.
+    assert!(
+        took < Duration::from_secs(9) && partitions == 1,
+        "a member joining while the batch waited for its retries got {partitions} partition(s) after {took:?} ({waited:?} into the wait): the host's member must keep polling, so that it rejoins at once and keeps a partition"
+    );
+    assert_eq!(
+        held,
+        [1].into(),
+        "the second member held one partition throughout the wait: the host's member was never thrown out of its group"
+    );
+    // More events, on both partitions, once the host holds both again: it handles them and
+    // commits both partitions' offsets (the embedded broker refuses the commit that comes
+    // with a revocation, so the offsets stored before the last rebalance are not committed).
+    {
+        let m = m.clone();
+        wait_async(
+            Duration::from_secs(60),
+            "the host to hold both partitions again",
+            move || m.assigned_partitions.load(Relaxed) == PARTITIONS as i64,
+        )
+        .await;
+    }
+    let more = records_with_marks(20, 0);
+    produce(&bootstrap, TOPIC, &more);
+    let total = (records.len() + more.len()) as u64;
+    wait_all_handled(&m, total).await;
+    wait_settled(&bootstrap, &["patient"], PARTITIONS, total).await;
+    assert_eq!(m.events_handled(), total, "each event handled once");
+    assert_eq!(m.events(Outcome::Ok), total - 1);
+    assert_eq!(m.dead_letters(DeadLetterReason::RetriesExhausted), 1);
+    host.stop().await.expect("clean stop");
+    let seen = eddy::ops::get(&config, "patient", "seen").unwrap().unwrap();
+    assert_eq!(
+        serde_json::from_slice::<u64>(&seen).unwrap(),
+        total - 1,
         "each event applied to the state once"
     );
 }

@@ -26,8 +26,9 @@ use std::time::Duration;
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(10);
 
 /// The longest a batch may wait for its retries, summed over `limits.max_retries` attempts:
-/// the plugin's consumer is not polled meanwhile, and Kafka drops a consumer from its group
-/// after `max.poll.interval.ms` (5 minutes by default) without a poll.
+/// its offsets wait meanwhile, and with `[state] shared_group` so does a rebalance of the
+/// group, which Kafka waits for at most `max.poll.interval.ms` (5 minutes by default). The
+/// plugin's consumer stays polled (see `pipeline::source`).
 pub const MAX_RETRY_WAIT: Duration = Duration::from_secs(120);
 
 /// Why `plugins.toml` could not be used. Callers print it as is.
@@ -640,8 +641,8 @@ impl Config {
                     format!("must be at most 60000 ms, not {}", l.retry_backoff_ms),
                 ));
             }
-            // Retries wait inside the batch, while the plugin's consumer is not polled: their
-            // waits together stay far below Kafka's max.poll.interval.ms (5 min by default).
+            // Retries wait inside the batch, holding its offsets (and with shared_group a
+            // rebalance): their waits together stay far below Kafka's max.poll.interval.ms.
             let worst: Duration = (0..l.max_retries)
                 .map(|k| {
                     Duration::from_millis(l.retry_backoff_ms.saturating_mul(1 << k.min(40)))
@@ -691,9 +692,7 @@ impl Config {
             if b.max_pause_ms > MAX_BREAKER_PAUSE_MS {
                 return Err(self.invalid(
                     at("breaker.max_pause_ms"),
-                    format!(
-                        "must be at most {MAX_BREAKER_PAUSE_MS} ms: a consumer left unpolled for 5 minutes is thrown out of its group"
-                    ),
+                    format!("must be at most {MAX_BREAKER_PAUSE_MS} ms"),
                 ));
             }
             if let Some(t) = &p.dead_letter_topic

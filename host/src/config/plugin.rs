@@ -197,8 +197,8 @@ pub struct BreakerPolicy {
     /// after a pause.
     #[serde(default = "default_breaker_pause_ms")]
     pub pause_ms: u64,
-    /// The longest pause. The plugin's consumer is not polled while paused, so this stays
-    /// well below Kafka's `max.poll.interval.ms` (5 minutes by default).
+    /// The longest pause (at most [`MAX_BREAKER_PAUSE_MS`]). The plugin's consumer stays
+    /// polled meanwhile, its partitions paused.
     #[serde(default = "default_breaker_max_pause_ms")]
     pub max_pause_ms: u64,
 }
@@ -227,8 +227,9 @@ fn default_breaker_max_pause_ms() -> u64 {
     60_000
 }
 
-/// The longest breaker pause allowed: below librdkafka's default `max.poll.interval.ms`
-/// (300 s), after which an unpolled consumer is thrown out of its group.
+/// The longest breaker pause allowed. Set below librdkafka's default
+/// `max.poll.interval.ms` (300 s) when a paused plugin's consumer was not polled; it is now
+/// (see `pipeline::source`), and the bound stays.
 pub const MAX_BREAKER_PAUSE_MS: u64 = 240_000;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]

@@ -8,6 +8,12 @@
 //! partitions that go, and the group waits for that commit; the one round trip left, the
 //! group's committed offsets on assignment with `[state] shared_group`, is made with the
 //! thread's other tasks moved elsewhere (`kafka::blocking`).
+//!
+//! The worker keeps polling while a batch is in flight (see `pipeline::source`), so a
+//! revocation can come in the middle of a batch. With `[state] shared_group`, the next owner
+//! (another host) starts at the committed offset, so the partitions go only once the
+//! batch's offsets are stored: the worker holds revocations meanwhile
+//! ([`Callbacks::hold_revocations`], [`release_revocations`]).
 
 use super::Offsets;
 use crate::config::{PluginConfig, StartFrom};
@@ -44,6 +50,16 @@ pub struct Callbacks {
     /// The shared fetch, if the plugin reads from it: its partitions are paused in this
     /// consumer, whose own log end offsets for them go stale.
     pub shared_fetch: Option<Arc<super::shared_fetch::SharedFetch>>,
+    /// Revocations put off while a batch is in flight.
+    pub held: std::sync::Mutex<HeldRevocations>,
+}
+
+/// Revocations the worker holds while a batch is in flight (with `[state] shared_group`).
+#[derive(Debug, Default)]
+pub struct HeldRevocations {
+    holding: bool,
+    /// The partitions revoked meanwhile, and whether the group rebalances cooperatively.
+    revoked: Option<(Vec<(String, i32)>, bool)>,
 }
 
 impl ClientContext for Callbacks {
@@ -113,6 +129,15 @@ impl Callbacks {
 }
 
 impl Callbacks {
+    /// From now until [`release_revocations`], a revocation takes the partitions out of
+    /// [`Callbacks::assigned`] at once but leaves librdkafka's assignment alone: the group
+    /// waits (up to its rebalance timeout, `max.poll.interval.ms`; the member is polled
+    /// meanwhile, so librdkafka does not leave the group), and the batch in flight can
+    /// still store its offsets, which go with the partitions.
+    pub fn hold_revocations(&self) {
+        self.held.lock().expect("held lock").holding = true;
+    }
+
     /// Publishes how many partitions the consumer holds (`eddy_assigned_partitions`).
     fn publish_assigned(&self, assigned: &BTreeSet<i32>) {
         self.metrics
@@ -233,6 +258,19 @@ impl ConsumerContext for Callbacks {
                     }
                     self.publish_assigned(&assigned);
                 }
+                {
+                    let mut held = self.held.lock().expect("held lock");
+                    if held.holding {
+                        let (revoked, _) = held.revoked.get_or_insert((Vec::new(), cooperative));
+                        revoked.extend(
+                            tpl.elements()
+                                .iter()
+                                .map(|e| (e.topic().to_string(), e.partition())),
+                        );
+                        info!(plugin = %self.plugin, "the partitions go once the batch in flight is committed");
+                        return;
+                    }
+                }
                 // Hand over exactly, without waiting here for the broker (this runs on a
                 // runtime thread every plugin shares): with `enable.auto.commit` (see
                 // `subscribe`), unassigning makes librdkafka commit the stored offsets of the
@@ -323,6 +361,34 @@ pub fn subscribe(
         )
     })?;
     Ok(consumer)
+}
+
+/// Ends [`Callbacks::hold_revocations`]: the partitions revoked meanwhile go now, with the
+/// offsets stored since (librdkafka commits them as they go).
+pub fn release_revocations(consumer: &StreamConsumer<Callbacks>) {
+    let revoked = {
+        let mut held = consumer.context().held.lock().expect("held lock");
+        held.holding = false;
+        held.revoked.take()
+    };
+    let Some((revoked, cooperative)) = revoked else {
+        return;
+    };
+    let result = if cooperative {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition) in &revoked {
+            tpl.add_partition(topic, *partition);
+        }
+        consumer.incremental_unassign(&tpl)
+    } else {
+        consumer.unassign()
+    };
+    match result {
+        Ok(()) => {
+            info!(plugin = %consumer.context().plugin, "revoked partitions released after the batch in flight")
+        }
+        Err(e) => warn!(plugin = %consumer.context().plugin, "unassign: {e}"),
+    }
 }
 
 /// Stores the offsets in the consumer, for librdkafka to commit to Kafka (every 5 s and on

@@ -9,6 +9,13 @@
 //! plugin's consumer where the consumer last handed an event over (librdkafka resumes a
 //! paused partition there), which is at or before the next offset, and is moved to the
 //! next offset.
+//!
+//! While the worker waits (a batch in the sandbox, its retries' backoff, its delivery and
+//! commit, an open breaker), [`Source::keep_polled`] keeps the consumer polled, so that
+//! librdkafka serves rebalances meanwhile and the member is not thrown out of its group
+//! after `max.poll.interval.ms`: from the wait's first second on, the partitions it fetches
+//! are paused (those the shared fetch reads are paused already, and stay so), and what
+//! still arrives is kept and handed over after it.
 
 use crate::event::Event;
 use crate::kafka::consumer::{Callbacks, to_event};
@@ -17,7 +24,7 @@ use crate::kafka::shared_fetch::Reader;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
@@ -25,6 +32,18 @@ use tracing::debug;
 
 /// How often a waiting plugin tries again to read its partitions from the shared fetch.
 const RETRY_SHARING: Duration = Duration::from_millis(500);
+
+/// How long a wait runs before [`Source::keep_polled`] pauses the partitions and polls: a
+/// paused partition drops what librdkafka fetched ahead and fetches it again on resume,
+/// which costs every batch a second or so (measured on the embedded broker), while a
+/// batch takes milliseconds. Far below any `max.poll.interval.ms`, and a rebalance waits
+/// no longer than that.
+const POLL_AFTER: Duration = Duration::from_secs(1);
+
+/// How often a waiting worker polls its consumer afresh: librdkafka's poll timer
+/// (`max.poll.interval.ms`) is reset only by a poll, and a waiting `recv` polls only when
+/// something arrives.
+const POLL_WHILE_WAITING: Duration = Duration::from_millis(200);
 
 /// What woke [`Source::recv`].
 enum Woke {
@@ -74,6 +93,10 @@ pub(super) struct Source {
     assigned: Arc<std::sync::Mutex<BTreeSet<i32>>>,
     rebalances: Arc<AtomicU64>,
     rebalances_seen: u64,
+    /// Partitions paused for a wait (see [`Source::keep_polled`]), resumed after it.
+    paused: BTreeSet<i32>,
+    /// What the consumer handed over during a wait, in order, handed over after it.
+    kept: VecDeque<Event>,
 }
 
 impl Source {
@@ -89,6 +112,83 @@ impl Source {
             assigned,
             rebalances,
             rebalances_seen: 0,
+            paused: BTreeSet::new(),
+            kept: VecDeque::new(),
+        }
+    }
+
+    /// Runs `wait` (which does not use this source) to its end while keeping the consumer
+    /// polled: once it has run for [`POLL_AFTER`], every partition the consumer fetches is
+    /// paused for the rest of it (and so is every partition a rebalance assigns meanwhile),
+    /// and the consumer is polled at least every [`POLL_WHILE_WAITING`], so its rebalance
+    /// callback runs and librdkafka's poll timer is reset. A message that still arrives is
+    /// kept, and handed over after the wait (through [`Source::ready`], which drops what was
+    /// handed over already). The paused partitions are resumed at the end.
+    pub async fn keep_polled<T>(&mut self, wait: impl std::future::Future<Output = T>) -> T {
+        let mut wait = std::pin::pin!(wait);
+        tokio::select! {
+            biased;
+            out = &mut wait => return out,
+            _ = tokio::time::sleep(POLL_AFTER) => {}
+        }
+        let mut rebalances = self.rebalances.load(Relaxed);
+        self.pause_for_wait(false);
+        let out = loop {
+            // A fresh `recv` each time round: it polls librdkafka when first polled, and again
+            // whenever something arrives.
+            tokio::select! {
+                biased;
+                out = &mut wait => break out,
+                m = self.consumer.recv() => match m {
+                    Ok(m) => self.kept.push_back(to_event(&m, &self.topic)),
+                    Err(e) => debug!("consume error while waiting: {e}"),
+                },
+                _ = tokio::time::sleep(POLL_WHILE_WAITING) => {}
+            }
+            let now = self.rebalances.load(Relaxed);
+            if now != rebalances {
+                rebalances = now;
+                self.pause_for_wait(true);
+            }
+        };
+        // Revoked ones too: librdkafka keeps a partition paused through a later assignment.
+        // It fetches on from the last message it handed over.
+        let paused = std::mem::take(&mut self.paused);
+        if !paused.is_empty() {
+            let mut tpl = TopicPartitionList::new();
+            for p in &paused {
+                tpl.add_partition(&self.topic, *p);
+            }
+            if let Err(e) = self.consumer.resume(&tpl) {
+                debug!("resume after the wait: {e}");
+            }
+        }
+        out
+    }
+
+    /// Pauses the assigned partitions that the consumer fetches, for a wait. After a
+    /// rebalance (`rebalanced`), every assigned partition: the rebalance callback resumes
+    /// those it assigns where the shared fetch is on, including ones still attached to it
+    /// (which [`Source::notice_rebalance`] sorts out after the wait).
+    fn pause_for_wait(&mut self, rebalanced: bool) {
+        let assigned = self.assigned.lock().expect("assigned lock").clone();
+        let mut tpl = TopicPartitionList::new();
+        for p in &assigned {
+            if rebalanced || !self.attached.contains(p) {
+                tpl.add_partition(&self.topic, *p);
+            }
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        match self.consumer.pause(&tpl) {
+            Ok(()) => self.paused.extend(
+                assigned
+                    .iter()
+                    .copied()
+                    .filter(|p| !self.attached.contains(p)),
+            ),
+            Err(e) => debug!("pause for the wait: {e}"),
         }
     }
 
@@ -131,6 +231,13 @@ impl Source {
     /// Moves what is ready now into `batch`, without waiting.
     pub fn ready(&mut self, batch: &mut Batch) {
         self.notice_rebalance();
+        while !batch.is_full()
+            && let Some(e) = self.kept.pop_front()
+        {
+            if self.accept(&e) {
+                batch.push(e);
+            }
+        }
         if let Some(reader) = self.shared.as_mut().filter(|_| !self.attached.is_empty()) {
             let from = batch.events.len();
             let taken = reader.take(

@@ -8,6 +8,14 @@
 //! commit to the disk, the final commit to Kafka, leaving the group) is done on a blocking
 //! thread too: every plugin's worker shares the runtime's few threads.
 //!
+//! Meanwhile (a batch in the sandbox, waiting for its retries, being delivered and
+//! committed; an open breaker's pause) the consumer stays polled, from the wait's first
+//! second on, with its partitions paused ([`Source::keep_polled`]): the group can
+//! rebalance, and the member is not thrown out of it after `max.poll.interval.ms`. A
+//! partition revoked then is handed over at once (the offsets saved with the state decide
+//! where it starts when it comes back), except with `[state] shared_group`, where it goes
+//! once the batch's offsets are stored.
+//!
 //! Hot reload: the supervisor sends a [`Control::Swap`] with a new version (compiled off the
 //! event path) or config; the worker applies it between two batches, so every event is
 //! handled by exactly one version and the state carries over. Closing the control channel
@@ -28,7 +36,7 @@ use super::source::{Batch, Source};
 use crate::config::PluginConfig;
 use crate::event::Event;
 use crate::kafka::Offsets;
-use crate::kafka::consumer::{self, Callbacks, store_offsets};
+use crate::kafka::consumer::{self, Callbacks, release_revocations, store_offsets};
 use crate::kafka::shared_fetch::SharedFetch;
 use crate::live::Live;
 use crate::metrics::{Outcome, PluginMetrics, ReloadOutcome, Version};
@@ -196,6 +204,7 @@ impl Worker {
             kafka_down_since: Default::default(),
             rebalances: Default::default(),
             shared_fetch,
+            held: Default::default(),
         };
         let consumer = consumer::subscribe(&self.client, &self.plugin, &self.topic, callbacks)?;
         Ok(Source::new(consumer, reader, &self.topic))
@@ -302,14 +311,30 @@ impl Worker {
             }
             let mut batch = events;
             loop {
-                match self.handle_batch(batch, &source.consumer).await {
+                // The consumer stays polled while the batch is in flight (see
+                // `Source::keep_polled`). With `shared_group`, partitions revoked meanwhile
+                // go only once its offsets are stored: the next owner starts after it.
+                if self.shared_group {
+                    source.consumer.context().hold_revocations();
+                }
+                let (handled, synced) = source.keep_polled(self.handle_batch(batch)).await;
+                store_offsets(&source.consumer, &synced);
+                release_revocations(&source.consumer);
+                match handled {
                     Handled::All => break,
                     Handled::Stopping => break 'consume,
-                    Handled::Tripped { held, pause } => {
+                    Handled::Tripped { mut held, pause } => {
                         // Nothing handled waits off the disk through the pause.
-                        if !self.sync(&source.consumer).await || !self.wait_out_breaker(pause).await
+                        if !self.sync(&source.consumer).await
+                            || !source.keep_polled(self.wait_out_breaker(pause)).await
                         {
                             break 'consume;
+                        }
+                        if self.shared_group {
+                            // As after filling a batch: a partition revoked during the pause
+                            // is another host's now, from its committed offset.
+                            let assigned = self.assigned.lock().expect("assigned lock");
+                            held.retain(|e| assigned.contains(&e.partition));
                         }
                         if held.is_empty() {
                             break;
@@ -405,13 +430,10 @@ impl Worker {
         }
     }
 
-    /// Runs, delivers, commits and stores offsets for one batch (or, if the breaker opens
-    /// part-way, for the events decided before it did).
-    async fn handle_batch(
-        &mut self,
-        events: Vec<Event>,
-        consumer: &StreamConsumer<Callbacks>,
-    ) -> Handled {
+    /// Runs, delivers and commits one batch (or, if the breaker opens part-way, the events
+    /// decided before it did). Returns the offsets that are on the disk now, for the caller
+    /// to store in the consumer.
+    async fn handle_batch(&mut self, events: Vec<Event>) -> (Handled, Offsets) {
         let started = Instant::now();
         let mut breaker = std::mem::replace(&mut self.breaker, Breaker::new(Default::default()));
         let shutdown = self.shutdown.clone();
@@ -432,7 +454,7 @@ impl Worker {
             // Retried events were still waiting: nothing of the batch is kept, and it is
             // consumed again at the next start.
             self.sandbox().abort_batch();
-            return Handled::Stopping;
+            return (Handled::Stopping, Offsets::new());
         }
         let held = events.split_off(dispositions.len());
         if let Some(rb) = self.sandbox().take_rolled_back() {
@@ -482,13 +504,12 @@ impl Worker {
         }
         if !self.deliver(&outputs, &events, &letters, &version).await {
             self.sandbox().abort_batch();
-            return Handled::Stopping;
+            return (Handled::Stopping, Offsets::new());
         }
         let offsets = next_offsets(&events);
         let Some(synced) = self.commit(&offsets, false).await else {
-            return Handled::Stopping;
+            return (Handled::Stopping, Offsets::new());
         };
-        store_offsets(consumer, &synced);
         let output_records = outputs.len();
         self.committed(outputs);
         for d in &dispositions {
@@ -511,7 +532,7 @@ impl Worker {
             dead_letters = letters.len(),
             "batch done"
         );
-        match tripped {
+        let handled = match tripped {
             None => Handled::All,
             Some(why) => {
                 let pause = self.breaker.open();
@@ -524,10 +545,12 @@ impl Worker {
                 );
                 Handled::Tripped { held, pause }
             }
-        }
+        };
+        (handled, synced)
     }
 
-    /// Waits out an open breaker: consumes nothing, runs no ticks. A hot swap ends the pause
+    /// Waits out an open breaker: consumes nothing (the caller keeps the consumer polled,
+    /// its partitions paused), runs no ticks. A hot swap ends the pause
     /// at once (a fix should not wait). Returns false if the host stops, or the plugin is
     /// removed, meanwhile.
     async fn wait_out_breaker(&mut self, pause: Duration) -> bool {
