@@ -484,9 +484,12 @@ async fn a_consumer_waiting_on_retries_stays_polled_and_lets_a_member_join() {
         "the member joined while the batch waited"
     );
     // The embedded broker gives a joining member's group the session less a second (5 s)
-    // to rejoin, then hands out the partitions.
+    // to rejoin, then hands out the partitions: a member that is not polled is thrown out
+    // of the group after max.poll.interval.ms (6 s) instead, and the joiner gets both
+    // partitions (after ~11 s). Time is bounded loosely (a busy machine delays the join);
+    // the partition count is what tells the two apart.
     assert!(
-        took < Duration::from_secs(9) && partitions == 1,
+        took < Duration::from_secs(15) && partitions == 1,
         "a member joining while the batch waited for its retries got {partitions} partition(s) after {took:?} ({waited:?} into the wait): the host's member must keep polling, so that it rejoins at once and keeps a partition"
     );
     assert_eq!(
