@@ -111,6 +111,41 @@ fn wait_handled(dirs: &[&Path], ports: &[u16], plugins: &[&str], total: u64, tim
     }
 }
 
+/// A tansu broker, and a host running the analytics plugin that has handled the `events`
+/// generated events (seed `seed`) produced to it.
+struct AnalyticsOnTansu {
+    tansu: Tansu,
+    bootstrap: String,
+    dir: tempfile::TempDir,
+    port: u16,
+    host: HostProcess,
+}
+
+fn analytics_on_tansu(events: usize, seed: u64) -> AnalyticsOnTansu {
+    let tansu = Tansu::start();
+    tansu.create_topic(PARTITIONS);
+    let bootstrap = tansu.bootstrap();
+    produce_generated(&bootstrap, &generate(events, &generator_options(seed, 0)));
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    write_config(dir.path(), &bootstrap, port, &analytics("analytics"));
+    let host = start(dir.path());
+    wait_handled(
+        &[dir.path()],
+        &[port],
+        &["analytics"],
+        events as u64,
+        Duration::from_secs(120),
+    );
+    AnalyticsOnTansu {
+        tansu,
+        bootstrap,
+        dir,
+        port,
+        host,
+    }
+}
+
 #[test]
 fn four_plugins_count_exactly_and_a_restart_resumes_from_committed_offsets() {
     let tansu = Tansu::start();
@@ -274,23 +309,13 @@ fn two_hosts_share_a_group_split_its_partitions_and_count_each_event_once() {
 
 #[test]
 fn the_host_rides_out_a_broker_restart_and_loses_nothing() {
-    let mut tansu = Tansu::start();
-    tansu.create_topic(PARTITIONS);
-    let bootstrap = tansu.bootstrap();
-    let first = generate(2000, &generator_options(51, 0));
-    produce_generated(&bootstrap, &first);
-
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    write_config(dir.path(), &bootstrap, port, &analytics("analytics"));
-    let mut host = start(dir.path());
-    wait_handled(
-        &[dir.path()],
-        &[port],
-        &["analytics"],
-        2000,
-        Duration::from_secs(120),
-    );
+    let AnalyticsOnTansu {
+        mut tansu,
+        bootstrap,
+        dir,
+        port,
+        mut host,
+    } = analytics_on_tansu(2000, 51);
     assert_eq!(health(port).unwrap()["kafka"], "up");
 
     // The broker goes away: the host stays up and says so.
@@ -356,21 +381,13 @@ fn the_host_rides_out_a_broker_restart_and_loses_nothing() {
 /// is lost or counted twice: the next run resumes from the offsets kept with the state.
 #[test]
 fn ctrl_c_with_the_broker_gone_stops_the_host_and_loses_nothing() {
-    let mut tansu = Tansu::start();
-    tansu.create_topic(PARTITIONS);
-    let bootstrap = tansu.bootstrap();
-    produce_generated(&bootstrap, &generate(500, &generator_options(61, 0)));
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    write_config(dir.path(), &bootstrap, port, &analytics("analytics"));
-    let mut host = start(dir.path());
-    wait_handled(
-        &[dir.path()],
-        &[port],
-        &["analytics"],
-        500,
-        Duration::from_secs(120),
-    );
+    let AnalyticsOnTansu {
+        mut tansu,
+        bootstrap,
+        dir,
+        port,
+        mut host,
+    } = analytics_on_tansu(500, 61);
     tansu.kill();
     wait_for(
         Duration::from_secs(30),
