@@ -21,8 +21,8 @@
 //! - [`sinks`]: where outputs go, one [`sinks::Sink`] per kind (stdout, Kafka topic,
 //!   PostgreSQL table, whose module also applies migrations: `eddy migrate`), and dead
 //!   letters (to a topic, and optionally a table).
-//! - [`live`]: the live feed: committed output records fanned out to watchers, a slow
-//!   watcher disconnected rather than waited for.
+//! - [`live`]: the live feed: committed output records fanned out to watchers, a lagging
+//!   watcher told what it missed rather than waited for.
 //! - [`pipeline`]: one plugin's worker: take events (its consumer or the shared fetch), fill
 //!   a batch, run it (isolating failing events), deliver, commit, store offsets; its breaker.
 //! - [`supervisor`]: the running set of plugins: loading, hot reload, file watching.

@@ -16,6 +16,7 @@ let retryDelay = 1000;
 let reconnectTimer = null;
 let lastSummaryAt = null;
 let alertCount = 0;
+let missedRecords = 0; // records the host skipped because the page fell behind
 const history = new Map(); // plugin -> [[time_ms, events], ...] over the last seconds
 
 function text(el, value) {
@@ -39,6 +40,10 @@ function setConnection(state, label) {
     unreachableSince = null;
     banner.classList.remove("shown");
   }
+}
+
+function liveLabel() {
+  return missedRecords ? "live (skipped " + number(missedRecords) + " records in bursts)" : "live";
 }
 
 function list(el, items, empty) {
@@ -192,11 +197,11 @@ async function connect() {
   es.addEventListener("hello", () => {
     retryDelay = 1000;
     lastMessageAt = Date.now();
-    setConnection("live", "live");
+    setConnection("live", liveLabel());
   });
   es.addEventListener("status", (e) => {
     lastMessageAt = Date.now();
-    setConnection("live", "live");
+    setConnection("live", liveLabel());
     showStatus(JSON.parse(e.data));
   });
   es.addEventListener("record", (e) => {
@@ -204,6 +209,13 @@ async function connect() {
     const record = JSON.parse(e.data);
     if (record.output === "summary" && record.plugin === "dashboard") showSummary(record.value);
     else showAlert(record);
+  });
+  // The page read slower than a burst arrived: the host skipped what it could not hold.
+  // The figures are whole in every summary; alerts in the skipped span are not shown.
+  es.addEventListener("missed", (e) => {
+    lastMessageAt = Date.now();
+    missedRecords += JSON.parse(e.data).missed;
+    setConnection("live", liveLabel());
   });
   es.addEventListener("closed", () => scheduleReconnect());
   es.onerror = () => scheduleReconnect();

@@ -9,12 +9,13 @@
 //! - `record`, per committed output record: `{"plugin","output","key","time_ms","value"|"text"}`;
 //! - `status`, every second: the `/healthz` report with `time_ms` (per plugin: events,
 //!   dead letters, lag, breaker, version), from which a page computes rates;
-//! - `closed`, last: `{"reason": ...}` when the host disconnects it (it fell behind, or the
-//!   host is stopping).
+//! - `missed`: `{"missed":N,"buffer":B}` when it fell more than `B` records behind (a burst
+//!   faster than it reads): `N` records are gone, and records go on from the oldest held;
+//! - `closed`, last: `{"reason": ...}` when the host is stopping.
 //!
 //! Over SSE these are the event names; over the WebSocket, text messages
-//! `{"type":"record",...}`, and a slow client's socket is closed with code 1008 and the
-//! reason. An unknown output is a 400 naming the known ones; past `[http]
+//! `{"type":"record",...}`. A client that stops reading is cut off by the connection's send
+//! timeout ([`super::listener`]). An unknown output is a 400 naming the known ones; past `[http]
 //! stream_max_clients`, 503 with `Retry-After`.
 
 use super::Shared;
@@ -131,12 +132,14 @@ fn start(shared: &Shared, query: Option<&str>) -> Result<(Watcher, Ask), Refused
 enum Out {
     Record(String),
     Status(String),
+    /// It fell behind: how many records it missed.
+    Missed(String),
     /// The last one: why the host ends the stream.
     Closed(String),
 }
 
-/// What one client is sent, in order: records as they come, status every second, and a
-/// last `Closed` when it falls behind or the host stops.
+/// What one client is sent, in order: records as they come, status every second, `Missed`
+/// when it fell behind, and a last `Closed` when the host stops.
 struct Feed {
     watcher: Watcher,
     records: bool,
@@ -173,10 +176,9 @@ impl Feed {
             biased;
             next = self.watcher.next(), if self.records => match next {
                 Next::Record(r) => Out::Record(r.json.clone()),
-                Next::TooSlow { missed } => Out::Closed(format!(
-                    "too slow: missed {missed} records (a client may fall {} behind, [http] stream_buffer)",
-                    self.buffer
-                )),
+                Next::Missed { missed } => Out::Missed(
+                    serde_json::json!({ "missed": missed, "buffer": self.buffer }).to_string()
+                ),
                 Next::Closed => Out::Closed("the host is stopping".into()),
             },
             _ = async { self.status.as_mut().expect("guarded").tick().await }, if self.status.is_some() => {
@@ -214,6 +216,7 @@ async fn sse(State(shared): State<Shared>, RawQuery(query): RawQuery) -> Respons
         let event = match feed.next().await {
             Out::Record(json) => Event::default().event("record").data(json),
             Out::Status(json) => Event::default().event("status").data(json),
+            Out::Missed(json) => Event::default().event("missed").data(json),
             Out::Closed(reason) => {
                 let data = serde_json::json!({ "reason": reason }).to_string();
                 return Some((Ok(Event::default().event("closed").data(data)), None));
@@ -263,16 +266,11 @@ async fn serve_websocket(socket: WebSocket, mut feed: Feed) {
         let message = match out {
             Out::Record(json) => Message::Text(typed("record", &json).into()),
             Out::Status(json) => Message::Text(typed("status", &json).into()),
+            Out::Missed(json) => Message::Text(typed("missed", &json).into()),
             Out::Closed(reason) => {
-                // 1008: policy violation (fell behind); 1001: going away (host stopping).
-                let code = if reason.starts_with("too slow") {
-                    1008
-                } else {
-                    1001
-                };
                 let _ = sink
                     .send(Message::Close(Some(CloseFrame {
-                        code,
+                        code: 1001, // going away
                         reason: reason.chars().take(120).collect::<String>().into(),
                     })))
                     .await;

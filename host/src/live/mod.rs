@@ -3,11 +3,15 @@
 //! the disk, so a watcher never sees a record that a crash would take back.
 //!
 //! One broadcast ring of `[http] stream_buffer` records: publishing never waits for a
-//! watcher, and each watcher reads the ring at its own pace. One that falls further behind
-//! than the ring holds has missed records: it is disconnected with that reason, and a slow
-//! watcher never slows a plugin or another watcher. Records are rendered to JSON once, when
-//! published. At most `[http] stream_max_clients` watch at once (a [`Watcher`] holds one
-//! place).
+//! watcher, and each watcher reads the ring at its own pace, so a slow watcher never slows a
+//! plugin or another watcher. One that falls further behind than the ring holds (a reader
+//! slower than a burst) is told how many records it missed ([`Next::Missed`]) and goes on
+//! from the oldest record the ring still holds: it keeps its connection, because a page that
+//! reconnected would only get the latest records again, and a reader that keeps up after the
+//! burst gets everything again. A watcher that stops reading altogether is not this module's
+//! business: the connection's send timeout closes it ([`crate::http::listener`]). Records are
+//! rendered to JSON once, when published. At most `[http] stream_max_clients` watch at once
+//! (a [`Watcher`] holds one place).
 //!
 //! The last [`RECENT_PER_OUTPUT`] records of each output are kept, and a new watcher gets
 //! those of the outputs it asked for first (oldest first), so a page that opens shows the
@@ -196,8 +200,9 @@ impl Live {
 #[derive(Debug)]
 pub enum Next {
     Record(Arc<LiveRecord>),
-    /// It fell behind by more than the ring holds: `missed` records are gone. Disconnect it.
-    TooSlow {
+    /// It fell behind by more than the ring holds: `missed` records (of every output, not
+    /// only those it asked for) are gone. The next call goes on from the oldest one held.
+    Missed {
         missed: u64,
     },
     /// The host is stopping.
@@ -232,8 +237,8 @@ impl Watcher {
                 Ok(record) if self.wants(&record.output) => return Next::Record(record),
                 Ok(_) => continue,
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    self.metrics.stream_dropped_slow.fetch_add(1, Relaxed);
-                    return Next::TooSlow { missed };
+                    self.metrics.stream_missed.fetch_add(missed, Relaxed);
+                    return Next::Missed { missed };
                 }
                 Err(broadcast::error::RecvError::Closed) => return Next::Closed,
             }
@@ -303,7 +308,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn watchers_get_what_they_asked_for_and_the_slow_one_is_told() {
+    async fn watchers_get_what_they_asked_for_and_the_slow_one_is_told_then_goes_on() {
         let live = Live::new(4, 2, Default::default());
         live.set_outputs("dashboard", ["summary".to_string(), "text".to_string()]);
         live.set_outputs("alert", ["alerts".to_string()]);
@@ -328,7 +333,18 @@ mod tests {
         for _ in 0..10 {
             live.publish("dashboard", &[record("text", b"x")], 4);
         }
-        assert!(matches!(everything.next().await, Next::TooSlow { missed } if missed > 0));
+        // The ring holds 4: of the 11 records since its last read, 7 are gone.
+        assert!(matches!(
+            everything.next().await,
+            Next::Missed { missed: 7 }
+        ));
+        // It goes on with the oldest record still held, and then live ones.
+        assert!(matches!(everything.next().await, Next::Record(r) if r.output == "dashboard/text"));
+        for _ in 0..3 {
+            assert!(matches!(everything.next().await, Next::Record(_)));
+        }
+        live.publish("alert", &[record("alerts", b"{}")], 5);
+        assert!(matches!(everything.next().await, Next::Record(r) if r.output == "alert/alerts"));
     }
 
     #[tokio::test]

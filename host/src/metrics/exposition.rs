@@ -400,13 +400,10 @@ fn families(metrics: &Metrics) -> Vec<MetricFamily> {
         vec![counter(&[], metrics.stream_records.load(Relaxed))],
     ));
     out.push(family(
-        "eddy_stream_clients_dropped_total",
-        "Live-stream clients disconnected because they fell [http] stream_buffer records behind.",
+        "eddy_stream_records_missed_total",
+        "Records live-stream clients missed by falling more than [http] stream_buffer behind, summed over clients (each was told, and went on).",
         MetricType::COUNTER,
-        vec![counter(
-            &[("reason", "slow")],
-            metrics.stream_dropped_slow.load(Relaxed),
-        )],
+        vec![counter(&[], metrics.stream_missed.load(Relaxed))],
     ));
     out.push(family(
         "eddy_http_send_timeouts_total",

@@ -166,8 +166,9 @@ pub struct Metrics {
     pub stream_clients: AtomicI64,
     /// Records handed to the live stream's clients (each record once, however many watch).
     pub stream_records: AtomicU64,
-    /// Live-stream clients disconnected because they fell `[http] stream_buffer` behind.
-    pub stream_dropped_slow: AtomicU64,
+    /// Records live-stream clients missed by falling more than `[http] stream_buffer`
+    /// behind, summed over clients.
+    pub stream_missed: AtomicU64,
     /// Connections closed because the peer took nothing for `[http] send_timeout_ms`.
     pub http_send_timeouts: Arc<AtomicU64>,
     /// The HTTP collector's (`POST /v1/events`).
