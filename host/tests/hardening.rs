@@ -123,7 +123,7 @@ async fn a_plugin_that_emits_in_a_loop_is_stopped_at_its_output_limit() {
         &records,
         "flood",
         "flood",
-        "[plugin.limits]\ncpu_ms = 400\noutput_records = 1000\noutput_mib = 8",
+        "[plugin.limits]\ncpu_ms = 1500\noutput_records = 1000\noutput_mib = 8",
     )
     .await;
     wait_all_handled(&m, records.len() as u64).await;
@@ -229,7 +229,9 @@ async fn a_retried_events_state_writes_and_outputs_count_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_backoff_ends_at_once_when_the_host_stops_and_keeps_nothing() {
     let records = records_with_marks(100, 1);
-    // The marked event answers `retry` every time, and its retries wait 10 + 10 + 10 s.
+    // The marked event answers `retry` every time, and its retries wait 10 s each, 60 s in
+    // all: a stop that waited for them would take far longer than the bound below, which
+    // leaves a slow machine room for the stop's own work.
     let Running {
         broker: _broker,
         bootstrap,
@@ -240,15 +242,15 @@ async fn a_retry_backoff_ends_at_once_when_the_host_stops_and_keeps_nothing() {
         &records,
         "waits",
         "retry",
-        "[plugin.limits]\nmax_retries = 3\nretry_backoff_ms = 10000",
+        "[plugin.limits]\nmax_retries = 6\nretry_backoff_ms = 10000",
     )
     .await;
     wait_first_retry(&m).await;
     let handled = m.events_handled();
-    let stopped = tokio::time::timeout(std::time::Duration::from_secs(5), host.stop()).await;
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(20), host.stop()).await;
     assert!(
         stopped.is_ok(),
-        "the host stopped while a retry waited, not 30 s later"
+        "the host stopped while a retry waited, not up to 60 s later"
     );
     // The batch with the waiting event was dropped, not committed: it is consumed again at
     // the next start, and nothing past the marked event was committed on its partition.
@@ -341,7 +343,7 @@ fn join_and_leave(bootstrap: &str, group: &str) {
     let started = std::time::Instant::now();
     other_member(group_consumer(bootstrap, group, 6000), |consumer| {
         assert!(
-            started.elapsed() < std::time::Duration::from_secs(30),
+            started.elapsed() < std::time::Duration::from_secs(45),
             "the second member never got a partition"
         );
         consumer.assignment().unwrap().count() > 0
@@ -365,7 +367,7 @@ async fn a_rebalance_while_a_batch_fills_applies_no_event_twice() {
         &records,
         "counter",
         "panic",
-        "max_batch = 100000\nbatch_linger_ms = 20000",
+        "max_batch = 100000\nbatch_linger_ms = 60000",
     )
     .await;
     {
@@ -382,7 +384,7 @@ async fn a_rebalance_while_a_batch_fills_applies_no_event_twice() {
     {
         let (m, bootstrap) = (m.clone(), bootstrap.clone());
         wait_async(
-            std::time::Duration::from_secs(90),
+            std::time::Duration::from_secs(150),
             "every event handled and its offset committed",
             move || {
                 m.events_handled() >= total
@@ -401,8 +403,8 @@ async fn a_rebalance_while_a_batch_fills_applies_no_event_twice() {
     );
 }
 
-/// Item 2: a batch whose event waits for its retries (8 + 10 s, three times the consumer's
-/// `max.poll.interval.ms` of 6 s) keeps its consumer polled meanwhile. A second member that
+/// Item 2: a batch whose event waits for its retries (8 + 10 + 10 + 10 s, over six times the
+/// consumer's `max.poll.interval.ms` of 6 s) keeps its consumer polled meanwhile. A second member that
 /// joins the group during the wait gets its share of the partitions within seconds, and the
 /// host's member keeps the other one throughout: it takes part in the rebalance rather than
 /// holding it up, and is not thrown out of its group for not polling. Afterwards every event
@@ -422,7 +424,7 @@ async fn a_consumer_waiting_on_retries_stays_polled_and_lets_a_member_join() {
         &records,
         "patient",
         "retry",
-        "[plugin.limits]\nmax_retries = 2\nretry_backoff_ms = 8000",
+        "[plugin.limits]\nmax_retries = 4\nretry_backoff_ms = 8000",
         "\"max.poll.interval.ms\" = \"6000\"",
     )
     .await;
@@ -455,7 +457,7 @@ async fn a_consumer_waiting_on_retries_stays_polled_and_lets_a_member_join() {
                             let _ = tx.send((started.elapsed(), now.len()));
                         }
                     }
-                    done.load(Relaxed) || started.elapsed() > Duration::from_secs(60)
+                    done.load(Relaxed) || started.elapsed() > Duration::from_secs(120)
                 },
             );
             held
@@ -467,11 +469,11 @@ async fn a_consumer_waiting_on_retries_stays_polled_and_lets_a_member_join() {
         .unwrap();
     let waited = waiting_since.elapsed();
     let handled_then = m.events_handled();
-    // The batch waits until 18 s after its first retry: all of this happened during it.
+    // The batch waits until 38 s after its first retry: all of this happened during it.
     {
         let (m, first) = (m.clone(), records.len() as u64);
         wait_async(
-            Duration::from_secs(60),
+            Duration::from_secs(120),
             "the batch in flight to be done",
             move || m.events_handled() >= first,
         )
@@ -489,7 +491,7 @@ async fn a_consumer_waiting_on_retries_stays_polled_and_lets_a_member_join() {
     // partitions (after ~11 s). Time is bounded loosely (a busy machine delays the join);
     // the partition count is what tells the two apart.
     assert!(
-        took < Duration::from_secs(15) && partitions == 1,
+        took < Duration::from_secs(30) && partitions == 1,
         "a member joining while the batch waited for its retries got {partitions} partition(s) after {took:?} ({waited:?} into the wait): the host's member must keep polling, so that it rejoins at once and keeps a partition"
     );
     assert_eq!(

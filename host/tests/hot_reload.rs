@@ -83,7 +83,7 @@ async fn swapping_a_plugin_under_load_loses_nothing_duplicates_nothing_and_keeps
                 replace_file(&wasm_path, b"not a component");
                 let m2 = m.clone();
                 wait_async(
-                    Duration::from_secs(10),
+                    Duration::from_secs(60),
                     "the broken version to be refused",
                     move || m2.reloads(ReloadOutcome::Failed) > failed_before,
                 )
@@ -97,7 +97,7 @@ async fn swapping_a_plugin_under_load_loses_nothing_duplicates_nothing_and_keeps
                 write_config(dir.path(), &bootstrap, &trapping);
                 let m2 = m.clone();
                 wait_async(
-                    Duration::from_secs(20),
+                    Duration::from_secs(60),
                     "the trapping version to be rolled back",
                     move || m2.reloads(ReloadOutcome::RolledBack) == 1,
                 )
@@ -123,7 +123,7 @@ async fn swapping_a_plugin_under_load_loses_nothing_duplicates_nothing_and_keeps
                 write_config(dir.path(), &bootstrap, &entry);
                 let m2 = m.clone();
                 wait_async(
-                    Duration::from_secs(10),
+                    Duration::from_secs(60),
                     "the original settings to be back",
                     move || m2.reloads(ReloadOutcome::Ok) > ok_before + 1,
                 )
@@ -135,7 +135,7 @@ async fn swapping_a_plugin_under_load_loses_nothing_duplicates_nothing_and_keeps
                 last_good = eddy::wasm::digest(&version);
                 let (m2, want) = (m.clone(), last_good.clone());
                 wait_async(
-                    Duration::from_secs(10),
+                    Duration::from_secs(60),
                     "the new version to run",
                     move || m2.version().digest == want,
                 )

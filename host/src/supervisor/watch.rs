@@ -190,15 +190,30 @@ mod tests {
             seen
         };
 
+        // Waits (not a fixed sleep: notify's thread may be slow to run) for a finished
+        // write, then takes whatever else came soon after: the last must say finished.
+        let until_finished = async |rx: &mut mpsc::UnboundedReceiver<Change>| {
+            loop {
+                let c = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                    .await
+                    .expect("a finished write reported within 10 s")
+                    .expect("the watcher runs");
+                assert_eq!(c.path, absolute(&target));
+                if c.written {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            finished(rx).last().copied().unwrap_or(true)
+        };
+
         std::fs::write(&target, b"copied").unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(finished(&mut rx).last(), Some(&true), "copy");
+        assert!(until_finished(&mut rx).await, "copy");
 
         let tmp = dir.path().join("plugin.tmp");
         std::fs::write(&tmp, b"renamed").unwrap();
         std::fs::rename(&tmp, &target).unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert_eq!(finished(&mut rx).last(), Some(&true), "rename");
+        assert!(until_finished(&mut rx).await, "rename");
 
         // Other files in the directory are not reported.
         std::fs::write(dir.path().join("other.wasm"), b"x").unwrap();
