@@ -141,6 +141,16 @@ pub struct HttpConfig {
     /// The largest body `POST /v1/events` takes, in KiB; a larger one is answered 413.
     #[serde(default = "default_http_max_body_kib")]
     pub max_body_kib: usize,
+    /// The most events one `POST /v1/events` may hold; a body with more is answered 413
+    /// before anything is built for them.
+    #[serde(default = "default_http_max_events_per_post")]
+    pub max_events_per_post: usize,
+    /// MiB of memory that posts in flight may hold together: each holds 4 bytes per byte of
+    /// its body plus 1 KiB per allowed event (`max_events_per_post`) from before its body is
+    /// read until it is answered. Past it a post waits up to a second, then gets 503 with
+    /// `Retry-After`.
+    #[serde(default = "default_http_ingest_memory_mib")]
+    pub ingest_memory_mib: usize,
     /// How long `POST /v1/events` waits for Kafka to acknowledge its events before it
     /// answers 503 (the client retries).
     #[serde(default = "default_http_ingest_timeout_ms")]
@@ -154,6 +164,23 @@ pub struct HttpConfig {
     /// or `["*"]` for any. Empty: only pages served by the host itself.
     #[serde(default)]
     pub cors_origins: Vec<String>,
+}
+
+/// Whether `token` can be a bearer token: 1 to 4096 printable ASCII characters, no spaces.
+pub fn valid_token(token: &str) -> bool {
+    !token.is_empty() && token.len() <= 4096 && token.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// What a post to the collector may cost in memory, per byte of its body: the body itself,
+/// its events as the producer's queue holds them, and the answer, with room to spare.
+pub const POST_COST_PER_BODY_BYTE: usize = 4;
+/// What a post may cost per event it is allowed (`max_events_per_post`), on top: each
+/// event's fate and its result in the answer.
+pub const POST_COST_PER_EVENT: usize = 1024;
+
+/// The KiB of `[http] ingest_memory_mib` a post of `body` bytes holds while in flight.
+pub fn post_cost_kib(body: usize, max_events_per_post: usize) -> usize {
+    (POST_COST_PER_BODY_BYTE * body + POST_COST_PER_EVENT * max_events_per_post).div_ceil(1024)
 }
 
 impl HttpConfig {
@@ -174,6 +201,8 @@ impl Default for HttpConfig {
             stream_buffer: default_stream_buffer(),
             send_timeout_ms: default_send_timeout_ms(),
             max_body_kib: default_http_max_body_kib(),
+            max_events_per_post: default_http_max_events_per_post(),
+            ingest_memory_mib: default_http_ingest_memory_mib(),
             ingest_timeout_ms: default_http_ingest_timeout_ms(),
             token: None,
             cors_origins: Vec::new(),
@@ -194,6 +223,12 @@ fn default_send_timeout_ms() -> u64 {
 }
 
 fn default_http_max_connections() -> usize {
+    64
+}
+fn default_http_max_events_per_post() -> usize {
+    1000
+}
+fn default_http_ingest_memory_mib() -> usize {
     64
 }
 fn default_http_max_body_kib() -> usize {
@@ -756,6 +791,27 @@ impl Config {
                 format!("must be 1 to 65536 KiB, not {}", h.max_body_kib),
             ));
         }
+        if !(1..=100_000).contains(&h.max_events_per_post) {
+            return Err(self.invalid(
+                "http.max_events_per_post",
+                format!("must be 1 to 100000, not {}", h.max_events_per_post),
+            ));
+        }
+        // The largest post must fit in the budget alone, or it could never be taken.
+        let largest_kib = post_cost_kib(h.max_body_kib << 10, h.max_events_per_post);
+        if !(1..=65_536).contains(&h.ingest_memory_mib) || h.ingest_memory_mib << 10 < largest_kib {
+            return Err(self.invalid(
+                "http.ingest_memory_mib",
+                format!(
+                    "must be {} to 65536 MiB (the largest post, of max_body_kib = {} with max_events_per_post = {}, holds {} MiB), not {}",
+                    largest_kib.div_ceil(1024),
+                    h.max_body_kib,
+                    h.max_events_per_post,
+                    largest_kib.div_ceil(1024),
+                    h.ingest_memory_mib
+                ),
+            ));
+        }
         if !(100..=300_000).contains(&h.ingest_timeout_ms) {
             return Err(self.invalid(
                 "http.ingest_timeout_ms",
@@ -763,7 +819,7 @@ impl Config {
             ));
         }
         if let Some(t) = &h.token
-            && (t.is_empty() || t.len() > 4096 || !t.bytes().all(|b| b.is_ascii_graphic()))
+            && !valid_token(t)
         {
             return Err(self.invalid(
                 "http.token",

@@ -36,6 +36,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 /// The browser tracker, served at `/tracker.js`.
@@ -50,6 +51,9 @@ pub const TOKEN_ENV: &str = "EDDY_HTTP_TOKEN";
 /// again.
 pub const RETRY_AFTER_SECS: u64 = 2;
 
+/// Seconds a client is told to wait when the collector was too busy to take its post.
+pub const BUSY_RETRY_AFTER_SECS: u64 = 1;
+
 /// How much longer than `ingest_timeout_ms` the collector waits for librdkafka's own verdict
 /// on an event (it times events out at `message.timeout.ms` = `ingest_timeout_ms`).
 const VERDICT_GRACE: Duration = Duration::from_secs(2);
@@ -60,6 +64,13 @@ pub struct Collector {
     topic: String,
     timeout: Duration,
     max_body: usize,
+    /// The most events one post may hold (`[http] max_events_per_post`).
+    max_events: usize,
+    /// KiB of memory that posts in flight may hold together (`[http] ingest_memory_mib`):
+    /// each holds [`crate::config::post_cost_kib`] of it from before its body is read until
+    /// it is answered.
+    budget: Arc<Semaphore>,
+    budget_kib: usize,
     token: Option<String>,
     recent: RecentIds,
     metrics: Arc<Metrics>,
@@ -75,15 +86,23 @@ impl Collector {
     ) -> anyhow::Result<Collector> {
         let http = &config.http;
         let producer = producer(config, client)?;
-        let token = std::env::var(TOKEN_ENV)
-            .ok()
-            .filter(|t| !t.is_empty())
-            .or_else(|| http.token.clone());
+        let from_env = std::env::var(TOKEN_ENV).ok().filter(|t| !t.is_empty());
+        if let Some(t) = &from_env
+            && !crate::config::valid_token(t)
+        {
+            anyhow::bail!(
+                "{TOKEN_ENV} must be 1 to 4096 printable ASCII characters without spaces (unset it for no token)"
+            );
+        }
+        let token = from_env.or_else(|| http.token.clone());
         Ok(Collector {
             producer,
             topic: config.kafka.topic.clone(),
             timeout: Duration::from_millis(http.ingest_timeout_ms),
             max_body: http.max_body_kib << 10,
+            max_events: http.max_events_per_post,
+            budget: Arc::new(Semaphore::new(http.ingest_memory_mib << 10)),
+            budget_kib: http.ingest_memory_mib << 10,
             token,
             recent: RecentIds::default(),
             metrics,
@@ -222,7 +241,34 @@ enum Fate {
     SameAs(usize),
 }
 
+/// How long a post waits for room in `[http] ingest_memory_mib` before it is answered 503.
+const ADMIT_WAIT: Duration = Duration::from_secs(1);
+
 impl Collector {
+    /// Room in the budget for a post of `body` bytes ([`crate::config::post_cost_kib`]),
+    /// waiting up to [`ADMIT_WAIT`].
+    async fn admit(&self, body: usize) -> Result<OwnedSemaphorePermit, Response> {
+        let kib = crate::config::post_cost_kib(body, self.max_events).min(self.budget_kib) as u32;
+        match tokio::time::timeout(ADMIT_WAIT, self.budget.clone().acquire_many_owned(kib)).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => {
+                self.metrics.collector.busy.fetch_add(1, Relaxed);
+                let mut r = error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "the collector is busy: the posts in flight hold its memory ({} MiB, [http] ingest_memory_mib); send again after {BUSY_RETRY_AFTER_SECS} s",
+                        self.budget_kib >> 10
+                    ),
+                );
+                r.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(BUSY_RETRY_AFTER_SECS),
+                );
+                Err(r)
+            }
+        }
+    }
+
     async fn handle(&self, headers: &HeaderMap, uri: &Uri, body: Body) -> Response {
         if let Some(token) = &self.token
             && !authorized(headers, uri, token)
@@ -250,6 +296,14 @@ impl Collector {
         if declared.is_some_and(|n| n > self.max_body as u64) {
             return too_large();
         }
+        // Without a Content-Length the body may be as large as max_body_kib.
+        let _room = match self
+            .admit(declared.map_or(self.max_body, |n| n as usize))
+            .await
+        {
+            Ok(permit) => permit,
+            Err(busy) => return busy,
+        };
         let bytes = match axum::body::to_bytes(body, self.max_body).await {
             Ok(b) => b,
             Err(e) if is_length_limit(&e) => return too_large(),
@@ -278,15 +332,20 @@ impl Collector {
             ids,
         } = match sent {
             Ok(sent) => sent,
-            Err(message) => return error(StatusCode::BAD_REQUEST, message),
+            Err(e @ SplitError::TooMany(_)) => {
+                return error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string());
+            }
+            Err(e @ SplitError::Invalid(_)) => {
+                return error(StatusCode::BAD_REQUEST, e.to_string());
+            }
         };
         let fates = self.acknowledged(fates, pending, &ids).await;
         self.respond(&pieces, &fates)
     }
 
     /// Splits `body` into events, checks each and sends the valid ones (see [`Sent`]).
-    fn send<'a>(&self, body: &'a [u8], ndjson: bool) -> Result<Sent<'a>, String> {
-        let pieces = split(body, ndjson)?;
+    fn send<'a>(&self, body: &'a [u8], ndjson: bool) -> Result<Sent<'a>, SplitError> {
+        let pieces = split(body, ndjson, self.max_events)?;
         let mut fates = Vec::with_capacity(pieces.len());
         let mut pending = Vec::new();
         // Once the producer's queue is full, the rest of the post is not sent at all.
@@ -507,15 +566,16 @@ fn authorized(headers: &HeaderMap, uri: &Uri, token: &str) -> bool {
             let (scheme, value) = v.trim().split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| value.trim())
         });
+    // The tracker sends it percent-encoded (`encodeURIComponent`): a base64 token's `+`, `/`
+    // and `=` arrive as `%2B`, `%2F`, `%3D`. A `+` is kept as it is (a token has no space).
     let query = uri
         .query()
         .into_iter()
         .flat_map(|q| q.split('&'))
-        .find_map(|kv| kv.strip_prefix("token="));
-    [bearer, query]
-        .into_iter()
-        .flatten()
-        .any(|given| same(given.as_bytes(), token.as_bytes()))
+        .find_map(|kv| kv.strip_prefix("token="))
+        .map(|v| percent_encoding::percent_decode_str(v).collect::<Vec<u8>>());
+    bearer.is_some_and(|given| same(given.as_bytes(), token.as_bytes()))
+        || query.is_some_and(|given| same(&given, token.as_bytes()))
 }
 
 /// Compares in time that depends on the lengths only, not on where the bytes differ.
@@ -577,22 +637,36 @@ fn trim(bytes: &[u8]) -> &[u8] {
     &bytes[start..end]
 }
 
+/// Why a body as a whole is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SplitError {
+    /// Not usable at all: the reason, with line and column.
+    #[error("{0}")]
+    Invalid(String),
+    /// More events than one post may hold: found while splitting, before anything is built
+    /// for the events past the limit.
+    #[error(
+        "more than {0} events in one post ([http] max_events_per_post): send them in smaller batches"
+    )]
+    TooMany(usize),
+}
+
 /// Splits a body into its events: a JSON array's elements, NDJSON's non-blank lines
 /// (`ndjson`, or when the body is several lines each holding a value), or the body as one
-/// event. An error (the body as a whole is unusable) says why, with line and column.
-pub fn split(body: &[u8], ndjson: bool) -> Result<Vec<Piece<'_>>, String> {
+/// event; at most `max_events` of them. An error (the body as a whole is unusable) says why.
+pub fn split(body: &[u8], ndjson: bool, max_events: usize) -> Result<Vec<Piece<'_>>, SplitError> {
     let trimmed = trim(body);
     if trimmed.is_empty() {
-        return Err(
+        return Err(SplitError::Invalid(
             "empty body: expected a JSON event, a JSON array of events, or NDJSON (one event a line)"
                 .into(),
-        );
+        ));
     }
     if ndjson {
-        return Ok(lines(body));
+        return lines(body, max_events);
     }
     if trimmed[0] == b'[' {
-        return split_array(trimmed);
+        return split_array(trimmed, max_events);
     }
     // One value alone is one event; a value followed by more on other lines is NDJSON.
     let mut values = serde_json::Deserializer::from_slice(trimmed).into_iter::<IgnoredAny>();
@@ -607,7 +681,7 @@ pub fn split(body: &[u8], ndjson: bool) -> Result<Vec<Piece<'_>>, String> {
     let first_line = trimmed.split(|b| *b == b'\n').next().unwrap_or(trimmed);
     let several_lines = trimmed.contains(&b'\n');
     if several_lines && serde_json::from_slice::<IgnoredAny>(first_line).is_ok() {
-        return Ok(lines(body));
+        return lines(body, max_events);
     }
     Ok(vec![Piece {
         bytes: trimmed,
@@ -615,22 +689,32 @@ pub fn split(body: &[u8], ndjson: bool) -> Result<Vec<Piece<'_>>, String> {
     }])
 }
 
-/// NDJSON: every non-blank line, numbered from 1.
-fn lines(body: &[u8]) -> Vec<Piece<'_>> {
-    body.split(|b| *b == b'\n')
-        .enumerate()
-        .map(|(i, line)| Piece {
-            bytes: trim(line),
+/// NDJSON: every non-blank line, numbered from 1; at most `max_events`.
+fn lines(body: &[u8], max_events: usize) -> Result<Vec<Piece<'_>>, SplitError> {
+    let mut pieces = Vec::new();
+    for (i, line) in body.split(|b| *b == b'\n').enumerate() {
+        let bytes = trim(line);
+        if bytes.is_empty() {
+            continue;
+        }
+        if pieces.len() == max_events {
+            return Err(SplitError::TooMany(max_events));
+        }
+        pieces.push(Piece {
+            bytes,
             line: Some(i + 1),
-        })
-        .filter(|p| !p.bytes.is_empty())
-        .collect()
+        });
+    }
+    Ok(pieces)
 }
 
-/// A JSON array's elements, each its own bytes as sent. The whole array must be JSON.
-fn split_array(array: &[u8]) -> Result<Vec<Piece<'_>>, String> {
+/// A JSON array's elements, each its own bytes as sent; at most `max_events`. The whole
+/// array must be JSON (checked without building anything of it).
+fn split_array(array: &[u8], max_events: usize) -> Result<Vec<Piece<'_>>, SplitError> {
     if let Err(e) = serde_json::from_slice::<IgnoredAny>(array) {
-        return Err(format!("the body is not a valid JSON array: {e}"));
+        return Err(SplitError::Invalid(format!(
+            "the body is not a valid JSON array: {e}"
+        )));
     }
     // Valid JSON: the elements end at the commas (and the `]`) outside strings at depth 1.
     let mut pieces = Vec::new();
@@ -652,11 +736,11 @@ fn split_array(array: &[u8]) -> Result<Vec<Piece<'_>>, String> {
             b']' | b'}' => {
                 depth -= 1;
                 if depth == 0 {
-                    push_element(&mut pieces, &array[start..i]);
+                    push_element(&mut pieces, &array[start..i], max_events)?;
                 }
             }
             b',' if depth == 1 => {
-                push_element(&mut pieces, &array[start..i]);
+                push_element(&mut pieces, &array[start..i], max_events)?;
                 start = i + 1;
             }
             _ => {}
@@ -665,12 +749,20 @@ fn split_array(array: &[u8]) -> Result<Vec<Piece<'_>>, String> {
     Ok(pieces)
 }
 
-fn push_element<'a>(pieces: &mut Vec<Piece<'a>>, element: &'a [u8]) {
+fn push_element<'a>(
+    pieces: &mut Vec<Piece<'a>>,
+    element: &'a [u8],
+    max_events: usize,
+) -> Result<(), SplitError> {
     let bytes = trim(element);
     // `[]` has no element (valid JSON never has an empty one otherwise).
     if !bytes.is_empty() {
+        if pieces.len() == max_events {
+            return Err(SplitError::TooMany(max_events));
+        }
         pieces.push(Piece { bytes, line: None });
     }
+    Ok(())
 }
 
 /// Checks one event as a plugin's SDK will parse it: an object that
@@ -713,9 +805,9 @@ mod tests {
 
     #[test]
     fn an_object_an_array_and_ndjson_split_into_events_as_sent() {
-        let one = texts(&split(b" {\"a\": [1, {\"b\": \"],\"}]} \n", false).unwrap());
+        let one = texts(&split(b" {\"a\": [1, {\"b\": \"],\"}]} \n", false, 1000).unwrap());
         assert_eq!(one, [("{\"a\": [1, {\"b\": \"],\"}]}".to_string(), None)]);
-        let array = split(b"[ {\"a\":\"x,]\\\"\"} ,\n{\"b\":[1,2]}, 3 ]", false).unwrap();
+        let array = split(b"[ {\"a\":\"x,]\\\"\"} ,\n{\"b\":[1,2]}, 3 ]", false, 1000).unwrap();
         assert_eq!(
             texts(&array),
             [
@@ -724,12 +816,12 @@ mod tests {
                 ("3".to_string(), None)
             ]
         );
-        assert!(split(b"[]", false).unwrap().is_empty());
+        assert!(split(b"[]", false, 1000).unwrap().is_empty());
         // NDJSON, told or detected; blank lines are skipped and do not shift line numbers.
         let body = b"{\"a\":1}\r\n\n   \n{\"b\":2}\nnot json\n";
         for ndjson in [true, false] {
             assert_eq!(
-                texts(&split(body, ndjson).unwrap()),
+                texts(&split(body, ndjson, 1000).unwrap()),
                 [
                     ("{\"a\":1}".to_string(), Some(1)),
                     ("{\"b\":2}".to_string(), Some(4)),
@@ -740,15 +832,40 @@ mod tests {
     }
 
     #[test]
+    fn a_body_of_more_events_than_allowed_is_refused_whole() {
+        let many = format!("[{}1]", "1,".repeat(500_000));
+        assert_eq!(
+            split(many.as_bytes(), false, 1000),
+            Err(SplitError::TooMany(1000))
+        );
+        let lines = "{}\n".repeat(1001);
+        for ndjson in [true, false] {
+            assert_eq!(
+                split(lines.as_bytes(), ndjson, 1000),
+                Err(SplitError::TooMany(1000))
+            );
+        }
+        let exactly = format!("[{}{{}}]", "{},".repeat(999));
+        assert_eq!(split(exactly.as_bytes(), false, 1000).unwrap().len(), 1000);
+    }
+
+    #[test]
     fn a_broken_body_is_refused_whole_and_a_broken_event_alone() {
-        let e = split(b"[{\"a\":1},\n{\"b\":}]", false).unwrap_err();
+        let e = split(b"[{\"a\":1},\n{\"b\":}]", false, 1000)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("not a valid JSON array") && e.contains("line 2"),
             "{e}"
         );
-        assert!(split(b" \n ", false).unwrap_err().contains("empty body"));
+        assert!(
+            split(b" \n ", false, 1000)
+                .unwrap_err()
+                .to_string()
+                .contains("empty body")
+        );
         // A single broken object is one event, rejected with the parser's line and column.
-        let pieces = split(b"{\"user_id\": }", false).unwrap();
+        let pieces = split(b"{\"user_id\": }", false, 1000).unwrap();
         assert_eq!(pieces.len(), 1);
         let (reason, message) = check(pieces[0].bytes).unwrap_err();
         assert_eq!(reason, RejectReason::Json);
@@ -787,6 +904,14 @@ mod tests {
         assert!(authorized(&h, &uri, "s3cret"));
         let beacon: Uri = "/v1/events?x=1&token=s3cret".parse().unwrap();
         assert!(authorized(&HeaderMap::new(), &beacon, "s3cret"));
+        // A base64 token as the tracker's sendBeacon sends it (encodeURIComponent).
+        let token = "a+b/c==";
+        let beacon: Uri = "/v1/events?token=a%2Bb%2Fc%3D%3D".parse().unwrap();
+        assert!(authorized(&HeaderMap::new(), &beacon, token));
+        let raw: Uri = "/v1/events?token=a+b/c==".parse().unwrap();
+        assert!(authorized(&HeaderMap::new(), &raw, token));
+        let wrong: Uri = "/v1/events?token=a%2Bb%2Fc%3D".parse().unwrap();
+        assert!(!authorized(&HeaderMap::new(), &wrong, token));
         assert!(is_ndjson("application/x-ndjson; charset=utf-8"));
         assert!(!is_ndjson("application/json"));
     }

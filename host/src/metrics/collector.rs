@@ -39,7 +39,7 @@ impl RejectReason {
 
 /// The statuses `POST /v1/events` answers with, as counted in
 /// `eddy_collector_requests_total{code=…}`.
-pub const STATUSES: [u16; 5] = [200, 400, 401, 413, 503];
+pub const STATUSES: [u16; 6] = [200, 400, 401, 408, 413, 503];
 
 /// Everything counted for the collector.
 #[derive(Debug, Default)]
@@ -52,6 +52,9 @@ pub struct CollectorMetrics {
     /// Events not acknowledged in time (or not sent: the producer's queue was full): the
     /// client was answered 503 and must send them again.
     pub unacknowledged: AtomicU64,
+    /// Posts answered 503 before their body was read: the posts in flight held all of
+    /// `[http] ingest_memory_mib`.
+    pub busy: AtomicU64,
     pub(crate) requests: [AtomicU64; STATUSES.len()],
     pub(crate) latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     pub(crate) latency_count: AtomicU64,

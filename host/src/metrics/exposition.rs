@@ -482,6 +482,12 @@ fn collector_families(c: &super::CollectorMetrics) -> Vec<MetricFamily> {
             vec![counter(&[], c.unacknowledged.load(Relaxed))],
         ),
         family(
+            "eddy_collector_busy_total",
+            "Posts answered 503 unread because the posts in flight held all of http.ingest_memory_mib.",
+            MetricType::COUNTER,
+            vec![counter(&[], c.busy.load(Relaxed))],
+        ),
+        family(
             "eddy_collector_requests_total",
             "Requests to POST /v1/events, per status code.",
             MetricType::COUNTER,
