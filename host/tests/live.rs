@@ -444,3 +444,55 @@ async fn the_websocket_carries_hello_records_and_status() {
     assert_eq!(refused, 400);
     host.stop().await.expect("clean stop");
 }
+
+/// The host reads only control frames and small messages from a watcher: a 1 MiB message
+/// ends that connection (tungstenite would have buffered up to 64 MiB of it, to ignore it),
+/// a small one is ignored, and the host serves the next watcher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_message_larger_than_a_few_kib_ends_the_connection() {
+    init_logs();
+    let broker = broker(PARTITIONS);
+    let bootstrap = broker.bootstrap_servers().to_string();
+    let host = Host::start(config(&config_text(&bootstrap, PARTITIONS, &echo_plugin())))
+        .await
+        .expect("host starts");
+    let url = format!(
+        "ws://{}/v1/ws?output=echo/seen&status=off",
+        host.http_addr()
+    );
+    let (b, u) = (bootstrap.clone(), url.clone());
+    let ended = tokio::task::spawn_blocking(move || {
+        let (mut socket, _) = tungstenite::connect(&u).expect("the websocket opens");
+        if let tungstenite::stream::MaybeTlsStream::Plain(tcp) = socket.get_ref() {
+            tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        }
+        assert!(matches!(socket.read(), Ok(tungstenite::Message::Text(_)))); // hello
+        // A small message is read and ignored: records keep coming.
+        socket
+            .send(tungstenite::Message::Text("hi".into()))
+            .unwrap();
+        produce(&b, TOPIC, &events(1, 0));
+        let record = socket.read().expect("a record after a small message");
+        assert!(record.to_text().unwrap().contains(r#""type":"record""#));
+        // A large one ends the connection.
+        let _ = socket.send(tungstenite::Message::Binary(vec![b'x'; 1 << 20].into()));
+        loop {
+            match socket.read() {
+                Ok(tungstenite::Message::Close(_)) => continue,
+                Ok(other) => panic!("the connection goes on after a 1 MiB message: {other:?}"),
+                Err(e) => break e,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        !matches!(ended, tungstenite::Error::Io(ref e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut),
+        "the connection was still open 30 s after the large message"
+    );
+    let again = tokio::task::spawn_blocking(move || tungstenite::connect(&url).is_ok())
+        .await
+        .unwrap();
+    assert!(again, "the next watcher is served");
+    host.stop().await.expect("clean stop");
+}

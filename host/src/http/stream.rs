@@ -34,6 +34,8 @@ use tokio::sync::watch;
 
 /// How often a client gets a `status` message.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
+/// The largest WebSocket message or frame the host reads from a watcher.
+const INBOUND_MAX: usize = 4096;
 /// How long an EventSource waits before it reconnects (sent to it with `hello`).
 const RECONNECT_AFTER: Duration = Duration::from_secs(2);
 
@@ -240,11 +242,19 @@ async fn websocket(
         Err(refused) => return refused.into_response(),
     };
     let feed = Feed::new(watcher, &ask, &shared);
-    upgrade.on_upgrade(move |socket| serve_websocket(socket, feed))
+    // The host reads nothing from a watcher but control frames: a small message or frame
+    // is all it takes, and a larger one ends the connection (tungstenite's default would
+    // buffer 64 MiB of a message that is then ignored).
+    upgrade
+        .max_message_size(INBOUND_MAX)
+        .max_frame_size(INBOUND_MAX)
+        .read_buffer_size(INBOUND_MAX)
+        .on_upgrade(move |socket| serve_websocket(socket, feed))
 }
 
 /// Sends the feed until the client leaves or the host ends it. Whatever the client sends is
-/// read (pings are answered) and otherwise ignored.
+/// read (pings are answered) and otherwise ignored; a message over [`INBOUND_MAX`] bytes
+/// ends the connection.
 async fn serve_websocket(socket: WebSocket, mut feed: Feed) {
     let (mut sink, mut incoming) = socket.split();
     let typed = |kind: &str, json: &str| format!(r#"{{"type":"{kind}",{}"#, &json[1..]);
