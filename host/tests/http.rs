@@ -187,32 +187,114 @@ fn status_line(stream: &mut std::net::TcpStream, wait: Duration) -> Option<Strin
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn open_connections_are_bounded_and_a_freed_slot_is_used() {
-    let broker = broker(PARTITIONS);
-    let bootstrap = broker.bootstrap_servers().to_string();
+/// A host with the logger plugin and `http` added to `[http]`.
+async fn logger_host(broker: &eddy::kafka::EmbeddedBroker, http: &str) -> Host {
     let plugins = format!(
         "[[plugin]]\nname = \"logger\"\npath = \"{}\"\n[plugin.outputs]\nlog = \"discard\"\n",
         wasm("eddy_logger")
     );
-    let text = config_text(&bootstrap, PARTITIONS, &plugins)
-        .replace("[http]\n", "[http]\nmax_connections = 2\n");
-    let host = Host::start(config(&text)).await.expect("host starts");
+    let text = config_text(broker.bootstrap_servers(), PARTITIONS, &plugins)
+        .replace("[http]\n", &format!("[http]\n{http}\n"));
+    Host::start(config(&text)).await.expect("host starts")
+}
+
+/// A request head, and the start of a body it never finishes: a connection busy with a
+/// request.
+fn slow_post(addr: std::net::SocketAddr) -> std::net::TcpStream {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .write_all(
+            b"POST /v1/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"us",
+        )
+        .unwrap();
+    stream
+}
+
+/// Whether the host closed `stream` (reading ends) within `wait`.
+fn closed_within(stream: &mut std::net::TcpStream, wait: Duration) -> bool {
+    let deadline = std::time::Instant::now() + wait;
+    let mut buf = [0u8; 1024];
+    while std::time::Instant::now() < deadline {
+        stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// Issue 26: ~200 silent connections left `/healthz` and `/metrics` unanswered for as long
+/// as they stayed open. A new connection now takes the place of the oldest one that has
+/// sent no whole request: with every place held by silent connections (and a head timeout
+/// of a minute, so none frees itself meanwhile), both answer at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_and_metrics_answer_while_silent_connections_hold_every_place() {
+    let broker = broker(PARTITIONS);
+    let host = logger_host(&broker, "max_connections = 4\nhead_timeout_ms = 60000").await;
     let addr = host.http_addr();
+    let metrics = host.metrics().clone();
     tokio::task::spawn_blocking(move || {
-        // Two clients connect and say nothing: they hold both slots.
-        let idle: Vec<_> = (0..2)
+        let silent: Vec<_> = (0..4)
             .map(|_| std::net::TcpStream::connect(addr).unwrap())
             .collect();
+        std::thread::sleep(Duration::from_millis(200)); // accepted, whatever the order
+        for path in ["/healthz", "/metrics", "/healthz", "/metrics"] {
+            let mut probe = std::net::TcpStream::connect(addr).unwrap();
+            write!(
+                probe,
+                "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+            )
+            .unwrap();
+            // Far less than the head timeout that would free a place on its own.
+            let line = status_line(&mut probe, Duration::from_secs(20));
+            assert!(
+                line.as_deref().is_some_and(|l| l.starts_with("HTTP/1.1 ")),
+                "{path} unanswered while silent connections hold every place: {line:?}"
+            );
+        }
+        // The first probe took a silent one's place; each later one took the place the
+        // probe before it left.
+        assert!(metrics.http_evicted.load(Relaxed) >= 1);
+        drop(silent);
+    })
+    .await
+    .unwrap();
+    let page = http_get(host.http_addr(), "/metrics").await;
+    assert!(
+        page.contains("eddy_http_connections_evicted_total "),
+        "{page}"
+    );
+    host.stop().await.unwrap();
+}
+
+/// Connections busy with a request are not evicted: with both places held by posts whose
+/// bodies are still coming, a third connection waits until one is freed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_connections_are_bounded_and_a_freed_place_is_used() {
+    let broker = broker(PARTITIONS);
+    let host = logger_host(&broker, "max_connections = 2").await;
+    let addr = host.http_addr();
+    tokio::task::spawn_blocking(move || {
+        let busy: Vec<_> = (0..2).map(|_| slow_post(addr)).collect();
+        std::thread::sleep(Duration::from_millis(200));
         // The kernel accepts a third connection into its backlog, but the host does not
-        // take it while both slots are held, so its request is not answered...
+        // serve it while both places are busy, so its request is not answered...
         let mut third = std::net::TcpStream::connect(addr).unwrap();
         third
             .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
             .unwrap();
         assert_eq!(status_line(&mut third, Duration::from_millis(700)), None);
-        // ...until a slot is freed.
-        drop(idle);
+        // ...until a place is freed.
+        drop(busy);
         let line = status_line(&mut third, Duration::from_secs(10));
         assert!(
             line.as_deref().is_some_and(|l| l.starts_with("HTTP/1.1 ")),
@@ -222,4 +304,94 @@ async fn open_connections_are_bounded_and_a_freed_slot_is_used() {
     .await
     .unwrap();
     host.stop().await.unwrap();
+}
+
+/// Issue 26: a client sending its request head a byte a second was never cut off. Now a
+/// connection has `head_timeout_ms` to send a whole head: a silent one, one that dribbles
+/// its head, and a kept-alive one idle after its response are closed; a body that does not
+/// arrive within `body_timeout_ms` is answered 408 and nothing of it is produced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_heads_silent_and_idle_connections_and_slow_bodies_are_cut_off() {
+    let broker = broker(PARTITIONS);
+    let host = logger_host(&broker, "head_timeout_ms = 1000\nbody_timeout_ms = 1000").await;
+    let addr = host.http_addr();
+    tokio::task::spawn_blocking(move || {
+        let mut silent = std::net::TcpStream::connect(addr).unwrap();
+        // A head of 120 bytes, one every 250 ms: 30 s to send it whole.
+        let mut dribbling = std::net::TcpStream::connect(addr).unwrap();
+        let head = format!(
+            "GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: {}\r\n\r\n",
+            "a".repeat(80)
+        );
+        let mut cut = false;
+        for byte in head.as_bytes() {
+            if dribbling.write_all(&[*byte]).is_err() {
+                cut = true;
+                break;
+            }
+            if closed_within(&mut dribbling, Duration::from_millis(250)) {
+                cut = true;
+                break;
+            }
+        }
+        assert!(cut, "a head sent a byte at a time was never cut off");
+        assert!(
+            closed_within(&mut silent, Duration::from_secs(30)),
+            "a silent connection stayed open"
+        );
+        // Kept alive after its answer, then idle: closed.
+        let mut idle = std::net::TcpStream::connect(addr).unwrap();
+        idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            .unwrap();
+        assert!(status_line(&mut idle, Duration::from_secs(10)).is_some());
+        assert!(
+            closed_within(&mut idle, Duration::from_secs(30)),
+            "an idle keep-alive connection stayed open"
+        );
+        // A body that stops coming.
+        let mut post = slow_post(addr);
+        let line = status_line(&mut post, Duration::from_secs(30));
+        assert_eq!(line.as_deref(), Some("HTTP/1.1 408 Request Timeout"));
+    })
+    .await
+    .unwrap();
+    let page = http_get(host.http_addr(), "/metrics").await;
+    assert!(
+        page.contains("eddy_collector_requests_total{code=\"408\"} 1"),
+        "{page}"
+    );
+    host.stop().await.unwrap();
+}
+
+/// Stopping the host never waits on a slow client: a post whose body is still coming
+/// (with timeouts far longer than the test) and a silent connection are dropped within the
+/// server's grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_host_does_not_wait_on_slow_clients() {
+    let broker = broker(PARTITIONS);
+    let host = logger_host(
+        &broker,
+        "head_timeout_ms = 600000\nbody_timeout_ms = 600000",
+    )
+    .await;
+    let addr = host.http_addr();
+    let clients = tokio::task::spawn_blocking(move || {
+        let clients = (slow_post(addr), std::net::TcpStream::connect(addr).unwrap());
+        std::thread::sleep(Duration::from_millis(200));
+        clients
+    })
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let stopped = tokio::time::timeout(Duration::from_secs(60), host.stop()).await;
+    assert!(
+        stopped.is_ok(),
+        "the host was still stopping a minute later"
+    );
+    assert!(
+        started.elapsed() < eddy::http::server::SHUTDOWN_GRACE + Duration::from_secs(15),
+        "stopping took {:?}",
+        started.elapsed()
+    );
+    drop(clients);
 }

@@ -123,7 +123,9 @@ pub struct HttpConfig {
     /// Address to listen on; port 0 picks a free port (printed at start).
     #[serde(default = "default_http_address")]
     pub address: SocketAddr,
-    /// Most connections served at once; more wait until one closes.
+    /// Most connections served at once. When all are taken, a new connection takes the place
+    /// of the oldest one that has not sent a whole request yet; if none is silent, it waits
+    /// until one closes.
     #[serde(default = "default_http_max_connections")]
     pub max_connections: usize,
     /// Most clients of the live stream (`/v1/stream`, `/v1/ws`) at once; more get 503.
@@ -138,6 +140,15 @@ pub struct HttpConfig {
     /// live-stream client that stopped reading, say).
     #[serde(default = "default_send_timeout_ms")]
     pub send_timeout_ms: u64,
+    /// Time a connection has to send a complete request head, counted from when it opens or
+    /// its previous response ended: a silent connection, a head sent a byte at a time and
+    /// an idle keep-alive connection are closed after it.
+    #[serde(default = "default_head_timeout_ms")]
+    pub head_timeout_ms: u64,
+    /// Time a client has to send the whole body of `POST /v1/events` once its head came;
+    /// after it the post is answered 408 and nothing of it is produced.
+    #[serde(default = "default_body_timeout_ms")]
+    pub body_timeout_ms: u64,
     /// The largest body `POST /v1/events` takes, in KiB; a larger one is answered 413.
     #[serde(default = "default_http_max_body_kib")]
     pub max_body_kib: usize,
@@ -200,6 +211,8 @@ impl Default for HttpConfig {
             stream_max_clients: default_stream_max_clients(),
             stream_buffer: default_stream_buffer(),
             send_timeout_ms: default_send_timeout_ms(),
+            head_timeout_ms: default_head_timeout_ms(),
+            body_timeout_ms: default_body_timeout_ms(),
             max_body_kib: default_http_max_body_kib(),
             max_events_per_post: default_http_max_events_per_post(),
             ingest_memory_mib: default_http_ingest_memory_mib(),
@@ -216,6 +229,14 @@ fn default_stream_max_clients() -> usize {
 
 fn default_stream_buffer() -> usize {
     1024
+}
+
+fn default_head_timeout_ms() -> u64 {
+    10_000
+}
+
+fn default_body_timeout_ms() -> u64 {
+    30_000
 }
 
 fn default_send_timeout_ms() -> u64 {
@@ -578,6 +599,14 @@ impl Config {
                     self.http.send_timeout_ms
                 ),
             ));
+        }
+        for (key, value) in [
+            ("http.head_timeout_ms", self.http.head_timeout_ms),
+            ("http.body_timeout_ms", self.http.body_timeout_ms),
+        ] {
+            if !(100..=600_000).contains(&value) {
+                return Err(self.invalid(key, format!("must be 100 to 600000 ms, not {value}")));
+            }
         }
         self.validate_collector()?;
         for reserved in ["group.id", "bootstrap.servers", "enable.auto.offset.store"] {

@@ -64,6 +64,8 @@ pub struct Collector {
     topic: String,
     timeout: Duration,
     max_body: usize,
+    /// How long its body may take to arrive (`[http] body_timeout_ms`).
+    body_timeout: Duration,
     /// The most events one post may hold (`[http] max_events_per_post`).
     max_events: usize,
     /// KiB of memory that posts in flight may hold together (`[http] ingest_memory_mib`):
@@ -100,6 +102,7 @@ impl Collector {
             topic: config.kafka.topic.clone(),
             timeout: Duration::from_millis(http.ingest_timeout_ms),
             max_body: http.max_body_kib << 10,
+            body_timeout: Duration::from_millis(http.body_timeout_ms),
             max_events: http.max_events_per_post,
             budget: Arc::new(Semaphore::new(http.ingest_memory_mib << 10)),
             budget_kib: http.ingest_memory_mib << 10,
@@ -304,7 +307,18 @@ impl Collector {
             Ok(permit) => permit,
             Err(busy) => return busy,
         };
-        let bytes = match axum::body::to_bytes(body, self.max_body).await {
+        let read =
+            tokio::time::timeout(self.body_timeout, axum::body::to_bytes(body, self.max_body));
+        let Ok(read) = read.await else {
+            return error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the body did not arrive whole within {} ms ([http] body_timeout_ms): nothing of it was produced",
+                    self.body_timeout.as_millis()
+                ),
+            );
+        };
+        let bytes = match read {
             Ok(b) => b,
             Err(e) if is_length_limit(&e) => return too_large(),
             Err(e) => {

@@ -1,7 +1,7 @@
-//! Accepting connections, bounded: a connection holds one of `max_connections` permits for
-//! as long as it is open, and the next accept waits for a free one (the kernel's backlog
-//! holds the rest). An accept error (EMFILE when the process is out of file descriptors, say)
-//! is logged and retried after a backoff that grows on [`Policy::ACCEPT`], never at once.
+//! Accepting connections and what each one holds: an accept error (EMFILE when the process
+//! is out of file descriptors, say) is logged and retried after a backoff that grows on
+//! [`Policy::ACCEPT`], never at once; an accepted connection ([`Permitted`]) holds one of
+//! `[http] max_connections` places for as long as it is open (see [`super::server`]).
 //!
 //! A connection whose peer takes nothing of what the host writes for `send_timeout` is
 //! closed (its writes fail with `TimedOut`): a live-stream client that stopped reading would
@@ -10,69 +10,14 @@
 use crate::retry::Policy;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-/// A TCP listener with a bound on open connections, for `axum::serve`.
-pub struct BoundedListener {
-    listener: TcpListener,
-    slots: Arc<Semaphore>,
-    send_timeout: Duration,
-    /// Connections closed because their peer stopped taking what was sent.
-    send_timeouts: Arc<AtomicU64>,
-}
-
-impl BoundedListener {
-    pub fn new(
-        listener: TcpListener,
-        max_connections: usize,
-        send_timeout: Duration,
-        send_timeouts: Arc<AtomicU64>,
-    ) -> BoundedListener {
-        BoundedListener {
-            listener,
-            slots: Arc::new(Semaphore::new(max_connections.max(1))),
-            send_timeout,
-            send_timeouts,
-        }
-    }
-}
-
-impl axum::serve::Listener for BoundedListener {
-    type Io = Permitted;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Permitted, SocketAddr) {
-        let permit = self
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
-        let (stream, addr) = accept_with_backoff(Policy::ACCEPT, || self.listener.accept()).await;
-        (
-            Permitted {
-                stream,
-                _permit: permit,
-                send_timeout: self.send_timeout,
-                stalled: None,
-                send_timeouts: self.send_timeouts.clone(),
-            },
-            addr,
-        )
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
-    }
-}
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 
 /// Calls `accept` until it succeeds. After an error it waits before the next call, longer
 /// after each error in a row (capped by `policy`); an error of the connection being accepted
@@ -107,7 +52,7 @@ fn is_connection_error(e: &io::Error) -> bool {
     )
 }
 
-/// An accepted connection and its permit, given back when the connection is dropped.
+/// An accepted connection and its place, given back when the connection is dropped.
 pub struct Permitted {
     stream: TcpStream,
     _permit: OwnedSemaphorePermit,
@@ -118,6 +63,23 @@ pub struct Permitted {
 }
 
 impl Permitted {
+    /// `stream`, holding `place`; its writes fail once the peer took nothing for
+    /// `send_timeout` (counted in `send_timeouts`).
+    pub fn new(
+        stream: TcpStream,
+        place: OwnedSemaphorePermit,
+        send_timeout: Duration,
+        send_timeouts: Arc<AtomicU64>,
+    ) -> Permitted {
+        Permitted {
+            stream,
+            _permit: place,
+            send_timeout,
+            stalled: None,
+            send_timeouts,
+        }
+    }
+
     /// Passes a write's outcome through; while it waits for the peer, fails it once it has
     /// waited `send_timeout`.
     fn deadline<T>(

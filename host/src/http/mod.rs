@@ -1,19 +1,21 @@
-//! The host's HTTP server (axum on the host's tokio runtime): `/metrics` and `/healthz`; the
-//! live stream of plugins' outputs (`/v1/stream`, `/v1/ws`: [`stream`]) and the web dashboard
-//! at `/` (`pages.rs`); the collector (`POST /v1/events`, `/tracker.js`, `/demo`:
-//! [`collector`]). Bounded: at most `[http] max_connections` connections at once (more
-//! wait in the kernel's backlog), a connection whose peer stops reading is closed after
-//! `[http] send_timeout_ms`, and the accept loop backs off after an error such as too many
-//! open files. Stops gracefully at shutdown (live streams end with a `closed` message).
+//! The host's HTTP server (axum routes, served by hyper on the host's tokio runtime):
+//! `/metrics` and `/healthz`; the live stream of plugins' outputs (`/v1/stream`, `/v1/ws`:
+//! [`stream`]) and the web dashboard at `/` (`pages.rs`); the collector (`POST /v1/events`,
+//! `/tracker.js`, `/demo`: [`collector`]). Connections are bounded and timed ([`server`]:
+//! `[http] max_connections`, a silent connection gives its place to a new one,
+//! `head_timeout_ms`; `listener.rs`: `send_timeout_ms`, accept backoff). Stops within
+//! [`server::SHUTDOWN_GRACE`] at shutdown (live streams end with a `closed` message).
 
 pub mod collector;
 pub mod health;
 mod listener;
 mod pages;
+pub mod server;
 pub mod stream;
 
 pub use health::{Health, health};
-pub use listener::{BoundedListener, accept_with_backoff};
+pub use listener::accept_with_backoff;
+pub use server::serve;
 
 use crate::live::Live;
 use crate::metrics::Metrics;
@@ -55,35 +57,6 @@ pub fn router(shared: Shared) -> Router {
         .merge(pages::routes())
         .fallback(not_found)
         .with_state(shared)
-}
-
-/// Serves `router` on `listener` until `shutdown`, then lets requests in flight finish.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    config: &crate::config::HttpConfig,
-    metrics: &Metrics,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let listener = BoundedListener::new(
-        listener,
-        config.max_connections,
-        std::time::Duration::from_millis(config.send_timeout_ms),
-        metrics.http_send_timeouts.clone(),
-    );
-    let stopping = async move {
-        while !*shutdown.borrow() {
-            if shutdown.changed().await.is_err() {
-                break;
-            }
-        }
-    };
-    if let Err(e) = axum::serve(listener, router)
-        .with_graceful_shutdown(stopping)
-        .await
-    {
-        tracing::error!("http server stopped: {e}");
-    }
 }
 
 async fn metrics_page(State(shared): State<Shared>) -> Response {

@@ -411,6 +411,12 @@ fn families(metrics: &Metrics) -> Vec<MetricFamily> {
         MetricType::COUNTER,
         vec![counter(&[], metrics.http_send_timeouts.load(Relaxed))],
     ));
+    out.push(family(
+        "eddy_http_connections_evicted_total",
+        "Connections that had sent no whole request, closed to make room for a new one (http.max_connections).",
+        MetricType::COUNTER,
+        vec![counter(&[], metrics.http_evicted.load(Relaxed))],
+    ));
     out.extend(collector_families(&metrics.collector));
     // A family with no samples (no plugins yet) is not written at all.
     out.retain(|f| !f.get_metric().is_empty());

@@ -171,6 +171,8 @@ pub struct Metrics {
     pub stream_missed: AtomicU64,
     /// Connections closed because the peer took nothing for `[http] send_timeout_ms`.
     pub http_send_timeouts: Arc<AtomicU64>,
+    /// Silent connections closed to make room for a new one (`[http] max_connections`).
+    pub http_evicted: AtomicU64,
     /// The HTTP collector's (`POST /v1/events`).
     pub collector: CollectorMetrics,
 }
