@@ -721,3 +721,44 @@ fn wait_until<T>(mut f: impl FnMut() -> Option<T>) -> T {
     });
     got.unwrap()
 }
+
+/// Issue 26: one event dated 2999 was accepted, and the dashboard's clock jumped ~973
+/// years ahead for good. The collector now refuses, per event and with the reason, an
+/// event dated further ahead of its clock than `[http] max_clock_skew_ms` (5 minutes);
+/// one a minute ahead (a browser's clock a little fast) goes through.
+#[test]
+fn an_event_dated_far_in_the_future_is_refused_with_the_reason() {
+    let h = Running::start("");
+    let url = h.url("/v1/events");
+    let at = |ms: i64| {
+        let mut e = event(0);
+        e["event_id"] = json!(format!("at-{ms}"));
+        e["timestamp"] = json!(eddy::clock::format_rfc3339_ms(ms));
+        e
+    };
+    let now = eddy::clock::now_ms();
+    let mut year_2999 = event(1);
+    year_2999["timestamp"] = json!("2999-01-01T00:00:00Z");
+    let batch = json!([year_2999, at(now + 60_000), at(now + 3_600_000), event(2)]);
+    let (status, answer, _) = post(&url, &[JSON], &batch.to_string());
+    assert_eq!(status, 200, "{answer}");
+    let ok: Vec<bool> = answer["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["ok"] == json!(true))
+        .collect();
+    assert_eq!(ok, [false, true, false, true], "{answer}");
+    let error = answer["results"][0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("ahead of the host's clock") && error.contains("max_clock_skew_ms"),
+        "{error}"
+    );
+    assert_samples(
+        &h.metrics(),
+        &[(
+            "eddy_collector_events_rejected_total{reason=\"future\"}",
+            2.0,
+        )],
+    );
+}

@@ -162,6 +162,11 @@ pub struct HttpConfig {
     /// `Retry-After`.
     #[serde(default = "default_http_ingest_memory_mib")]
     pub ingest_memory_mib: usize,
+    /// How far ahead of the host's clock an event's `timestamp` may be; a later one is
+    /// refused (per event, with the reason). A browser's clock is often off by seconds or
+    /// minutes, never by years.
+    #[serde(default = "default_http_max_clock_skew_ms")]
+    pub max_clock_skew_ms: u64,
     /// How long `POST /v1/events` waits for Kafka to acknowledge its events before it
     /// answers 503 (the client retries).
     #[serde(default = "default_http_ingest_timeout_ms")]
@@ -216,6 +221,7 @@ impl Default for HttpConfig {
             max_body_kib: default_http_max_body_kib(),
             max_events_per_post: default_http_max_events_per_post(),
             ingest_memory_mib: default_http_ingest_memory_mib(),
+            max_clock_skew_ms: default_http_max_clock_skew_ms(),
             ingest_timeout_ms: default_http_ingest_timeout_ms(),
             token: None,
             cors_origins: Vec::new(),
@@ -248,6 +254,9 @@ fn default_http_max_connections() -> usize {
 }
 fn default_http_max_events_per_post() -> usize {
     1000
+}
+fn default_http_max_clock_skew_ms() -> u64 {
+    300_000
 }
 fn default_http_ingest_memory_mib() -> usize {
     64
@@ -838,6 +847,15 @@ impl Config {
                     h.max_events_per_post,
                     largest_kib.div_ceil(1024),
                     h.ingest_memory_mib
+                ),
+            ));
+        }
+        if !(1_000..=31_536_000_000).contains(&h.max_clock_skew_ms) {
+            return Err(self.invalid(
+                "http.max_clock_skew_ms",
+                format!(
+                    "must be 1000 ms to a year (31536000000), not {}",
+                    h.max_clock_skew_ms
                 ),
             ));
         }

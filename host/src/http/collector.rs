@@ -64,6 +64,8 @@ pub struct Collector {
     topic: String,
     timeout: Duration,
     max_body: usize,
+    /// How far ahead of the host's clock an event may be dated (`[http] max_clock_skew_ms`).
+    max_skew_ms: i64,
     /// How long its body may take to arrive (`[http] body_timeout_ms`).
     body_timeout: Duration,
     /// The most events one post may hold (`[http] max_events_per_post`).
@@ -103,6 +105,7 @@ impl Collector {
             timeout: Duration::from_millis(http.ingest_timeout_ms),
             max_body: http.max_body_kib << 10,
             body_timeout: Duration::from_millis(http.body_timeout_ms),
+            max_skew_ms: http.max_clock_skew_ms as i64,
             max_events: http.max_events_per_post,
             budget: Arc::new(Semaphore::new(http.ingest_memory_mib << 10)),
             budget_kib: http.ingest_memory_mib << 10,
@@ -360,6 +363,7 @@ impl Collector {
     /// Splits `body` into events, checks each and sends the valid ones (see [`Sent`]).
     fn send<'a>(&self, body: &'a [u8], ndjson: bool) -> Result<Sent<'a>, SplitError> {
         let pieces = split(body, ndjson, self.max_events)?;
+        let now_ms = crate::clock::now_ms();
         let mut fates = Vec::with_capacity(pieces.len());
         let mut pending = Vec::new();
         // Once the producer's queue is full, the rest of the post is not sent at all.
@@ -368,7 +372,7 @@ impl Collector {
         let mut ids: Vec<Option<u64>> = Vec::with_capacity(pieces.len());
         let mut first_at: HashMap<u64, usize> = HashMap::new();
         for (i, piece) in pieces.iter().enumerate() {
-            let activity = match check(piece.bytes) {
+            let activity = match check(piece.bytes).and_then(|a| self.not_ahead(a, now_ms)) {
                 Ok(a) => a,
                 Err((reason, message)) => {
                     fates.push(Fate::Rejected(reason, message));
@@ -418,6 +422,27 @@ impl Collector {
             pending,
             ids,
         })
+    }
+
+    /// Refuses an event dated further ahead of `now_ms` than `[http] max_clock_skew_ms`:
+    /// one such event would move every plugin's event clock (windows, "active users",
+    /// expiry) ahead for good.
+    fn not_ahead<'a>(
+        &self,
+        activity: Activity<'a>,
+        now_ms: i64,
+    ) -> Result<Activity<'a>, (RejectReason, String)> {
+        match activity.time_ms() {
+            Some(t) if t > now_ms.saturating_add(self.max_skew_ms) => Err((
+                RejectReason::Future,
+                format!(
+                    "`timestamp` is {} s ahead of the host's clock, more than [http] max_clock_skew_ms ({} s) allows: fix the sender's clock",
+                    (t - now_ms) / 1000,
+                    self.max_skew_ms / 1000
+                ),
+            )),
+            _ => Ok(activity),
+        }
     }
 
     /// Waits for Kafka's verdict on every event sent, and settles the fate of each.

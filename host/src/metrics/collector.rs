@@ -17,14 +17,17 @@ pub enum RejectReason {
     Schema,
     /// Kafka refused it for good (larger than the topic takes, say).
     Kafka,
+    /// Dated further ahead of the host's clock than `[http] max_clock_skew_ms`.
+    Future,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 4] = [
+    pub const ALL: [RejectReason; 5] = [
         RejectReason::Json,
         RejectReason::NotObject,
         RejectReason::Schema,
         RejectReason::Kafka,
+        RejectReason::Future,
     ];
 
     pub fn label(self) -> &'static str {
@@ -33,6 +36,7 @@ impl RejectReason {
             RejectReason::NotObject => "not_object",
             RejectReason::Schema => "schema",
             RejectReason::Kafka => "kafka",
+            RejectReason::Future => "future",
         }
     }
 }
@@ -48,7 +52,7 @@ pub struct CollectorMetrics {
     pub accepted: AtomicU64,
     /// Events whose `event_id` Kafka had acknowledged before: answered ok, not written again.
     pub duplicates: AtomicU64,
-    pub(crate) rejected: [AtomicU64; 4],
+    pub(crate) rejected: [AtomicU64; RejectReason::ALL.len()],
     /// Events not acknowledged in time (or not sent: the producer's queue was full): the
     /// client was answered 503 and must send them again.
     pub unacknowledged: AtomicU64,
