@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// A running host. Stop it with [`Host::stop`].
 pub struct Host {
@@ -119,14 +119,26 @@ impl Host {
         let (http_shutdown, http_shutdown_rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
         let collector = http::collector::Collector::new(&config, &client, metrics.clone())?;
+        let access = Arc::new(http::guard::Access::new(&config.http, http_addr)?);
+        if access.outputs_open() && !http_addr.ip().is_loopback() {
+            warn!(
+                "http: listening on {http_addr} with no [http] read_token: every plugin's output (/v1/stream, /v1/ws, the dashboard's data) is readable by anyone who reaches this address. Set read_token (or {}) unless a proxy in front guards it",
+                http::guard::READ_TOKEN_ENV
+            );
+        }
         let router = http::router(http::Shared {
             metrics: metrics.clone(),
             live: live.clone(),
             shutdown: http_shutdown_rx.clone(),
+            access: access.clone(),
         })
         .merge(http::collector::router(
             collector,
             &config.http.cors_origins,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            access,
+            http::guard::host_check,
         ));
         let (http_config, http_metrics) = (config.http.clone(), metrics.clone());
         let mut http = JoinSet::new();

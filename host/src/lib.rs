@@ -27,9 +27,9 @@
 //!   a batch, run it (isolating failing events), deliver, commit, store offsets; its breaker.
 //! - [`supervisor`]: the running set of plugins: loading, hot reload, file watching.
 //! - [`http`]: the HTTP server (axum routes, hyper connections bounded and timed in
-//!   `server.rs`): `/metrics`, `/healthz`, the live stream (`/v1/stream`, `/v1/ws`), the web
-//!   dashboard at `/`, and the collector (`POST /v1/events` into the topic, `/tracker.js`,
-//!   `/demo`) (their files in `host/web/`).
+//!   `server.rs`, who may read what in `guard.rs`): `/metrics`, `/healthz`, the live stream
+//!   (`/v1/stream`, `/v1/ws`), the web dashboard at `/`, and the collector
+//!   (`POST /v1/events` into the topic, `/tracker.js`, `/demo`) (their files in `host/web/`).
 //! - [`ops`]: `eddy state`, `eddy reset`, `eddy replay`.
 //! - [`generator`]: realistic user-activity traffic (`eddy produce`, the in-process generator).
 //! - `host.rs`: [`Host::start`] wires these together; [`run`] is start, wait for shutdown,

@@ -478,3 +478,68 @@ fn is_live(page: &Value) -> bool {
         .as_str()
         .is_some_and(|c| c.starts_with("live"))
 }
+
+/// Issue 26: with `[http] read_token` set, the dashboard page asks for it once: a wrong
+/// token is said to be wrong, the right one signs the browser session in (an HttpOnly
+/// cookie the page's script cannot read, no token in any URL) and the figures come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_asks_for_the_read_token_once_and_then_shows_the_figures() {
+    init_logs();
+    let port = free_port();
+    let mut config = host_config(port);
+    config.http.read_token = Some("r3ad-only".into());
+    let host = Host::start(config).await.expect("host starts");
+    let url = format!("http://127.0.0.1:{port}/");
+    tokio::task::spawn_blocking(move || {
+        let browser = Browser::start();
+        browser.open(&url);
+        let asked = |b: &Browser| {
+            b.eval("return !document.getElementById('signin').hidden") == Value::Bool(true)
+        };
+        wait_for(
+            Duration::from_secs(60),
+            "the page to ask for the token",
+            || asked(&browser),
+        );
+        let sign_in = |token: &str| {
+            browser.eval(&format!(
+                "document.getElementById('signin-token').value = {}; return true",
+                Value::from(token)
+            ));
+            browser.click("#signin button", 0);
+        };
+        sign_in("wrong");
+        wait_for(
+            Duration::from_secs(30),
+            "the page to say the token is wrong",
+            || {
+                browser.eval("return document.getElementById('signin-error').textContent")
+                    == "wrong token"
+            },
+        );
+        sign_in("r3ad-only");
+        let page = browser.wait(
+            Duration::from_secs(60),
+            "live figures once signed in",
+            |p| {
+                is_live(p)
+                    && p["active_users"]
+                        .as_str()
+                        .is_some_and(|s| s.parse::<u64>().is_ok_and(|n| n > 0))
+            },
+        );
+        assert!(!asked(&browser), "the form is gone: {page}");
+        let seen = browser.eval("return [document.cookie, location.href]");
+        assert_eq!(
+            seen[0], "",
+            "the page's script cannot read the session cookie"
+        );
+        assert!(
+            !seen[1].as_str().unwrap().contains("r3ad-only"),
+            "no token in the URL: {seen}"
+        );
+    })
+    .await
+    .unwrap();
+    host.stop().await.expect("clean stop");
+}

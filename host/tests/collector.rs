@@ -417,7 +417,7 @@ fn size_limit_token_and_cors() {
     let chunk = format!("{:x}\r\n{big}\r\n0\r\n\r\n", big.len());
     write!(
         s,
-        "POST /v1/events HTTP/1.1\r\nhost: x\r\nauthorization: Bearer s3cret\r\n\
+        "POST /v1/events HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer s3cret\r\n\
          transfer-encoding: chunked\r\nconnection: close\r\n\r\n{chunk}"
     )
     .unwrap();
@@ -679,7 +679,7 @@ fn past_the_memory_of_posts_in_flight_a_post_is_told_to_come_back() {
     let length = 1 << 20;
     write!(
         slow,
-        "POST /v1/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {length}\r\n\r\n{first}"
+        "POST /v1/events HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {length}\r\n\r\n{first}"
     )
     .unwrap();
     // Once the slow post holds its room, a second one is turned away.

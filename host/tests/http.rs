@@ -204,7 +204,7 @@ fn slow_post(addr: std::net::SocketAddr) -> std::net::TcpStream {
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     stream
         .write_all(
-            b"POST /v1/events HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"us",
+            b"POST /v1/events HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{\"us",
         )
         .unwrap();
     stream
@@ -251,7 +251,7 @@ async fn healthz_and_metrics_answer_while_silent_connections_hold_every_place() 
             let mut probe = std::net::TcpStream::connect(addr).unwrap();
             write!(
                 probe,
-                "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+                "GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n"
             )
             .unwrap();
             // Far less than the head timeout that would free a place on its own.
@@ -290,7 +290,7 @@ async fn busy_connections_are_bounded_and_a_freed_place_is_used() {
         // serve it while both places are busy, so its request is not answered...
         let mut third = std::net::TcpStream::connect(addr).unwrap();
         third
-            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n")
             .unwrap();
         assert_eq!(status_line(&mut third, Duration::from_millis(700)), None);
         // ...until a place is freed.
@@ -320,7 +320,7 @@ async fn slow_heads_silent_and_idle_connections_and_slow_bodies_are_cut_off() {
         // A head of 120 bytes, one every 250 ms: 30 s to send it whole.
         let mut dribbling = std::net::TcpStream::connect(addr).unwrap();
         let head = format!(
-            "GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: {}\r\n\r\n",
+            "GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\nx-pad: {}\r\n\r\n",
             "a".repeat(80)
         );
         let mut cut = false;
@@ -341,7 +341,7 @@ async fn slow_heads_silent_and_idle_connections_and_slow_bodies_are_cut_off() {
         );
         // Kept alive after its answer, then idle: closed.
         let mut idle = std::net::TcpStream::connect(addr).unwrap();
-        idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        idle.write_all(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
             .unwrap();
         assert!(status_line(&mut idle, Duration::from_secs(10)).is_some());
         assert!(

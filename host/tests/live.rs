@@ -229,7 +229,7 @@ async fn a_client_that_stops_reading_is_disconnected_without_slowing_the_plugin_
     socket.set_recv_buffer_size(4096).unwrap();
     let mut stalled = socket.connect(addr).await.unwrap();
     stalled
-        .write_all(b"GET /v1/stream?output=echo&status=off HTTP/1.1\r\nhost: x\r\n\r\n")
+        .write_all(b"GET /v1/stream?output=echo&status=off HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
         .await
         .unwrap();
     let reader = Sse::connect(format!("http://{addr}/v1/stream?output=echo/seen"));
@@ -494,5 +494,146 @@ async fn a_websocket_message_larger_than_a_few_kib_ends_the_connection() {
         .await
         .unwrap();
     assert!(again, "the next watcher is served");
+    host.stop().await.expect("clean stop");
+}
+
+/// The head of the answer to `request` (sent as is), read until its blank line.
+fn answer_head(addr: std::net::SocketAddr, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Issue 26: `GET /v1/stream` without the token streamed every plugin's output, and the
+/// ingest token (public: it sits in web pages) could not guard it anyway. With a read token
+/// set, the stream, the WebSocket and the list of outputs need it (as a bearer header, or
+/// the session cookie `POST /v1/login` sets for the dashboard page); the ingest token does
+/// not open them, and posting events still takes only the ingest token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_the_outputs_needs_the_read_token_not_the_ingest_token() {
+    init_logs();
+    let broker = broker(PARTITIONS);
+    let bootstrap = broker.bootstrap_servers().to_string();
+    let text = config_text(&bootstrap, PARTITIONS, &echo_plugin()).replace(
+        "[http]\n",
+        "[http]\ntoken = \"ingest\"\nread_token = \"r3ad/er+\"\n",
+    );
+    let host = Host::start(config(&text)).await.expect("host starts");
+    let addr = host.http_addr();
+    tokio::task::spawn_blocking(move || {
+        let get = |path: &str, extra: &str| {
+            answer_head(
+                addr,
+                &format!("GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n{extra}\r\n"),
+            )
+        };
+        for path in ["/v1/stream", "/v1/outputs"] {
+            for (extra, status) in [
+                ("", "401"),
+                ("authorization: Bearer ingest\r\n", "401"),
+                ("authorization: Bearer r3ad/er+\r\n", "200"),
+            ] {
+                let head = get(path, extra);
+                assert!(
+                    head.starts_with(&format!("HTTP/1.1 {status}")),
+                    "{path} with {extra:?}: {head}"
+                );
+            }
+        }
+        // The WebSocket too.
+        let ws = |extra: &str| {
+            answer_head(
+                addr,
+                &format!(
+                    "GET /v1/ws HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+                ),
+            )
+        };
+        assert!(ws("").starts_with("HTTP/1.1 401"));
+        assert!(ws("authorization: Bearer r3ad/er+\r\n").starts_with("HTTP/1.1 101"));
+        // The dashboard page signs in once: an HttpOnly, SameSite=Strict cookie for /v1.
+        let wrong = answer_head(
+            addr,
+            "POST /v1/login HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer ingest\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        );
+        assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");
+        let login = answer_head(
+            addr,
+            "POST /v1/login HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer r3ad/er+\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+        );
+        assert!(login.starts_with("HTTP/1.1 204"), "{login}");
+        let cookie = login
+            .lines()
+            .find_map(|l| l.strip_prefix("set-cookie: "))
+            .expect("a cookie");
+        assert!(
+            cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict") && cookie.contains("Path=/v1"),
+            "{cookie}"
+        );
+        let value = cookie.split(';').next().unwrap();
+        assert!(get("/v1/stream", &format!("cookie: {value}\r\n")).starts_with("HTTP/1.1 200"));
+        // Posting events takes the ingest token alone.
+        let post = answer_head(
+            addr,
+            "POST /v1/events HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer ingest\r\ncontent-type: application/json\r\ncontent-length: 43\r\nconnection: close\r\n\r\n{\"user_id\":\"u1\",\"event_type\":\"page_view\"}\n\n",
+        );
+        assert!(post.starts_with("HTTP/1.1 200"), "{post}");
+    })
+    .await
+    .unwrap();
+    host.stop().await.expect("clean stop");
+}
+
+/// A page of another site cannot open the WebSocket (WebSockets have no CORS: any page a
+/// user visits could otherwise read a host on their loopback), and a host bound to loopback
+/// does not answer requests naming another host (DNS rebinding).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_from_another_site_and_a_foreign_host_name_are_refused() {
+    init_logs();
+    let broker = broker(PARTITIONS);
+    let bootstrap = broker.bootstrap_servers().to_string();
+    let host = Host::start(config(&config_text(&bootstrap, PARTITIONS, &echo_plugin())))
+        .await
+        .expect("host starts");
+    let addr = host.http_addr();
+    tokio::task::spawn_blocking(move || {
+        let ws = |host: &str, origin: &str| {
+            answer_head(
+                addr,
+                &format!(
+                    "GET /v1/ws HTTP/1.1\r\nhost: {host}\r\norigin: {origin}\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+                ),
+            )
+        };
+        let own = format!("127.0.0.1:{}", addr.port());
+        let refused = ws(&own, "http://evil.example");
+        assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+        let allowed = ws(&own, &format!("http://{own}"));
+        assert!(allowed.starts_with("HTTP/1.1 101"), "{allowed}");
+        let rebound = answer_head(
+            addr,
+            &format!("GET /v1/outputs HTTP/1.1\r\nhost: evil.example:{}\r\nconnection: close\r\n\r\n", addr.port()),
+        );
+        assert!(rebound.starts_with("HTTP/1.1 403"), "{rebound}");
+        let local = answer_head(
+            addr,
+            &format!("GET /v1/outputs HTTP/1.1\r\nhost: localhost:{}\r\nconnection: close\r\n\r\n", addr.port()),
+        );
+        assert!(local.starts_with("HTTP/1.1 200"), "{local}");
+    })
+    .await
+    .unwrap();
     host.stop().await.expect("clean stop");
 }

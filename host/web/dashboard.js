@@ -161,8 +161,13 @@ function showStatus(st) {
   body.replaceChildren(...rows);
 }
 
+// The host has a read token and this browser session has not signed in (or its cookie
+// is no longer the host's token).
+class SignInNeeded extends Error {}
+
 async function outputsToWatch() {
   const response = await fetch("/v1/outputs", { cache: "no-store" });
+  if (response.status === 401) throw new SignInNeeded();
   if (!response.ok) throw new Error("HTTP " + response.status);
   const outputs = await response.json();
   return outputs.filter((o) => o === "dashboard/summary" || /alert/.test(o.split("/")[1]));
@@ -185,6 +190,10 @@ async function connect() {
   try {
     outputs = await outputsToWatch();
   } catch (e) {
+    if (e instanceof SignInNeeded) {
+      askForToken();
+      return;
+    }
     scheduleReconnect();
     return;
   }
@@ -220,6 +229,38 @@ async function connect() {
   es.addEventListener("closed", () => scheduleReconnect());
   es.onerror = () => scheduleReconnect();
 }
+
+// Signing in: the token goes once, in a header, to POST /v1/login, which answers with an
+// HttpOnly cookie for this browser session. The page keeps no copy, and the token never
+// goes in a URL.
+function askForToken() {
+  setConnection("waiting", "sign in");
+  $("signin").hidden = false;
+  $("signin-token").focus();
+}
+
+$("signin").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const input = $("signin-token");
+  let response;
+  try {
+    response = await fetch("/v1/login", {
+      method: "POST",
+      headers: { Authorization: "Bearer " + input.value },
+    });
+  } catch (err) {
+    text($("signin-error"), "the host is unreachable");
+    return;
+  }
+  if (response.status !== 204) {
+    text($("signin-error"), response.status === 401 ? "wrong token" : "HTTP " + response.status);
+    return;
+  }
+  input.value = "";
+  text($("signin-error"), "");
+  $("signin").hidden = true;
+  connect();
+});
 
 setInterval(() => {
   if (source && lastMessageAt && Date.now() - lastMessageAt > STALE_AFTER_MS) scheduleReconnect();

@@ -176,6 +176,17 @@ pub struct HttpConfig {
     /// `/demo` stay open.
     #[serde(default)]
     pub token: Option<String>,
+    /// The bearer token that reading the outputs requires (`/v1/stream`, `/v1/ws`,
+    /// `/v1/outputs`, the dashboard's data; `EDDY_HTTP_READ_TOKEN` overrides it). Not the
+    /// ingest token, which sits in public pages. None: anyone who reaches the address reads
+    /// every plugin's output (said loudly at start unless bound to loopback).
+    #[serde(default)]
+    pub read_token: Option<String>,
+    /// Host names requests may name (`Host`), against DNS rebinding: bound to loopback,
+    /// `localhost` and the loopback addresses are allowed, and these too; bound elsewhere,
+    /// only these when any are set.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
     /// Origins whose pages may post to `/v1/events` (CORS), e.g. `["https://shop.example"]`,
     /// or `["*"]` for any. Empty: only pages served by the host itself.
     #[serde(default)]
@@ -224,6 +235,8 @@ impl Default for HttpConfig {
             max_clock_skew_ms: default_http_max_clock_skew_ms(),
             ingest_timeout_ms: default_http_ingest_timeout_ms(),
             token: None,
+            read_token: None,
+            allowed_hosts: Vec::new(),
             cors_origins: Vec::new(),
         }
     }
@@ -872,6 +885,33 @@ impl Config {
                 "http.token",
                 "must be 1 to 4096 printable ASCII characters without spaces (leave it out for no token)",
             ));
+        }
+        if let Some(t) = &h.read_token {
+            if !valid_token(t) {
+                return Err(self.invalid(
+                    "http.read_token",
+                    "must be 1 to 4096 printable ASCII characters without spaces (leave it out for no read token)",
+                ));
+            }
+            if h.token.as_deref() == Some(t.as_str()) {
+                return Err(self.invalid(
+                    "http.read_token",
+                    "must differ from http.token: the ingest token sits in public web pages, the read token guards every plugin's output",
+                ));
+            }
+        }
+        for (i, name) in h.allowed_hosts.iter().enumerate() {
+            let ok = !name.is_empty()
+                && name.len() <= 253
+                && name.bytes().all(|b| {
+                    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':')
+                });
+            if !ok {
+                return Err(self.invalid(
+                    format!("http.allowed_hosts[{i}]"),
+                    format!("`{name}` is not a host name like \"eddy.example\" (no scheme, port or path)"),
+                ));
+            }
         }
         for (i, origin) in h.cors_origins.iter().enumerate() {
             if origin == "*" {

@@ -16,6 +16,7 @@
 //! the client's retry), and a queue of its own, so a flood of posts never fills the queue the
 //! plugins' outputs wait on, nor the other way round.
 
+use super::guard::same;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::metrics::collector::RejectReason;
@@ -615,11 +616,6 @@ fn authorized(headers: &HeaderMap, uri: &Uri, token: &str) -> bool {
         .map(|v| percent_encoding::percent_decode_str(v).collect::<Vec<u8>>());
     bearer.is_some_and(|given| same(given.as_bytes(), token.as_bytes()))
         || query.is_some_and(|given| same(&given, token.as_bytes()))
-}
-
-/// Compares in time that depends on the lengths only, not on where the bytes differ.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Whether reading a body failed on `to_bytes`'s limit (the error's text is all axum lets

@@ -7,6 +7,7 @@
 //! [`server::SHUTDOWN_GRACE`] at shutdown (live streams end with a `closed` message).
 
 pub mod collector;
+pub mod guard;
 pub mod health;
 mod listener;
 mod pages;
@@ -46,6 +47,8 @@ pub struct Shared {
     pub live: Arc<Live>,
     /// Becomes true when the host stops: long-lived responses (live streams) end then.
     pub shutdown: watch::Receiver<bool>,
+    /// Who may read the outputs.
+    pub access: Arc<guard::Access>,
 }
 
 /// The routes.

@@ -23,7 +23,7 @@ use crate::live::{Next, WatchError, Watcher};
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{RawQuery, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -44,9 +44,17 @@ pub fn routes() -> Router<Shared> {
         .route("/v1/stream", get(sse))
         .route("/v1/ws", get(websocket))
         .route("/v1/outputs", get(outputs))
+        .route("/v1/login", axum::routing::post(login))
 }
 
-async fn outputs(State(shared): State<Shared>) -> Response {
+async fn login(State(shared): State<Shared>, headers: HeaderMap) -> Response {
+    super::guard::login(&shared.access, &headers)
+}
+
+async fn outputs(State(shared): State<Shared>, headers: HeaderMap) -> Response {
+    if let Err(denied) = shared.access.check_read(&headers) {
+        return denied.into_response();
+    }
     (
         [(header::CONTENT_TYPE, "application/json")],
         serde_json::Value::from(shared.live.known_outputs()).to_string() + "\n",
@@ -102,6 +110,8 @@ fn parse_query(query: Option<&str>) -> Result<Ask, String> {
 /// Why a request for the stream was refused.
 #[derive(Debug, thiserror::Error)]
 enum Refused {
+    #[error(transparent)]
+    Denied(#[from] super::guard::Denied),
     #[error("{0}")]
     Query(String),
     #[error(transparent)]
@@ -112,6 +122,7 @@ impl IntoResponse for Refused {
     fn into_response(self) -> Response {
         let body = self.to_string() + "\n";
         match self {
+            Refused::Denied(denied) => denied.into_response(),
             Refused::Watch(WatchError::Full(_) | WatchError::Off) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 [(header::RETRY_AFTER, "5")],
@@ -123,8 +134,13 @@ impl IntoResponse for Refused {
     }
 }
 
-/// The watcher a request asked for.
-fn start(shared: &Shared, query: Option<&str>) -> Result<(Watcher, Ask), Refused> {
+/// The watcher a request asked for, if it may read the outputs.
+fn start(
+    shared: &Shared,
+    headers: &HeaderMap,
+    query: Option<&str>,
+) -> Result<(Watcher, Ask), Refused> {
+    shared.access.check_read(headers)?;
     let ask = parse_query(query).map_err(Refused::Query)?;
     let watcher = shared.live.watch(ask.outputs.clone())?;
     Ok((watcher, ask))
@@ -203,8 +219,12 @@ fn status(shared: &Shared) -> String {
     .to_string()
 }
 
-async fn sse(State(shared): State<Shared>, RawQuery(query): RawQuery) -> Response {
-    let (watcher, ask) = match start(&shared, query.as_deref()) {
+async fn sse(
+    State(shared): State<Shared>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let (watcher, ask) = match start(&shared, &headers, query.as_deref()) {
         Ok(started) => started,
         Err(refused) => return refused.into_response(),
     };
@@ -235,9 +255,13 @@ async fn sse(State(shared): State<Shared>, RawQuery(query): RawQuery) -> Respons
 async fn websocket(
     State(shared): State<Shared>,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
     upgrade: WebSocketUpgrade,
 ) -> Response {
-    let (watcher, ask) = match start(&shared, query.as_deref()) {
+    if let Err(denied) = shared.access.check_origin(&headers) {
+        return denied.into_response();
+    }
+    let (watcher, ask) = match start(&shared, &headers, query.as_deref()) {
         Ok(started) => started,
         Err(refused) => return refused.into_response(),
     };
