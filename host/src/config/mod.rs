@@ -10,8 +10,8 @@ mod postgres;
 
 pub use outputs::OutputTarget;
 pub use plugin::{
-    BreakerPolicy, Expire, ExpireClock, ExpireRule, Limits, MAX_BREAKER_PAUSE_MS, PluginConfig,
-    StartFrom,
+    BreakerPolicy, DEFAULT_EVENT_CLOCK_MAX_AHEAD_MS, Expire, ExpireClock, ExpireRule, Limits,
+    MAX_BREAKER_PAUSE_MS, PluginConfig, StartFrom,
 };
 pub use postgres::{DeadLetterTable, PostgresConfig, TableTarget, WriteMode, tls_refusal};
 
@@ -746,6 +746,9 @@ impl Config {
                         MAX_RETRY_WAIT.as_secs()
                     ),
                 ));
+            }
+            if let Err(message) = p.expire.max_ahead_ms() {
+                return Err(self.invalid(at("expire.max_ahead"), message));
             }
             if let Err((prefix, message)) = p.expire.rules() {
                 return Err(self.invalid(at(&format!("expire.after.\"{prefix}\"")), message));

@@ -122,7 +122,15 @@ pub struct Expire {
     /// `"24h"`, `"7d"` (at least 1 s).
     #[serde(default)]
     pub after: BTreeMap<String, String>,
+    /// With the event clock: how far ahead of the host's clock it may run, whatever a
+    /// record's timestamp says (`"5m"` if not set). One record stamped in microseconds or in
+    /// the year 2999 would otherwise expire every key at once and stop expiry for good.
+    #[serde(default)]
+    pub max_ahead: Option<String>,
 }
+
+/// How far the event clock may run ahead of the host's clock unless `max_ahead` says.
+pub const DEFAULT_EVENT_CLOCK_MAX_AHEAD_MS: i64 = 5 * 60_000;
 
 /// The clock `[plugin.expire]` measures by.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -146,6 +154,13 @@ pub struct ExpireRule {
 impl Expire {
     /// The rules, longest prefix first (the first that matches a key decides), or what is
     /// wrong with one: `(prefix, message)`.
+    /// `max_ahead` in milliseconds, or what is wrong with it.
+    pub fn max_ahead_ms(&self) -> Result<i64, String> {
+        self.max_ahead
+            .as_deref()
+            .map_or(Ok(DEFAULT_EVENT_CLOCK_MAX_AHEAD_MS), parse_duration)
+    }
+
     pub fn rules(&self) -> Result<Vec<ExpireRule>, (String, String)> {
         let mut rules = Vec::with_capacity(self.after.len());
         for (prefix, text) in &self.after {

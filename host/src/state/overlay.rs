@@ -69,6 +69,8 @@ pub struct PluginState {
     /// Expiry: the rules (longest prefix first) and their clock.
     rules: Vec<ExpireRule>,
     clock: ExpireClock,
+    /// How far the event clock may run ahead of the host's clock.
+    max_ahead_ms: i64,
     /// When each expiring committed key expires, and the same ordered by time.
     expires: BTreeMap<String, i64>,
     due: BTreeSet<(i64, String)>,
@@ -106,6 +108,7 @@ impl PluginState {
             unsynced_meta: BTreeMap::new(),
             rules: Vec::new(),
             clock: ExpireClock::default(),
+            max_ahead_ms: crate::config::DEFAULT_EVENT_CLOCK_MAX_AHEAD_MS,
             expires: BTreeMap::new(),
             due: BTreeSet::new(),
             event_time: i64::MIN,
@@ -141,10 +144,12 @@ impl PluginState {
         Ok(state)
     }
 
-    /// Sets the `[plugin.expire]` rules (at load and on every swap). Keys written before keep
-    /// the expiry they had until they are written again.
-    pub fn set_expiry(&mut self, clock: ExpireClock, rules: Vec<ExpireRule>) {
+    /// Sets the `[plugin.expire]` rules (at load and on every swap), and how far ahead of
+    /// the host's clock the event clock may run. Keys written before keep the expiry they
+    /// had until they are written again.
+    pub fn set_expiry(&mut self, clock: ExpireClock, max_ahead_ms: i64, rules: Vec<ExpireRule>) {
         self.clock = clock;
+        self.max_ahead_ms = max_ahead_ms;
         self.rules = rules;
     }
 
@@ -168,10 +173,15 @@ impl PluginState {
         self.expires.len()
     }
 
-    /// The expiry clock's reading for the commit in progress.
+    /// The expiry clock's reading for the commit in progress. The event clock never runs
+    /// more than `max_ahead_ms` ahead of the host's, whatever a record's timestamp said (a
+    /// reading saved before that held is brought back too).
     fn clock_now(&self) -> i64 {
         match self.clock {
-            ExpireClock::Event => self.event_time.max(self.batch_event_time),
+            ExpireClock::Event => self
+                .event_time
+                .max(self.batch_event_time)
+                .min(crate::clock::now_ms().saturating_add(self.max_ahead_ms)),
             ExpireClock::Host => crate::clock::now_ms(),
         }
     }
@@ -379,10 +389,7 @@ impl PluginState {
         let changed = self.expire_and_schedule(now);
         let event_time = now.to_string();
         let mut meta = meta.to_vec();
-        if !self.rules.is_empty()
-            && self.clock == ExpireClock::Event
-            && self.batch_event_time > self.event_time
-        {
+        if !self.rules.is_empty() && self.clock == ExpireClock::Event && now != self.event_time {
             meta.push((META_EVENT_TIME, &event_time));
         }
         let meta = meta.as_slice();
@@ -462,7 +469,9 @@ impl PluginState {
             }
         }
         self.apply_expiries(changed, now);
-        self.event_time = self.event_time.max(self.batch_event_time);
+        if self.clock == ExpireClock::Event {
+            self.event_time = now;
+        }
         self.batch_event_time = i64::MIN;
         self.committed_bytes += std::mem::take(&mut self.batch_delta);
         self.offsets
@@ -617,6 +626,48 @@ mod tests {
         assert_eq!(s.bytes(), 2);
     }
 
+    const AHEAD: i64 = crate::config::DEFAULT_EVENT_CLOCK_MAX_AHEAD_MS;
+
+    /// Issue 26: one record stamped in the year 2999 (or in microseconds) took the event
+    /// clock there: every expiring key went at the next commit, and the clock stayed, so no
+    /// key written afterwards expired on time. The clock now stops at the host's clock plus
+    /// `max_ahead`: keys due later than that stay, and expiry goes on as time passes.
+    #[test]
+    fn a_record_from_the_far_future_moves_the_event_clock_no_further_than_max_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = crate::state::path_for(dir.path(), "p");
+        let open = || {
+            let mut s =
+                PluginState::durable(StateStore::open(&path, "p").unwrap(), 1 << 20).unwrap();
+            s.set_expiry(ExpireClock::Event, 60_000, rules(&[("u:", 3600)]));
+            s
+        };
+        let now = crate::clock::now_ms();
+        let mut s = open();
+        // Written a minute ago by event time: due in 59 minutes.
+        s.saw_event_time(now - 60_000);
+        s.set_many(vec![kv("u:1", "x")]).unwrap();
+        s.commit_batch(&Offsets::new(), &[], Durability::Immediate)
+            .unwrap();
+        // One record from 2999, then one stamped in microseconds.
+        for t in [32_472_144_000_000, now * 1000] {
+            s.saw_event_time(t);
+            s.commit_batch(&Offsets::new(), &[], Durability::Immediate)
+                .unwrap();
+            assert_eq!(s.get("u:1"), Some(b"x".to_vec()), "not due for 59 minutes");
+            assert!(s.clock_now() <= crate::clock::now_ms() + 60_000);
+        }
+        // Saved as the clock stood, not as the record said: a restart keeps the bound.
+        drop(s);
+        let s = open();
+        assert!(
+            s.event_time <= crate::clock::now_ms() + 60_000,
+            "{}",
+            s.event_time
+        );
+        assert_eq!(s.get("u:1"), Some(b"x".to_vec()));
+    }
+
     fn rules(rules: &[(&str, i64)]) -> Vec<ExpireRule> {
         let mut expire = crate::config::Expire::default();
         for (prefix, secs) in rules {
@@ -638,6 +689,7 @@ mod tests {
         let mut s = state();
         s.set_expiry(
             ExpireClock::Event,
+            AHEAD,
             rules(&[("recent:", 60), ("recent:vip:", 600)]),
         );
         batch_at(
@@ -673,7 +725,7 @@ mod tests {
         let path = crate::state::path_for(dir.path(), "p");
         let open = || {
             let mut s = PluginState::durable(StateStore::open(&path, "p").unwrap(), 40).unwrap();
-            s.set_expiry(ExpireClock::Event, rules(&[("u:", 10)]));
+            s.set_expiry(ExpireClock::Event, AHEAD, rules(&[("u:", 10)]));
             s
         };
         let mut s = open();
@@ -713,7 +765,7 @@ mod tests {
             failing: failing.clone(),
         };
         let mut s = PluginState::durable(store, 1 << 20).unwrap();
-        s.set_expiry(ExpireClock::Event, rules(&[("u:", 10)]));
+        s.set_expiry(ExpireClock::Event, AHEAD, rules(&[("u:", 10)]));
         batch_at(&mut s, 100, &[("u:1", "x")], Durability::Immediate);
         failing.store(true, std::sync::atomic::Ordering::Relaxed);
         s.saw_event_time(200_000);

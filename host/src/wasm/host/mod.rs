@@ -37,7 +37,8 @@ pub struct HostState {
 impl HostState {
     pub fn new(plugin: &PluginConfig, mut state: PluginState) -> HostState {
         let rules = plugin.expire.rules().unwrap_or_default();
-        state.set_expiry(plugin.expire.clock, rules);
+        let max_ahead = plugin.expire.max_ahead_ms().unwrap_or_default();
+        state.set_expiry(plugin.expire.clock, max_ahead, rules);
         HostState {
             plugin: plugin.name.as_str().into(),
             state,
@@ -71,7 +72,8 @@ impl HostState {
     /// `plugins.toml` was read.
     pub(crate) fn set_expiry(&mut self, expire: &crate::config::Expire) {
         let rules = expire.rules().unwrap_or_default();
-        self.state.set_expiry(expire.clock, rules);
+        let max_ahead = expire.max_ahead_ms().unwrap_or_default();
+        self.state.set_expiry(expire.clock, max_ahead, rules);
     }
 }
 
