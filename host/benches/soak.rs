@@ -45,13 +45,13 @@ fn config_text(rate: u64) -> String {
     let plugins = common::plugins_dir();
     let plugins_section = &shipped[shipped.find("[[plugin]]").expect("plugins")..];
     // Event time runs hours ahead of the host's clock here on purpose (hours of traffic in
-    // minutes): let the expiry's event clock follow it.
+    // minutes): let the plugins believe it.
     let plugins_section = plugins_section
         .replace(
             "target/wasm32-wasip2/plugin/",
             &format!("{}/", plugins.display()),
         )
-        .replace("[plugin.expire]\n", "[plugin.expire]\nmax_ahead = \"365d\"\n");
+        .replace("[[plugin]]\n", "[[plugin]]\nmax_ahead = \"365d\"\n");
     format!(
         "[kafka]\nbrokers = \"embedded\"\ntopic = \"user-activities\"\npartitions = 6\n\
          [http]\naddress = \"127.0.0.1:0\"\n[reload]\nwatch = false\n\

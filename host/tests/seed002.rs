@@ -1,6 +1,8 @@
 //! Seed 002's dashboard and behaviour analyzer in the real host (issue 17): the generator's
 //! seeded traffic through both plugins, and their figures checked against the same figures
-//! computed here, independently, from the produced events.
+//! computed here, independently, from the produced events. One more event, dated in the
+//! year 2999 and produced straight to Kafka (issue 26), must change none of them: each
+//! plugin dead-letters it, and no clock or window moves.
 
 mod common;
 
@@ -27,7 +29,21 @@ async fn dashboard_and_behaviour_figures_match_the_events() {
     let bootstrap = broker.bootstrap_servers().to_string();
     // 250 ms of event time apart: 12.5 minutes of traffic.
     let generated = generate(EVENTS, &generator_options(5, 0));
-    produce_generated(&bootstrap, &generated);
+    produce_generated(&bootstrap, &generated[..EVENTS / 2]);
+    // From a producer whose clock (or intent) is wrong: a user and session of the traffic.
+    let forged: serde_json::Value = serde_json::from_slice(&generated[10].payload).unwrap();
+    let mut forged = forged;
+    forged["timestamp"] = serde_json::json!("2999-01-01T00:00:00Z");
+    forged["event_id"] = serde_json::json!("from-the-future");
+    produce(
+        &bootstrap,
+        TOPIC,
+        &[(
+            Some(generated[10].key.clone().into_bytes()),
+            forged.to_string().into_bytes(),
+        )],
+    );
+    produce_generated(&bootstrap, &generated[EVENTS / 2..]);
     let events: Vec<Seen> = generated
         .iter()
         .map(|g| {
@@ -58,9 +74,18 @@ async fn dashboard_and_behaviour_figures_match_the_events() {
         &bootstrap,
         &["dashboard", "behaviour"],
         PARTITIONS,
-        EVENTS as u64,
+        EVENTS as u64 + 1,
     )
     .await;
+    for plugin in ["dashboard", "behaviour"] {
+        assert_eq!(
+            host.metrics()
+                .plugin(plugin)
+                .dead_letters(eddy::metrics::DeadLetterReason::Verdict),
+            1,
+            "{plugin} dead-letters the event from 2999"
+        );
+    }
     // Once the stream is quiet for 5 s, behaviour ends its open sessions on a tick (not 1 s:
     // a loaded machine may pause delivery that long mid-stream, which would end sessions
     // early and split them).

@@ -10,7 +10,7 @@ mod postgres;
 
 pub use outputs::OutputTarget;
 pub use plugin::{
-    BreakerPolicy, DEFAULT_EVENT_CLOCK_MAX_AHEAD_MS, Expire, ExpireClock, ExpireRule, Limits,
+    BreakerPolicy, DEFAULT_MAX_AHEAD_MS, Expire, ExpireClock, ExpireRule, Limits,
     MAX_BREAKER_PAUSE_MS, PluginConfig, StartFrom,
 };
 pub use postgres::{DeadLetterTable, PostgresConfig, TableTarget, WriteMode, tls_refusal};
@@ -747,8 +747,8 @@ impl Config {
                     ),
                 ));
             }
-            if let Err(message) = p.expire.max_ahead_ms() {
-                return Err(self.invalid(at("expire.max_ahead"), message));
+            if let Err(message) = p.max_ahead_ms() {
+                return Err(self.invalid(at("max_ahead"), message));
             }
             if let Err((prefix, message)) = p.expire.rules() {
                 return Err(self.invalid(at(&format!("expire.after.\"{prefix}\"")), message));

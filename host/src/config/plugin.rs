@@ -44,6 +44,12 @@ pub struct PluginConfig {
     pub breaker: BreakerPolicy,
     #[serde(default)]
     pub expire: Expire,
+    /// How far ahead of the host's clock an event's time is believed (`"5m"` if not set).
+    /// A later one is not: the SDK's `Event::time` says so (the shipped plugins dead-letter
+    /// it with the reason), and `[plugin.expire]`'s event clock stops there. One event
+    /// stamped in 2999 or in microseconds would otherwise move the plugin's clocks for good.
+    #[serde(default)]
+    pub max_ahead: Option<String>,
     /// Output name (as the plugin emits it) → destination.
     #[serde(default)]
     pub outputs: BTreeMap<String, OutputTarget>,
@@ -122,15 +128,10 @@ pub struct Expire {
     /// `"24h"`, `"7d"` (at least 1 s).
     #[serde(default)]
     pub after: BTreeMap<String, String>,
-    /// With the event clock: how far ahead of the host's clock it may run, whatever a
-    /// record's timestamp says (`"5m"` if not set). One record stamped in microseconds or in
-    /// the year 2999 would otherwise expire every key at once and stop expiry for good.
-    #[serde(default)]
-    pub max_ahead: Option<String>,
 }
 
-/// How far the event clock may run ahead of the host's clock unless `max_ahead` says.
-pub const DEFAULT_EVENT_CLOCK_MAX_AHEAD_MS: i64 = 5 * 60_000;
+/// How far ahead of the host's clock an event's time is believed unless `max_ahead` says.
+pub const DEFAULT_MAX_AHEAD_MS: i64 = 5 * 60_000;
 
 /// The clock `[plugin.expire]` measures by.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -151,16 +152,18 @@ pub struct ExpireRule {
     pub after_ms: i64,
 }
 
-impl Expire {
-    /// The rules, longest prefix first (the first that matches a key decides), or what is
-    /// wrong with one: `(prefix, message)`.
+impl PluginConfig {
     /// `max_ahead` in milliseconds, or what is wrong with it.
     pub fn max_ahead_ms(&self) -> Result<i64, String> {
         self.max_ahead
             .as_deref()
-            .map_or(Ok(DEFAULT_EVENT_CLOCK_MAX_AHEAD_MS), parse_duration)
+            .map_or(Ok(DEFAULT_MAX_AHEAD_MS), parse_duration)
     }
+}
 
+impl Expire {
+    /// The rules, longest prefix first (the first that matches a key decides), or what is
+    /// wrong with one: `(prefix, message)`.
     pub fn rules(&self) -> Result<Vec<ExpireRule>, (String, String)> {
         let mut rules = Vec::with_capacity(self.after.len());
         for (prefix, text) in &self.after {

@@ -108,7 +108,7 @@ impl PluginState {
             unsynced_meta: BTreeMap::new(),
             rules: Vec::new(),
             clock: ExpireClock::default(),
-            max_ahead_ms: crate::config::DEFAULT_EVENT_CLOCK_MAX_AHEAD_MS,
+            max_ahead_ms: crate::config::DEFAULT_MAX_AHEAD_MS,
             expires: BTreeMap::new(),
             due: BTreeSet::new(),
             event_time: i64::MIN,
@@ -626,7 +626,7 @@ mod tests {
         assert_eq!(s.bytes(), 2);
     }
 
-    const AHEAD: i64 = crate::config::DEFAULT_EVENT_CLOCK_MAX_AHEAD_MS;
+    const AHEAD: i64 = crate::config::DEFAULT_MAX_AHEAD_MS;
 
     /// Issue 26: one record stamped in the year 2999 (or in microseconds) took the event
     /// clock there: every expiring key went at the next commit, and the clock stayed, so no

@@ -10,6 +10,8 @@ pub(crate) fn empty_batch() -> Batch {
         partitions: Vec::new(),
         offsets: Vec::new(),
         timestamps_ms: Vec::new(),
+        host_time_ms: 0,
+        max_ahead_ms: 0,
         key_lens: Vec::new(),
         payload_lens: Vec::new(),
         header_counts: Vec::new(),
@@ -20,8 +22,11 @@ pub(crate) fn empty_batch() -> Batch {
 
 /// Packs `events` (all of one topic) into `batch`, column by column (see `batch` in
 /// `wit/eddy.wit`), reusing its buffers: after the first few calls, packing allocates
-/// nothing.
-pub(crate) fn pack(batch: &mut Batch, events: &[Event]) {
+/// nothing. `host_time_ms` and `max_ahead_ms` tell the plugin how far ahead of the host's
+/// clock an event's time is believed.
+pub(crate) fn pack(batch: &mut Batch, events: &[Event], host_time_ms: i64, max_ahead_ms: i64) {
+    batch.host_time_ms = host_time_ms;
+    batch.max_ahead_ms = max_ahead_ms;
     let topic = events.first().map_or("", |e| &*e.topic);
     if batch.topic != topic {
         batch.topic = topic.to_string();
@@ -86,7 +91,7 @@ mod tests {
         ];
         let mut batch = empty_batch();
         for _ in 0..2 {
-            pack(&mut batch, &events);
+            pack(&mut batch, &events, 1_000, 300_000);
             assert_eq!(batch.topic, "t");
             assert_eq!(batch.partitions, [2, 2, 2]);
             assert_eq!(batch.offsets, [7, 8, 9]);
@@ -112,7 +117,7 @@ mod tests {
         // A record without a timestamp is -1, Kafka's own encoding.
         let mut untimed = events[0].clone();
         untimed.timestamp_ms = None;
-        pack(&mut batch, &[untimed]);
+        pack(&mut batch, &[untimed], 1_000, 300_000);
         assert_eq!(batch.timestamps_ms, [-1]);
     }
 }

@@ -122,6 +122,7 @@ fn empty_plugin() -> crate::config::PluginConfig {
         limits: Limits::default(),
         breaker: Default::default(),
         expire: Default::default(),
+        max_ahead: None,
         outputs: Default::default(),
         config: Default::default(),
     }

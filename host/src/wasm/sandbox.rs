@@ -31,6 +31,7 @@ struct Previous {
     config_json: String,
     limits: Limits,
     expire: crate::config::Expire,
+    max_ahead_ms: i64,
     output_names: Arc<BTreeSet<String>>,
 }
 
@@ -44,6 +45,9 @@ pub struct Sandbox {
     limits: Limits,
     /// `[plugin.expire]` as in force (to go back to after a failed swap).
     expire: crate::config::Expire,
+    /// How far ahead of the host's clock an event's time is believed (`max_ahead`): handed
+    /// to the plugin with each batch, and the bound of the expiry's event clock.
+    max_ahead_ms: i64,
     /// The guest's stderr (a panic message lands here).
     stderr: MemoryOutputPipe,
     previous: Option<Previous>,
@@ -95,6 +99,9 @@ impl Sandbox {
             config_json: plugin.config_json(),
             limits: plugin.limits.clone(),
             expire: plugin.expire.clone(),
+            max_ahead_ms: plugin
+                .max_ahead_ms()
+                .unwrap_or(crate::config::DEFAULT_MAX_AHEAD_MS),
             stderr,
             previous: None,
             probation_left: 0,
@@ -131,13 +138,23 @@ impl Sandbox {
             config_json: std::mem::replace(&mut self.config_json, plugin.config_json()),
             limits: std::mem::replace(&mut self.limits, plugin.limits.clone()),
             expire: std::mem::replace(&mut self.expire, plugin.expire.clone()),
+            max_ahead_ms: std::mem::replace(
+                &mut self.max_ahead_ms,
+                plugin
+                    .max_ahead_ms()
+                    .unwrap_or(crate::config::DEFAULT_MAX_AHEAD_MS),
+            ),
             output_names: std::mem::replace(
                 &mut self.store.data_mut().host.output_names,
                 Arc::new(plugin.outputs.keys().cloned().collect()),
             ),
         };
         self.store.data_mut().host.set_limits(&plugin.limits);
-        self.store.data_mut().host.set_expiry(&plugin.expire);
+        let max_ahead_ms = self.max_ahead_ms;
+        self.store
+            .data_mut()
+            .host
+            .set_expiry(&plugin.expire, max_ahead_ms);
         let from_digest = self.program.digest.clone();
         let version_changed = program.digest != from_digest;
         let result = self.replace_instance(program.clone()).and_then(|()| {
@@ -179,10 +196,11 @@ impl Sandbox {
         self.config_json = previous.config_json;
         self.limits = previous.limits;
         self.expire = previous.expire;
+        self.max_ahead_ms = previous.max_ahead_ms;
         let host = &mut self.store.data_mut().host;
         host.output_names = previous.output_names;
         host.set_limits(&self.limits);
-        host.set_expiry(&self.expire);
+        host.set_expiry(&self.expire, self.max_ahead_ms);
         if let Err(e) = self.replace_instance(previous.program) {
             tracing::error!(path = %self.program.path.display(), "cannot restore the previous version: {e}");
         }
@@ -262,7 +280,12 @@ impl Sandbox {
         if let Some(latest) = events.iter().filter_map(|e| e.timestamp_ms).max() {
             host.state.saw_event_time(latest);
         }
-        pack(&mut self.packed, events);
+        pack(
+            &mut self.packed,
+            events,
+            crate::clock::now_ms(),
+            self.max_ahead_ms,
+        );
         match linked.plugin.call_on_batch(&mut self.store, &self.packed) {
             Ok(verdicts)
                 if verdicts.len() == events.len()

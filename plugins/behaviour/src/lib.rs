@@ -322,10 +322,9 @@ impl Plugin for Behaviour {
             Ok(a) => a,
             Err(e) => return Verdict::DeadLetter(e.to_string()),
         };
-        let Some(t) = event.time_ms() else {
-            return Verdict::DeadLetter(
-                "no usable timestamp: sessions need the event's time".into(),
-            );
+        let t = match event.time() {
+            Ok(t) => t,
+            Err(e) => return Verdict::DeadLetter(format!("{e}: sessions need the event's time")),
         };
         ctx.state.json_mut::<Insights>("insights").events += 1;
         let key = match &a.session_id {

@@ -215,10 +215,11 @@ impl Plugin for Dashboard {
             Ok(a) => a,
             Err(e) => return Verdict::DeadLetter(e.to_string()),
         };
-        let Some(t) = event.time_ms() else {
-            return Verdict::DeadLetter(
-                "no usable timestamp: the dashboard needs the event's time".into(),
-            );
+        let t = match event.time() {
+            Ok(t) => t,
+            Err(e) => {
+                return Verdict::DeadLetter(format!("{e}: the dashboard needs the event's time"));
+            }
         };
         let dash: &mut Dash = ctx.state.json_mut("dash");
         dash.latest = Some(dash.latest.map_or(t, |l| l.max(t)));

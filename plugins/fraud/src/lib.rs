@@ -108,10 +108,11 @@ impl Plugin for Fraud {
             Ok(a) => a,
             Err(e) => return Verdict::DeadLetter(e.to_string()),
         };
-        let Some(now) = event.time_ms() else {
-            return Verdict::DeadLetter(
-                "no usable timestamp: fraud checks need the event's time".into(),
-            );
+        let now = match event.time() {
+            Ok(t) => t,
+            Err(e) => {
+                return Verdict::DeadLetter(format!("{e}: fraud checks need the event's time"));
+            }
         };
         let c = &self.config;
         // Changed in place: decoded once per batch however many of its events are this user's.

@@ -162,7 +162,39 @@ pub struct Event<'a> {
     pub key: Option<&'a [u8]>,
     pub headers: &'a [(String, Option<Vec<u8>>)],
     pub payload: &'a [u8],
+    /// The latest time the host believes an event may have: its clock plus `max_ahead`
+    /// (`i64::MAX`: no bound, as for an event made with [`Event::new`]).
+    pub latest_believable_ms: i64,
+    /// How far ahead of its clock the host believes an event's time (for the reason).
+    max_ahead_ms: i64,
     parsed: OnceCell<Result<Activity<'a>, ParseError>>,
+}
+
+/// Why an event has no time a plugin should use (see [`Event::time`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoTime {
+    /// Neither its payload nor its Kafka record has a timestamp.
+    Missing,
+    /// It is dated further ahead of the host's clock than the host believes (`max_ahead`
+    /// in `plugins.toml`): a wrong clock, or a forged time.
+    Ahead { by_ms: i64, max_ahead_ms: i64 },
+}
+
+impl std::fmt::Display for NoTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoTime::Missing => write!(f, "no usable timestamp"),
+            NoTime::Ahead {
+                by_ms,
+                max_ahead_ms,
+            } => write!(
+                f,
+                "dated {} s ahead of the host's clock, more than max_ahead ({} s) allows",
+                by_ms / 1000,
+                max_ahead_ms / 1000
+            ),
+        }
+    }
 }
 
 impl<'a> Event<'a> {
@@ -182,6 +214,8 @@ impl<'a> Event<'a> {
             key,
             headers: &[],
             payload,
+            latest_believable_ms: i64::MAX,
+            max_ahead_ms: 0,
             parsed: OnceCell::new(),
         }
     }
@@ -198,12 +232,37 @@ impl<'a> Event<'a> {
         std::str::from_utf8(self.payload).ok()
     }
 
-    /// The event's time: the activity's own timestamp, else Kafka's record timestamp.
-    pub fn time_ms(&self) -> Option<i64> {
-        self.activity()
+    /// The event's time: the activity's own timestamp, else Kafka's record timestamp; an
+    /// error if it has none, or one further ahead of the host's clock than the host believes
+    /// (a plugin that needs the time dead-letters such an event with the error as reason,
+    /// so that it moves none of its windows or clocks).
+    pub fn time(&self) -> Result<i64, NoTime> {
+        let t = self
+            .activity()
             .ok()
             .and_then(Activity::time_ms)
             .or(self.timestamp_ms)
+            .ok_or(NoTime::Missing)?;
+        if t > self.latest_believable_ms {
+            return Err(NoTime::Ahead {
+                by_ms: t.saturating_sub(self.latest_believable_ms - self.max_ahead_ms),
+                max_ahead_ms: self.max_ahead_ms,
+            });
+        }
+        Ok(t)
+    }
+
+    /// [`Event::time`], if there is one to use.
+    pub fn time_ms(&self) -> Option<i64> {
+        self.time().ok()
+    }
+
+    /// This event as if the host's clock read `host_time_ms` and believed times up to
+    /// `max_ahead_ms` ahead of it (what the host says with every batch; for tests).
+    pub fn with_host_time(mut self, host_time_ms: i64, max_ahead_ms: i64) -> Event<'a> {
+        self.latest_believable_ms = host_time_ms.saturating_add(max_ahead_ms);
+        self.max_ahead_ms = max_ahead_ms;
+        self
     }
 }
 
@@ -845,6 +904,8 @@ pub mod wasm {
                     key,
                     headers: own,
                     payload,
+                    latest_believable_ms: batch.host_time_ms.saturating_add(batch.max_ahead_ms),
+                    max_ahead_ms: batch.max_ahead_ms,
                     parsed: OnceCell::new(),
                 }
             })
@@ -865,6 +926,45 @@ pub mod wasm {
 mod tests {
     use super::*;
     use crate::testing::Harness;
+
+    #[test]
+    fn a_time_further_ahead_of_the_hosts_clock_than_max_ahead_is_refused_with_the_reason() {
+        let payload =
+            |ts: &str| format!(r#"{{"user_id":"u1","event_type":"page_view","timestamp":"{ts}"}}"#);
+        let now = 1_765_000_000_000; // 2025-12-06
+        let soon = payload("2025-12-06T05:49:00Z"); // a minute after `now`
+        let event = Event::new("t", 0, 0, None, soon.as_bytes()).with_host_time(now, 300_000);
+        assert!(event.time().is_ok());
+        let far = payload("2999-01-01T00:00:00Z");
+        let event = Event::new("t", 0, 0, None, far.as_bytes()).with_host_time(now, 300_000);
+        let refused = event.time().unwrap_err();
+        assert!(matches!(
+            refused,
+            NoTime::Ahead {
+                max_ahead_ms: 300_000,
+                ..
+            }
+        ));
+        assert!(
+            refused.to_string().starts_with("dated 30")
+                && refused
+                    .to_string()
+                    .ends_with("s ahead of the host's clock, more than max_ahead (300 s) allows"),
+            "{refused}"
+        );
+        assert_eq!(event.time_ms(), None);
+        // Without a payload time, Kafka's record time is held to the same bound.
+        let mut untimed = Event::new("t", 0, 0, None, b"{}").with_host_time(now, 300_000);
+        untimed.timestamp_ms = Some(now + 400_000);
+        assert!(matches!(
+            untimed.time(),
+            Err(NoTime::Ahead { by_ms: 400_000, .. })
+        ));
+        let bare = Event::new("t", 0, 0, None, b"{}");
+        assert_eq!(bare.time(), Err(NoTime::Missing));
+        // An event made for a test, with no host clock: any time goes.
+        assert!(Event::new("t", 0, 0, None, far.as_bytes()).time().is_ok());
+    }
 
     /// Version 1 counts events under `n`.
     struct V1;

@@ -37,7 +37,7 @@ pub struct HostState {
 impl HostState {
     pub fn new(plugin: &PluginConfig, mut state: PluginState) -> HostState {
         let rules = plugin.expire.rules().unwrap_or_default();
-        let max_ahead = plugin.expire.max_ahead_ms().unwrap_or_default();
+        let max_ahead = plugin.max_ahead_ms().unwrap_or_default();
         state.set_expiry(plugin.expire.clock, max_ahead, rules);
         HostState {
             plugin: plugin.name.as_str().into(),
@@ -70,10 +70,9 @@ impl HostState {
 impl HostState {
     /// New `[plugin.expire]` rules (a swap, or going back after one). Checked when
     /// `plugins.toml` was read.
-    pub(crate) fn set_expiry(&mut self, expire: &crate::config::Expire) {
+    pub(crate) fn set_expiry(&mut self, expire: &crate::config::Expire, max_ahead_ms: i64) {
         let rules = expire.rules().unwrap_or_default();
-        let max_ahead = expire.max_ahead_ms().unwrap_or_default();
-        self.state.set_expiry(expire.clock, max_ahead, rules);
+        self.state.set_expiry(expire.clock, max_ahead_ms, rules);
     }
 }
 
