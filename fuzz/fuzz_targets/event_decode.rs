@@ -69,7 +69,8 @@ fn run<P: Plugin>(config: &str, payload: &[u8], parse_error: Option<&str>) {
     let events: Vec<Event> = KAFKA_TIMESTAMPS
         .iter()
         .map(|t| {
-            let mut e = h.event(payload);
+            // A host clock in 2025 with max_ahead 5 min: times past it are refused.
+            let mut e = h.event(payload).with_host_time(1_765_000_000_000, 300_000);
             e.timestamp_ms = *t;
             e
         })
