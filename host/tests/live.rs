@@ -112,6 +112,19 @@ fn echo_plugin() -> String {
     )
 }
 
+/// A host running the echo plugin on an embedded broker of its own, with `http` added to
+/// `[http]` and `more` at the end of `plugins.toml`; the broker and its address.
+async fn echo_host(http: &str, more: &str) -> (eddy::kafka::EmbeddedBroker, String, Host) {
+    init_logs();
+    let broker = broker(PARTITIONS);
+    let bootstrap = broker.bootstrap_servers().to_string();
+    let text = config_text(&bootstrap, PARTITIONS, &echo_plugin())
+        .replace("[http]\n", &format!("[http]\n{http}"))
+        + more;
+    let host = Host::start(config(&text)).await.expect("host starts");
+    (broker, bootstrap, host)
+}
+
 /// Each record's (partition, offset), from echo's `seen` payloads, in the order received.
 fn coordinates(records: &[serde_json::Value]) -> Vec<(i64, i64)> {
     records
@@ -133,13 +146,8 @@ fn coordinates(records: &[serde_json::Value]) -> Vec<(i64, i64)> {
 /// already. They come when the host stops (its final commit), each once, then `closed`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_sees_each_committed_record_once_and_none_before_its_commit_is_on_disk() {
-    init_logs();
     const N: usize = 300;
-    let broker = broker(PARTITIONS);
-    let bootstrap = broker.bootstrap_servers().to_string();
-    let text = config_text(&bootstrap, PARTITIONS, &echo_plugin())
-        + "\n[state]\ncommit_interval_ms = 60000\n";
-    let host = Host::start(config(&text)).await.expect("host starts");
+    let (_broker, bootstrap, host) = echo_host("", "\n[state]\ncommit_interval_ms = 60000\n").await;
     let addr = host.http_addr();
     let stream = Sse::connect(format!(
         "http://{addr}/v1/stream?output=echo/seen&status=off"
@@ -209,20 +217,13 @@ async fn a_watcher_sees_each_committed_record_once_and_none_before_its_commit_is
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_disconnected_without_slowing_the_plugin_or_others() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    init_logs();
     // ~1.3 KB records: 26 MB in all, far more than the socket buffers hold.
     const N: usize = 20_000;
     const BUFFER: usize = 4096;
     const ROUND: usize = BUFFER / 4;
-    let broker = broker(PARTITIONS);
-    let bootstrap = broker.bootstrap_servers().to_string();
-    let text = config_text(&bootstrap, PARTITIONS, &echo_plugin()).replace(
-        "[http]\n",
-        &format!(
-            "[http]\nstream_max_clients = 2\nstream_buffer = {BUFFER}\nsend_timeout_ms = 1000\n"
-        ),
-    );
-    let host = Host::start(config(&text)).await.expect("host starts");
+    let http =
+        format!("stream_max_clients = 2\nstream_buffer = {BUFFER}\nsend_timeout_ms = 1000\n");
+    let (_broker, bootstrap, host) = echo_host(&http, "").await;
     let addr = host.http_addr();
 
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -309,16 +310,10 @@ async fn a_client_that_stops_reading_is_disconnected_without_slowing_the_plugin_
 /// whatever this machine's speed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_slower_than_a_burst_is_told_what_it_missed_and_goes_on() {
-    init_logs();
     const BURST: usize = 6_000;
-    let broker = broker(PARTITIONS);
-    let bootstrap = broker.bootstrap_servers().to_string();
     // A send timeout longer than the test: the client is only slow, never cut off.
-    let text = config_text(&bootstrap, PARTITIONS, &echo_plugin()).replace(
-        "[http]\n",
-        "[http]\nstream_buffer = 64\nsend_timeout_ms = 600000\n",
-    );
-    let host = Host::start(config(&text)).await.expect("host starts");
+    let (_broker, bootstrap, host) =
+        echo_host("stream_buffer = 64\nsend_timeout_ms = 600000\n", "").await;
     let addr = host.http_addr();
     let url = format!("ws://{addr}/v1/ws?output=echo/seen&status=off");
     let (b, metrics) = (bootstrap.clone(), host.metrics().clone());
@@ -397,11 +392,7 @@ async fn a_reader_slower_than_a_burst_is_told_what_it_missed_and_goes_on() {
 /// The WebSocket carries the same messages, typed: hello, records, status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_websocket_carries_hello_records_and_status() {
-    init_logs();
-    let broker = broker(PARTITIONS);
-    let bootstrap = broker.bootstrap_servers().to_string();
-    let text = config_text(&bootstrap, PARTITIONS, &echo_plugin());
-    let host = Host::start(config(&text)).await.expect("host starts");
+    let (_broker, bootstrap, host) = echo_host("", "").await;
     let addr = host.http_addr();
     let url = format!("ws://{addr}/v1/ws?output=echo/seen");
     let b = bootstrap.clone();
@@ -450,12 +441,7 @@ async fn the_websocket_carries_hello_records_and_status() {
 /// a small one is ignored, and the host serves the next watcher.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_message_larger_than_a_few_kib_ends_the_connection() {
-    init_logs();
-    let broker = broker(PARTITIONS);
-    let bootstrap = broker.bootstrap_servers().to_string();
-    let host = Host::start(config(&config_text(&bootstrap, PARTITIONS, &echo_plugin())))
-        .await
-        .expect("host starts");
+    let (_broker, bootstrap, host) = echo_host("", "").await;
     let url = format!(
         "ws://{}/v1/ws?output=echo/seen&status=off",
         host.http_addr()
@@ -523,14 +509,7 @@ fn answer_head(addr: std::net::SocketAddr, request: &str) -> String {
 /// not open them, and posting events still takes only the ingest token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reading_the_outputs_needs_the_read_token_not_the_ingest_token() {
-    init_logs();
-    let broker = broker(PARTITIONS);
-    let bootstrap = broker.bootstrap_servers().to_string();
-    let text = config_text(&bootstrap, PARTITIONS, &echo_plugin()).replace(
-        "[http]\n",
-        "[http]\ntoken = \"ingest\"\nread_token = \"r3ad/er+\"\n",
-    );
-    let host = Host::start(config(&text)).await.expect("host starts");
+    let (_broker, _, host) = echo_host("token = \"ingest\"\nread_token = \"r3ad/er+\"\n", "").await;
     let addr = host.http_addr();
     tokio::task::spawn_blocking(move || {
         let get = |path: &str, extra: &str| {
@@ -601,12 +580,7 @@ async fn reading_the_outputs_needs_the_read_token_not_the_ingest_token() {
 /// does not answer requests naming another host (DNS rebinding).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_from_another_site_and_a_foreign_host_name_are_refused() {
-    init_logs();
-    let broker = broker(PARTITIONS);
-    let bootstrap = broker.bootstrap_servers().to_string();
-    let host = Host::start(config(&config_text(&bootstrap, PARTITIONS, &echo_plugin())))
-        .await
-        .expect("host starts");
+    let (_broker, _, host) = echo_host("", "").await;
     let addr = host.http_addr();
     tokio::task::spawn_blocking(move || {
         let ws = |host: &str, origin: &str| {
