@@ -32,20 +32,14 @@ fn sigkill_at_random_moments_under_load_leaves_exact_counts() {
     );
     let mut rng = Rng::new(7);
     let kills = 6;
-    let runs_consuming = || {
-        std::fs::read_to_string(dir.path().join("host.log"))
-            .unwrap_or_default()
-            .matches("consuming")
-            .count()
-    };
     for run in 0..kills {
-        let before = runs_consuming();
+        let before = runs_consuming(dir.path());
         let mut child = start(dir.path());
         if run % 2 == 0 {
             // Once it consumes, anywhere from its first batches to well into processing
             // (waited for: how soon it consumes depends on this machine's speed).
             wait_for(Duration::from_secs(60), "the host to consume", || {
-                runs_consuming() > before
+                runs_consuming(dir.path()) > before
             });
             std::thread::sleep(Duration::from_millis(rng.below(4500)));
         } else {

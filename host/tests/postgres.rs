@@ -514,7 +514,9 @@ async fn benchmark_write_modes() {
 /// restart): the tables come out exact.
 #[test]
 fn sigkill_at_random_moments_under_load_leaves_the_tables_exact() {
-    use common::host_process::{free_port, start, stop, wait_caught_up, write_config};
+    use common::host_process::{
+        free_port, runs_consuming, start, stop, wait_caught_up, write_config,
+    };
     let pg = Postgres::start();
     let broker = broker(PARTITIONS);
     let bootstrap = broker.bootstrap_servers().to_string();
@@ -531,18 +533,12 @@ fn sigkill_at_random_moments_under_load_leaves_the_tables_exact() {
     );
     let mut rng = eddy::generator::Rng::new(9);
     let kills = 5;
-    let runs_consuming = || {
-        std::fs::read_to_string(dir.path().join("host.log"))
-            .unwrap_or_default()
-            .matches("consuming")
-            .count()
-    };
     for run in 0..kills {
         let mut child = start(dir.path());
         // Once it consumes (the first start also compiles the plugin), anywhere from its first
         // batches to well into writing rows.
         wait_for(Duration::from_secs(60), "the host to consume", || {
-            runs_consuming() > run
+            runs_consuming(dir.path()) > run
         });
         std::thread::sleep(Duration::from_millis(rng.below(4000)));
         child.kill().unwrap(); // SIGKILL

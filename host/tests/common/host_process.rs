@@ -84,6 +84,14 @@ impl Drop for HostProcess {
     }
 }
 
+/// How many runs of the host in `dir` have started consuming (its log's "consuming" lines).
+pub fn runs_consuming(dir: &Path) -> usize {
+    std::fs::read_to_string(dir.join("host.log"))
+        .unwrap_or_default()
+        .matches("consuming")
+        .count()
+}
+
 /// Starts `eddy run` in `dir` (its `plugins.toml`), logging to `dir/host.log`.
 pub fn start(dir: &Path) -> HostProcess {
     let child = Command::new(env!("CARGO_BIN_EXE_eddy"))
