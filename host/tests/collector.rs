@@ -666,60 +666,64 @@ fn twelve_concurrent_posts_of_a_million_tiny_elements_cost_what_their_bodies_wei
 }
 
 /// The posts in flight together hold at most `[http] ingest_memory_mib`: while one post
-/// declared 1 MiB and sends its body slowly (holding 5 MiB of a 5 MiB budget: 4 bytes per
-/// byte of body, 1 KiB per allowed event), another waits a second, then is answered 503
-/// with `Retry-After`, unread. Once the first is answered, the next post goes through.
+/// declared 1 MiB and sends its body slowly (holding 4 MiB of a 5 MiB budget: 4 bytes per
+/// byte of body), another declaring 1 MiB waits a second, then is answered 503 with
+/// `Retry-After`, its body unread; a small post still fits (its body's share and 1 KiB per
+/// event). Once the first is answered, the large one goes through.
 #[test]
 fn past_the_memory_of_posts_in_flight_a_post_is_told_to_come_back() {
     let h = Running::start("ingest_memory_mib = 5");
     let url = h.url("/v1/events");
     let addr = h.base.trim_start_matches("http://").to_string();
+    let length = 1 << 20;
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {length}\r\n\r\n"
+    );
+    let answer_of = |stream: &mut std::net::TcpStream| {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut answer = String::new();
+        let mut buf = [0u8; 4096];
+        while !answer.contains("\r\n\r\n") || !answer.ends_with('\n') {
+            let n = stream.read(&mut buf).unwrap();
+            assert!(n > 0, "no answer: {answer}");
+            answer.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        answer
+    };
     let mut slow = std::net::TcpStream::connect(&addr).unwrap();
     let first = event(1).to_string();
-    let length = 1 << 20;
-    write!(
-        slow,
-        "POST /v1/events HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: {length}\r\n\r\n{first}"
-    )
-    .unwrap();
-    // Once the slow post holds its room, a second one is turned away.
-    let (status, answer, headers) = wait_until(|| {
-        let answer = post(&url, &[JSON], &event(2).to_string());
-        (answer.0 == 503).then_some(answer)
-    });
-    assert_eq!(status, 503);
-    assert_eq!(headers["retry-after"], "1");
-    assert!(
-        answer["error"]
-            .as_str()
-            .unwrap()
-            .contains("[http] ingest_memory_mib"),
-        "{answer}"
+    write!(slow, "{head}{first}").unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        "the slow post to hold its room",
+        || sample(&h.metrics(), "eddy_collector_memory_held_bytes") == (4 << 20) as f64,
     );
+    // Another large one is turned away unread.
+    let mut large = std::net::TcpStream::connect(&addr).unwrap();
+    large.write_all(head.as_bytes()).unwrap();
+    let answer = answer_of(&mut large);
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("retry-after: 1\r\n"), "{answer}");
+    assert!(answer.contains("[http] ingest_memory_mib"), "{answer}");
     assert!(sample(&h.metrics(), "eddy_collector_busy_total") >= 1.0);
+    // A small post fits beside the slow one.
+    assert_eq!(post(&url, &[JSON], &event(2).to_string()).0, 200);
     // The slow post ends (padding after its event: one JSON value, then spaces).
     slow.write_all(&vec![b' '; length - first.len()]).unwrap();
-    let mut answer = String::new();
-    slow.set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let mut buf = [0u8; 4096];
-    while !answer.contains("\r\n\r\n") || !answer.ends_with('\n') {
-        let n = slow.read(&mut buf).unwrap();
-        assert!(n > 0, "the slow post got no answer: {answer}");
-        answer.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
+    let answer = answer_of(&mut slow);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert_eq!(post(&url, &[JSON], &event(2).to_string()).0, 200);
-}
-
-/// Calls `f` until it gives a value (at most a minute).
-fn wait_until<T>(mut f: impl FnMut() -> Option<T>) -> T {
-    let mut got = None;
-    wait_for(Duration::from_secs(60), "the condition", || {
-        got = f();
-        got.is_some()
-    });
-    got.unwrap()
+    assert_eq!(
+        sample(&h.metrics(), "eddy_collector_memory_held_bytes"),
+        0.0
+    );
+    let padded = format!(
+        "{}{}",
+        event(3),
+        " ".repeat(length - event(3).to_string().len())
+    );
+    assert_eq!(post(&url, &[JSON], &padded).0, 200);
 }
 
 /// Issue 26: one event dated 2999 was accepted, and the dashboard's clock jumped ~973

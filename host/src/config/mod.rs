@@ -157,8 +157,8 @@ pub struct HttpConfig {
     #[serde(default = "default_http_max_events_per_post")]
     pub max_events_per_post: usize,
     /// MiB of memory that posts in flight may hold together: each holds 4 bytes per byte of
-    /// its body plus 1 KiB per allowed event (`max_events_per_post`) from before its body is
-    /// read until it is answered. Past it a post waits up to a second, then gets 503 with
+    /// its body from before the body is read, and 1 KiB per event once they are counted,
+    /// until it is answered. Past it a post waits up to a second, then gets 503 with
     /// `Retry-After`.
     #[serde(default = "default_http_ingest_memory_mib")]
     pub ingest_memory_mib: usize,
@@ -201,13 +201,14 @@ pub fn valid_token(token: &str) -> bool {
 /// What a post to the collector may cost in memory, per byte of its body: the body itself,
 /// its events as the producer's queue holds them, and the answer, with room to spare.
 pub const POST_COST_PER_BODY_BYTE: usize = 4;
-/// What a post may cost per event it is allowed (`max_events_per_post`), on top: each
-/// event's fate and its result in the answer.
+/// What a post may cost per event, on top: each event's fate and its result in the answer.
 pub const POST_COST_PER_EVENT: usize = 1024;
 
-/// The KiB of `[http] ingest_memory_mib` a post of `body` bytes holds while in flight.
-pub fn post_cost_kib(body: usize, max_events_per_post: usize) -> usize {
-    (POST_COST_PER_BODY_BYTE * body + POST_COST_PER_EVENT * max_events_per_post).div_ceil(1024)
+/// The KiB of `[http] ingest_memory_mib` a post of `body` bytes and `events` events holds
+/// while in flight (its body's share from before the body is read, its events' once they
+/// are counted).
+pub fn post_cost_kib(body: usize, events: usize) -> usize {
+    (POST_COST_PER_BODY_BYTE * body + POST_COST_PER_EVENT * events).div_ceil(1024)
 }
 
 impl HttpConfig {

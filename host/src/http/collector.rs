@@ -17,7 +17,7 @@
 //! plugins' outputs wait on, nor the other way round.
 
 use super::guard::same;
-use crate::config::Config;
+use crate::config::{Config, post_cost_kib};
 use crate::metrics::Metrics;
 use crate::metrics::collector::RejectReason;
 use crate::sinks::send_one;
@@ -248,16 +248,42 @@ enum Fate {
     SameAs(usize),
 }
 
+/// Room a post holds in `[http] ingest_memory_mib`, given back (and uncounted) when dropped.
+struct Room {
+    _permit: OwnedSemaphorePermit,
+    kib: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        self.metrics
+            .collector
+            .memory_held_kib
+            .fetch_sub(self.kib, Relaxed);
+    }
+}
+
 /// How long a post waits for room in `[http] ingest_memory_mib` before it is answered 503.
 const ADMIT_WAIT: Duration = Duration::from_secs(1);
 
 impl Collector {
-    /// Room in the budget for a post of `body` bytes ([`crate::config::post_cost_kib`]),
-    /// waiting up to [`ADMIT_WAIT`].
-    async fn admit(&self, body: usize) -> Result<OwnedSemaphorePermit, Response> {
-        let kib = crate::config::post_cost_kib(body, self.max_events).min(self.budget_kib) as u32;
+    /// `kib` of room in the budget ([`crate::config::post_cost_kib`]), waiting up to
+    /// [`ADMIT_WAIT`].
+    async fn admit(&self, kib: usize) -> Result<Room, Response> {
+        let kib = kib.min(self.budget_kib) as u32;
         match tokio::time::timeout(ADMIT_WAIT, self.budget.clone().acquire_many_owned(kib)).await {
-            Ok(Ok(permit)) => Ok(permit),
+            Ok(Ok(permit)) => {
+                self.metrics
+                    .collector
+                    .memory_held_kib
+                    .fetch_add(kib.into(), Relaxed);
+                Ok(Room {
+                    _permit: permit,
+                    kib: kib.into(),
+                    metrics: self.metrics.clone(),
+                })
+            }
             _ => {
                 self.metrics.collector.busy.fetch_add(1, Relaxed);
                 let mut r = error(
@@ -303,11 +329,10 @@ impl Collector {
         if declared.is_some_and(|n| n > self.max_body as u64) {
             return too_large();
         }
-        // Without a Content-Length the body may be as large as max_body_kib.
-        let _room = match self
-            .admit(declared.map_or(self.max_body, |n| n as usize))
-            .await
-        {
+        // Room for the body before it is read (without a Content-Length it may be as large as
+        // max_body_kib), and for its events once they are counted.
+        let body_kib = post_cost_kib(declared.map_or(self.max_body, |n| n as usize), 0);
+        let _body_room = match self.admit(body_kib).await {
             Ok(permit) => permit,
             Err(busy) => return busy,
         };
@@ -338,18 +363,14 @@ impl Collector {
             .is_some_and(is_ndjson);
         // Splitting, checking and sending cost a few µs an event: a large body's are done
         // where they do not hold up the runtime's other tasks (as other blocking work is).
-        let sent = if bytes.len() > LARGE_BODY {
-            crate::kafka::blocking(|| self.send(&bytes, ndjson))
+        let large = bytes.len() > LARGE_BODY;
+        let split_body = || split(&bytes, ndjson, self.max_events);
+        let pieces = match if large {
+            crate::kafka::blocking(split_body)
         } else {
-            self.send(&bytes, ndjson)
-        };
-        let Sent {
-            pieces,
-            fates,
-            pending,
-            ids,
-        } = match sent {
-            Ok(sent) => sent,
+            split_body()
+        } {
+            Ok(pieces) => pieces,
             Err(e @ SplitError::TooMany(_)) => {
                 return error(StatusCode::PAYLOAD_TOO_LARGE, e.to_string());
             }
@@ -357,13 +378,26 @@ impl Collector {
                 return error(StatusCode::BAD_REQUEST, e.to_string());
             }
         };
+        let _events_room = match self.admit(post_cost_kib(0, pieces.len())).await {
+            Ok(permit) => permit,
+            Err(busy) => return busy,
+        };
+        let Sent {
+            pieces,
+            fates,
+            pending,
+            ids,
+        } = if large {
+            crate::kafka::blocking(|| self.send(pieces))
+        } else {
+            self.send(pieces)
+        };
         let fates = self.acknowledged(fates, pending, &ids).await;
         self.respond(&pieces, &fates)
     }
 
-    /// Splits `body` into events, checks each and sends the valid ones (see [`Sent`]).
-    fn send<'a>(&self, body: &'a [u8], ndjson: bool) -> Result<Sent<'a>, SplitError> {
-        let pieces = split(body, ndjson, self.max_events)?;
+    /// Checks each of a body's events and sends the valid ones (see [`Sent`]).
+    fn send<'a>(&self, pieces: Vec<Piece<'a>>) -> Sent<'a> {
         let now_ms = crate::clock::now_ms();
         let mut fates = Vec::with_capacity(pieces.len());
         let mut pending = Vec::new();
@@ -417,12 +451,12 @@ impl Collector {
                 }
             }
         }
-        Ok(Sent {
+        Sent {
             pieces,
             fates,
             pending,
             ids,
-        })
+        }
     }
 
     /// Refuses an event dated further ahead of `now_ms` than `[http] max_clock_skew_ms`:

@@ -59,6 +59,8 @@ pub struct CollectorMetrics {
     /// Posts answered 503 before their body was read: the posts in flight held all of
     /// `[http] ingest_memory_mib`.
     pub busy: AtomicU64,
+    /// KiB of `[http] ingest_memory_mib` the posts in flight hold now.
+    pub memory_held_kib: AtomicU64,
     pub(crate) requests: [AtomicU64; STATUSES.len()],
     pub(crate) latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     pub(crate) latency_count: AtomicU64,

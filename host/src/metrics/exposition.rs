@@ -494,6 +494,12 @@ fn collector_families(c: &super::CollectorMetrics) -> Vec<MetricFamily> {
             vec![counter(&[], c.busy.load(Relaxed))],
         ),
         family(
+            "eddy_collector_memory_held_bytes",
+            "Memory the posts in flight hold of http.ingest_memory_mib (4 bytes per body byte, 1 KiB per event).",
+            MetricType::GAUGE,
+            vec![gauge(&[], (c.memory_held_kib.load(Relaxed) * 1024) as f64)],
+        ),
+        family(
             "eddy_collector_requests_total",
             "Requests to POST /v1/events, per status code.",
             MetricType::COUNTER,
