@@ -19,7 +19,7 @@ test: target tansu promtool browser postgres
 # shows up here, not on a slower machine of a user's. CI runs it after `make test`.
 LOADED_TESTS := live hardening hot_reload collector durable seed002 shared_fetch real_broker
 test-loaded: target tansu promtool browser postgres
-	@sh -c 'while :; do :; done' & busy=$$!; trap "kill $$busy" EXIT; \
+	@sh -c 'while :; do :; done' & busy=$$!; trap "kill $$busy" EXIT INT TERM HUP; \
 	echo "one core kept busy (pid $$busy) while these run: $(LOADED_TESTS)"; \
 	EDDY_TANSU=$(TANSU) $(CARGO) test -p eddy --no-fail-fast $(addprefix --test ,$(LOADED_TESTS))
 
