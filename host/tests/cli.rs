@@ -156,7 +156,7 @@ fn check_bad_plugins_error(err: &str) {
     assert!(
         err.contains("plugin `old`")
             && err.contains("built against eddy:plugin@0.1.0")
-            && err.contains("eddy:plugin@0.4.0: rebuild it"),
+            && err.contains("eddy:plugin@0.5.0: rebuild it"),
         "an older contract version is named: {err}"
     );
     assert!(

@@ -532,8 +532,25 @@ async fn a_consumer_waiting_on_retries_stays_polled_and_lets_a_member_join() {
 /// last write by the rule's duration (never before), with the batch that moved the time on,
 /// and are counted; the rest stay. Events carry their event time as Kafka timestamp, 100 ms
 /// apart: 300 s of event time for 3,000 events, and a rule of 20 s.
+///
+/// And a key that expired starts again from nothing when its user comes back (issue 27): the
+/// values of the keys, not only which keys exist, are those of the events since the user's
+/// last long absence, with one instance throughout or a new one in between. (Before, the
+/// SDK's cache never learned of the host's deletion: a returning user's `user:` count went
+/// on from the expired value and `users` did not count them again.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_expire_by_event_time_and_the_state_stays_bounded() {
+    check_expiry(false).await;
+}
+
+/// [`keys_expire_by_event_time_and_the_state_stays_bounded`] with the host stopped half-way
+/// and started again (a new instance, its cache cold): the same figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_keys_come_back_from_nothing_across_a_new_instance() {
+    check_expiry(true).await;
+}
+
+async fn check_expiry(restart_half_way: bool) {
     init_logs();
     // One partition: a batch then spans at most `max_batch` events of event time (2 s).
     let broker = broker(1);
@@ -545,22 +562,7 @@ async fn keys_expire_by_event_time_and_the_state_stays_bounded() {
         event_timestamps: true,
         ..generator_options(11, 0)
     };
-    let mut client = rdkafka::ClientConfig::new();
-    client.set("bootstrap.servers", &bootstrap);
-    let opts = eddy::generator::ProduceOptions {
-        topic: TOPIC.into(),
-        events: Some(total),
-        rate: 0,
-        generator: generator.clone(),
-    };
-    let sent = eddy::generator::produce_blocking(
-        &client,
-        &opts,
-        &std::sync::atomic::AtomicBool::new(false),
-        &std::sync::atomic::AtomicU64::new(0),
-    )
-    .expect("produced");
-    assert_eq!(sent, total);
+    let events = generate(total as usize, &generator);
     let entry = format!(
         "[[plugin]]\nname = \"analytics\"\npath = \"{}\"\nmax_batch = 20\n\
          [plugin.expire]\nafter = {{ \"user:\" = \"20s\", \"journey:\" = \"20s\" }}\n\
@@ -568,19 +570,34 @@ async fn keys_expire_by_event_time_and_the_state_stays_bounded() {
         wasm("eddy_analytics")
     );
     let config = config(&config_text(&bootstrap, 1, &entry));
-    let host = Host::start(config.clone()).await.expect("host starts");
-    let m = host.metrics().plugin("analytics");
-    wait_all_handled(&m, total).await;
-    wait_settled(&bootstrap, &["analytics"], 1, total).await;
-    host.stop().await.expect("clean stop");
+    let halves: Vec<&[eddy::generator::Generated]> = if restart_half_way {
+        let (a, b) = events.split_at(events.len() / 2);
+        vec![a, b]
+    } else {
+        vec![&events]
+    };
+    let mut counted = 0;
+    let mut expiring = 0;
+    let mut produced = 0u64;
+    for part in halves {
+        produce_timestamped(&bootstrap, part);
+        produced += part.len() as u64;
+        let host = Host::start(config.clone()).await.expect("host starts");
+        let m = host.metrics().plugin("analytics");
+        wait_all_handled(&m, part.len() as u64).await;
+        wait_settled(&bootstrap, &["analytics"], 1, produced).await;
+        host.stop().await.expect("clean stop");
+        counted += m.state_keys_expired.load(Relaxed);
+        expiring = m.state_expiring_keys.load(Relaxed);
+    }
 
-    // Each user's last event time, and the latest event time of all.
-    let mut last: std::collections::BTreeMap<String, i64> = Default::default();
+    // Each user's event times, and the latest event time of all.
+    let mut times: std::collections::BTreeMap<String, Vec<i64>> = Default::default();
     // Users with a funnel event (page view, add to cart, purchase): those with a journey: key.
     let mut funnel = std::collections::BTreeMap::new();
     // Gaps between a key's writes: one of more than 20 s may have let it expire in between.
     let mut gaps = Vec::new();
-    for g in generate(total as usize, &generator) {
+    for g in &events {
         let event: serde_json::Value = serde_json::from_slice(&g.payload).unwrap();
         let kind = event["event_type"].as_str().unwrap();
         if ["page_view", "add_to_cart", "purchase"].contains(&kind)
@@ -588,17 +605,30 @@ async fn keys_expire_by_event_time_and_the_state_stays_bounded() {
         {
             gaps.push(g.time_ms - t);
         }
-        if let Some(t) = last.insert(g.key, g.time_ms) {
+        let seen = times.entry(g.key.clone()).or_default();
+        if let Some(t) = seen.last() {
             gaps.push(g.time_ms - t);
         }
+        seen.push(g.time_ms);
     }
-    let latest = *last.values().max().unwrap();
+    let latest = events.iter().map(|g| g.time_ms).max().unwrap();
     let path = eddy::state::path_for(&config.state.dir, "analytics");
     let snap = eddy::state::store::read_only_snapshot(&path, "analytics").expect("state file");
+    let value = |key: &str| -> Option<i64> {
+        let v = snap.state.get(key)?;
+        Some(serde_json::from_slice(v).expect("a JSON number"))
+    };
     let kept = |user: &str| snap.state.contains_key(&format!("user:{user}"));
-    let (mut recent, mut old) = (0, 0);
-    for (user, t) in &last {
-        if *t > latest - 20_000 {
+    let (mut recent, mut old, mut returned) = (0, 0, 0);
+    // How many times users were first seen or came back: once per user, and once more per
+    // absence of more than 24 s certainly, of less than 18 s never.
+    let (mut arrivals_min, mut arrivals_max) = (0, 0);
+    for (user, seen) in &times {
+        let t = *seen.last().unwrap();
+        let user_gaps: Vec<i64> = seen.windows(2).map(|w| w[1] - w[0]).collect();
+        arrivals_min += 1 + user_gaps.iter().filter(|g| **g > 24_000).count() as i64;
+        arrivals_max += 1 + user_gaps.iter().filter(|g| **g > 18_000).count() as i64;
+        if t > latest - 20_000 {
             recent += 1;
             assert!(
                 kept(user),
@@ -606,7 +636,20 @@ async fn keys_expire_by_event_time_and_the_state_stays_bounded() {
                 latest - t
             );
             assert!(snap.expires.contains_key(&format!("user:{user}")));
-        } else if *t < latest - 22_000 {
+            // The count is of the events since the user's last absence, when it is certain
+            // whether each absence made the key expire.
+            if user_gaps.iter().all(|g| *g <= 18_000 || *g > 24_000) {
+                let since = 1 + user_gaps.iter().rev().take_while(|g| **g <= 18_000).count();
+                if since < seen.len() {
+                    returned += 1;
+                }
+                assert_eq!(
+                    value(&format!("user:{user}")),
+                    Some(since as i64),
+                    "{user}'s count: events {seen:?}"
+                );
+            }
+        } else if t < latest - 22_000 {
             old += 1;
             assert!(
                 !kept(user),
@@ -616,31 +659,30 @@ async fn keys_expire_by_event_time_and_the_state_stays_bounded() {
         }
     }
     assert!(
-        recent > 0 && old > recent,
-        "{recent} recent users, {old} old ones"
+        recent > 0 && old > recent && returned > 0,
+        "{recent} recent users ({returned} back after an absence), {old} old ones"
+    );
+    // `users` counts each arrival: a user back after their key expired counts again.
+    let users_counted = value("users").expect("users");
+    assert!(
+        (arrivals_min..=arrivals_max).contains(&users_counted),
+        "users = {users_counted}, arrivals between {arrivals_min} and {arrivals_max}"
     );
     // The totals do not expire (no rule), and every expired key was counted.
-    assert_eq!(
-        snap.state.get("total").map(|v| v.as_slice()),
-        Some(total.to_string().as_bytes())
-    );
+    assert_eq!(value("total"), Some(total as i64));
     let count = |prefix: &str| snap.state.keys().filter(|k| k.starts_with(prefix)).count();
     let (users, journeys) = (count("user:"), count("journey:"));
     // Every key gone was counted, and so was each time a key expired and came back: a gap of
     // more than 24 s certainly, of less than 18 s never (a batch spans up to 2 s).
-    let gone = (last.len() - users + funnel.len() - journeys) as u64;
+    let gone = (times.len() - users + funnel.len() - journeys) as u64;
     let gaps_over = |ms: i64| gaps.iter().filter(|g| **g > ms).count() as u64;
-    let counted = m.state_keys_expired.load(Relaxed);
     assert!(
         (gone + gaps_over(24_000)..=gone + gaps_over(18_000)).contains(&counted),
         "{counted} counted expired, {gone} keys gone, {} + {} gaps",
         gaps_over(24_000),
         gaps_over(18_000) - gaps_over(24_000)
     );
-    assert_eq!(
-        m.state_expiring_keys.load(Relaxed),
-        (users + journeys) as i64
-    );
+    assert_eq!(expiring, (users + journeys) as i64);
     assert_eq!(snap.expires.len(), users + journeys);
 }
 

@@ -79,7 +79,15 @@ pub struct PluginState {
     batch_event_time: i64,
     /// Keys expired since the last [`PluginState::take_expired`].
     expired_uncounted: u64,
+    /// The keys expired since the instance last asked ([`PluginState::take_expired_keys`]),
+    /// for it to drop from its cache; `None` once more than [`MAX_EXPIRED_LISTED`] went.
+    expired_unseen: Option<BTreeSet<String>>,
 }
+
+/// How many expired keys are listed for the instance between two of its calls; past that it
+/// is told to forget its whole cache instead (a list of every key of a large state would
+/// cost more than reading the keys again).
+pub const MAX_EXPIRED_LISTED: usize = 4096;
 
 /// An overlay's entries as the store takes them.
 fn changes(overlay: &Overlay) -> impl Iterator<Item = Change<'_>> {
@@ -114,6 +122,7 @@ impl PluginState {
             event_time: i64::MIN,
             batch_event_time: i64::MIN,
             expired_uncounted: 0,
+            expired_unseen: Some(BTreeSet::new()),
         }
     }
 
@@ -166,6 +175,18 @@ impl PluginState {
     /// Keys deleted by expiry since the last call of this.
     pub fn take_expired(&mut self) -> u64 {
         std::mem::take(&mut self.expired_uncounted)
+    }
+
+    /// The keys that expired since the last call of this, for the instance to drop from its
+    /// cache (the contract's `take-expired`); `None`: too many to list, drop everything.
+    pub fn take_expired_keys(&mut self) -> Option<Vec<String>> {
+        let keys = self.expired_unseen.replace(BTreeSet::new())?;
+        Some(keys.into_iter().collect())
+    }
+
+    /// A new instance starts with nothing cached: nothing to tell it.
+    pub fn forget_expired_keys(&mut self) {
+        self.expired_unseen = Some(BTreeSet::new());
     }
 
     /// How many committed keys carry an expiry.
@@ -235,9 +256,15 @@ impl PluginState {
                 None => self.expires.remove(&key),
             };
             if let Some(old) = old {
-                self.due.remove(&(old, key));
+                self.due.remove(&(old, key.clone()));
                 if at.is_none() && old <= now {
                     self.expired_uncounted += 1;
+                    if let Some(unseen) = &mut self.expired_unseen {
+                        unseen.insert(key);
+                        if unseen.len() > MAX_EXPIRED_LISTED {
+                            self.expired_unseen = None;
+                        }
+                    }
                 }
             }
         }
@@ -717,6 +744,33 @@ mod tests {
         assert_eq!(s.get("recent:vip:b"), None);
         assert_eq!((s.len(), s.expiring_keys(), s.take_expired()), (2, 0, 1));
         assert_eq!(s.bytes(), 6 + 6, "total=1 and other=x");
+    }
+
+    /// The instance hears of each expired key once (to drop it from its cache), and is told
+    /// to forget everything when too many went to list.
+    #[test]
+    fn the_instance_is_told_which_keys_expired_once() {
+        let mut s = state();
+        s.set_expiry(ExpireClock::Event, AHEAD, rules(&[("u:", 10)]));
+        batch_at(
+            &mut s,
+            1_000,
+            &[("u:a", "1"), ("u:b", "1")],
+            Durability::Immediate,
+        );
+        batch_at(&mut s, 1_005, &[("u:b", "2")], Durability::Immediate);
+        assert_eq!(s.take_expired_keys(), Some(vec![]));
+        batch_at(&mut s, 1_011, &[], Durability::Immediate);
+        assert_eq!(s.take_expired_keys(), Some(vec!["u:a".to_string()]));
+        assert_eq!(s.take_expired_keys(), Some(vec![]), "told once");
+        let many: Vec<(String, String)> = (0..=MAX_EXPIRED_LISTED)
+            .map(|i| (format!("u:{i}"), "1".to_string()))
+            .collect();
+        let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        batch_at(&mut s, 1_020, &many, Durability::Immediate);
+        batch_at(&mut s, 1_040, &[], Durability::Immediate);
+        assert_eq!(s.take_expired_keys(), None, "too many to list");
+        assert_eq!(s.take_expired_keys(), Some(vec![]));
     }
 
     #[test]

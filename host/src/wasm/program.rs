@@ -183,7 +183,7 @@ impl Program {
 }
 
 /// The version of the `eddy:plugin` package in `wit/`, the one this host implements.
-pub const CONTRACT_VERSION: &str = "0.4.0";
+pub const CONTRACT_VERSION: &str = "0.5.0";
 
 /// The `eddy:plugin` version a component imports, if it is not [`CONTRACT_VERSION`]: for a
 /// message that says "rebuild" rather than "no matching implementation".

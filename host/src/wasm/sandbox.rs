@@ -515,6 +515,8 @@ type MigrateFunc = wasmtime::component::TypedFunc<(String,), (Result<(), String>
 /// Instantiates `program` in `store`.
 fn link(store: &mut Store<StoreData>, program: &Program) -> Result<Linked, String> {
     store.set_epoch_deadline(u64::MAX / 2);
+    // The new instance has nothing cached yet: no expired key to tell it about.
+    store.data_mut().host.state.forget_expired_keys();
     let instance = program
         .pre
         .instance_pre()

@@ -140,6 +140,33 @@ pub fn produce(bootstrap: &str, topic: &str, records: &[(Option<Vec<u8>>, Vec<u8
     producer.flush(Duration::from_secs(30)).expect("flush");
 }
 
+/// Produces generated events with their event time as Kafka timestamp (as `eddy produce
+/// --event-timestamps` does), and waits until all are delivered.
+pub fn produce_timestamped(bootstrap: &str, events: &[Generated]) {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer");
+    for g in events {
+        let mut r = BaseRecord::<[u8], Vec<u8>>::to(TOPIC)
+            .key(g.key.as_bytes())
+            .payload(&g.payload)
+            .timestamp(g.time_ms);
+        loop {
+            match producer.send(r) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    r = back;
+                    producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
+}
+
 pub fn produce_generated(bootstrap: &str, events: &[Generated]) {
     let records: Vec<_> = events
         .iter()

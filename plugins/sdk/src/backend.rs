@@ -9,6 +9,9 @@ pub trait Backend {
     fn set_many(&mut self, entries: &[(String, Vec<u8>)]) -> Result<(), String>;
     fn delete_many(&mut self, keys: &[String]);
     fn scan_prefix(&mut self, prefix: &str, limit: u32) -> Vec<(String, Vec<u8>)>;
+    /// The keys the host deleted itself (`[plugin.expire]`) since the previous call; `None`:
+    /// too many to list, forget every cached key.
+    fn take_expired(&mut self) -> Option<Vec<String>>;
     fn emit(&mut self, records: Vec<OutputRecord>) -> Result<(), String>;
     fn log(&mut self, level: Level, message: &str);
 }
@@ -35,6 +38,10 @@ impl Backend for Host {
 
     fn scan_prefix(&mut self, prefix: &str, limit: u32) -> Vec<(String, Vec<u8>)> {
         crate::bindings::eddy::plugin::state::scan_prefix(prefix, limit)
+    }
+
+    fn take_expired(&mut self) -> Option<Vec<String>> {
+        crate::bindings::eddy::plugin::state::take_expired()
     }
 
     fn emit(&mut self, records: Vec<OutputRecord>) -> Result<(), String> {

@@ -23,7 +23,8 @@
 //! # Layout
 //! - [`activity`]: the typed user-activity event and its tolerant parser.
 //! - [`Event`], [`Verdict`]: what a plugin gets and what it answers.
-//! - [`State`]: the plugin's key/value state, cached for the life of the instance so a
+//! - [`State`]: the plugin's key/value state, cached for the life of the instance (less the
+//!   keys the host says expired) so a
 //!   batch costs one `set-many` and, for keys not seen before, one `get-many` (a few single
 //!   reads once the cache is warm and the SDK stops asking for keys ahead) however many
 //!   events touch it. A [`Key`] is a string or a prefix and a name joined without a
@@ -628,6 +629,31 @@ impl State {
         }
     }
 
+    /// Drops from the cache the keys the host deleted itself since the previous call (they
+    /// expired under a `[plugin.expire]` rule), or everything when the host had too many to
+    /// list: a cached value must never bring an expired key back. First thing in every call.
+    pub(crate) fn forget_expired(&mut self) {
+        match self.backend.take_expired() {
+            Some(keys) => {
+                for key in keys {
+                    // Everything was written back at the end of the previous call: nothing
+                    // cached is dirty.
+                    if let Some(slot) = self.cache.remove(&key) {
+                        self.cache_bytes -= slot_bytes(&key, &slot.value);
+                    }
+                    self.forget_decoded(&key);
+                }
+            }
+            None => {
+                self.cache.clear();
+                self.decoded.clear();
+                self.touched = 0;
+                self.cache_bytes = 0;
+                self.prefetch_next = true;
+            }
+        }
+    }
+
     /// Writes everything back; empties the cache if it grew past its bounds (and then has
     /// the next batch prefetch again).
     fn end_batch(&mut self) {
@@ -742,6 +768,7 @@ fn run_batch<P: Plugin>(
     events: &[Event],
     ctx: &mut Context,
 ) -> Result<Vec<Verdict>, String> {
+    ctx.state.forget_expired();
     let loaded_before = ctx.state.loaded;
     if ctx.state.prefetch_next {
         let mut keys = Vec::new();
@@ -861,6 +888,7 @@ pub mod wasm {
 
         fn on_tick(now_ms: i64) {
             let result = with_plugin(|plugin: &mut P, ctx| {
+                ctx.state.forget_expired();
                 plugin.on_tick(now_ms, ctx);
                 ctx.finish()
             });
@@ -1087,9 +1115,10 @@ mod tests {
         let mut h = Harness::<PerKey>::new("{}").unwrap();
         h.run_payloads(&["a", "b", "a"]);
         let calls = h.recorded().host_calls;
-        // The same keys again: nothing to read, one write-back.
+        // The same keys again: nothing to read; one call to hear of expired keys, one
+        // write-back.
         h.run_payloads(&["b", "a"]);
-        assert_eq!(h.recorded().host_calls - calls, 1);
+        assert_eq!(h.recorded().host_calls - calls, 2);
         assert_eq!(h.state_json::<i64>("k:a"), Some(3));
         assert_eq!(h.state_json::<i64>("k:b"), Some(2));
         assert_eq!(h.state_json::<i64>("n"), Some(5));
@@ -1132,6 +1161,27 @@ mod tests {
         assert_eq!(h.recorded().state.get("raw:b"), Some(&b"b".to_vec()));
     }
 
+    /// A key the host expired (`[plugin.expire]`) starts again from nothing, even while the
+    /// instance holds it in its cache, as a plain value or one decoded by `json_mut`; keys
+    /// that did not expire keep their values. (Before, the cached value came back.)
+    #[test]
+    fn an_expired_key_comes_back_from_nothing() {
+        let mut h = Harness::<Parts>::new("{}").unwrap();
+        h.run_payloads(&["a", "b", "a"]);
+        h.expire("k:a");
+        h.expire("list:k:b");
+        h.run_payloads(&["a", "b"]);
+        assert_eq!(h.state_json::<i64>("k:a"), Some(1));
+        assert_eq!(h.state_json::<i64>("k:b"), Some(2));
+        assert_eq!(h.state_json::<Vec<i64>>("list:k:a"), Some(vec![1, 2, 1]));
+        assert_eq!(h.state_json::<Vec<i64>>("list:k:b"), Some(vec![2]));
+        // A tick is told too.
+        h.expire("k:b");
+        h.tick(0);
+        h.run_payloads(&["b"]);
+        assert_eq!(h.state_json::<i64>("k:b"), Some(1));
+    }
+
     /// [`PerKey`] that counts the events it was asked to name keys for.
     struct Counted(PerKey, std::rc::Rc<std::cell::Cell<usize>>);
     thread_local! {
@@ -1167,8 +1217,8 @@ mod tests {
         assert_eq!(asked(), 40, "a warm cache does not ask");
         assert_eq!(
             h.recorded().host_calls - calls,
-            1,
-            "one write-back, no reads"
+            2,
+            "one take-expired, one write-back, no reads"
         );
         // New keys: read one by one this batch, prefetched again in the next.
         let new: Vec<String> = (100..120).map(|i| i.to_string()).collect();
@@ -1180,8 +1230,8 @@ mod tests {
         assert_eq!(asked(), 60);
         assert_eq!(
             h.recorded().host_calls - calls,
-            2,
-            "one get-many, one write-back"
+            3,
+            "one take-expired, one get-many, one write-back"
         );
         assert_eq!(h.state_json::<i64>("k:5"), Some(3));
         assert_eq!(h.state_json::<i64>("n"), Some(100));
@@ -1199,8 +1249,8 @@ mod tests {
         h.run_payloads(&["0", "1"]);
         assert_eq!(
             h.recorded().host_calls - calls,
-            2,
-            "one read, one write-back"
+            3,
+            "one take-expired, one read, one write-back"
         );
         assert_eq!(h.state_json::<i64>("k:0"), Some(2));
         assert_eq!(h.state_json::<i64>("n"), Some(keys.len() as i64 + 2));

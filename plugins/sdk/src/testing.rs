@@ -20,6 +20,10 @@ pub struct Recorded {
     pub logs: Vec<(Level, String)>,
     /// Host calls made, to check that plugins stay coarse.
     pub host_calls: usize,
+    /// Keys [`Harness::expire`] deleted that the plugin has not been told of yet.
+    pub expired_unseen: Vec<String>,
+    /// The prefixes `scan_prefix` was called with, in order.
+    pub scans: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -49,12 +53,18 @@ impl Backend for Memory {
     fn scan_prefix(&mut self, prefix: &str, limit: u32) -> Vec<(String, Vec<u8>)> {
         let mut r = self.0.borrow_mut();
         r.host_calls += 1;
+        r.scans.push(prefix.to_string());
         r.state
             .range(prefix.to_string()..)
             .take_while(|(k, _)| k.starts_with(prefix))
             .take(limit as usize)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
+    }
+    fn take_expired(&mut self) -> Option<Vec<String>> {
+        let mut r = self.0.borrow_mut();
+        r.host_calls += 1;
+        Some(std::mem::take(&mut r.expired_unseen))
     }
     fn emit(&mut self, records: Vec<OutputRecord>) -> Result<(), String> {
         let mut r = self.0.borrow_mut();
@@ -132,10 +142,20 @@ impl<P: Plugin> Harness<P> {
 
     /// Calls `on-tick` at `now_ms` (the fake clock is not moved).
     pub fn tick(&mut self, now_ms: i64) {
+        self.ctx.state.forget_expired();
         self.plugin.on_tick(now_ms, &mut self.ctx);
         self.ctx
             .finish()
             .expect("in-memory outputs accept everything");
+    }
+
+    /// Deletes `key` as the host does when it expires under a `[plugin.expire]` rule: the
+    /// plugin's next call is told, as inside the host.
+    pub fn expire(&mut self, key: &str) {
+        let mut r = self.memory.0.borrow_mut();
+        if r.state.remove(key).is_some() {
+            r.expired_unseen.push(key.to_string());
+        }
     }
 
     /// Simulates the host recreating the instance (after a trap or a hot swap): the plugin
@@ -181,6 +201,21 @@ impl<P: Plugin> Harness<P> {
             next_offset: self.next_offset,
             now_ms: self.now_ms,
         })
+    }
+
+    /// Forgets which prefixes were scanned so far.
+    pub fn clear_scans(&mut self) {
+        self.memory.0.borrow_mut().scans.clear();
+    }
+
+    /// Writes `value` under `key` as if a plugin had (e.g. state an older version left);
+    /// restart the instance afterwards so that its cache does not hide it.
+    pub fn put_state(&mut self, key: &str, value: &[u8]) {
+        self.memory
+            .0
+            .borrow_mut()
+            .state
+            .insert(key.to_string(), value.to_vec());
     }
 
     /// Forgets recorded outputs and logs (state stays).

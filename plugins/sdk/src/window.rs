@@ -1,12 +1,13 @@
 //! Event-time windows kept in [`State`]: tumbling, hopping and session windows, per key (a
 //! user, a page) or global (the key `""`), with an allowed lateness.
 //!
-//! Windows are per partition, each with its own event time (see [`Windows::add`]). A window
+//! Windows are per partition, each with its own clock (see [`Windows::add`]). A window
 //! closes when its partition's event time (the latest it has seen) passes its end plus the
-//! lateness, or, on a quiet stream, on a tick once nothing has arrived for
-//! [`Windows::close_when_idle`] of host time: then every open window closes, so the last
-//! figures come out although no later event pushes them (an event arriving after that starts
-//! a new window).
+//! lateness, or, on a partition gone quiet, on a tick once nothing has arrived from it for
+//! [`Windows::close_when_idle`] of host time (also while other partitions flow): then every
+//! open window of the partition closes, so the last figures come out although no later event
+//! pushes them (an event arriving after that starts a new window). A batch reads only the
+//! windows of the partitions with one due.
 //! Everything lives in host-side state (under `__eddy.win.<name>`), so windows are exact
 //! across instance restarts, hot swaps and `kill -9`, and a closed window is deleted.
 //!
@@ -22,6 +23,7 @@
 use crate::State;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// How events are grouped into windows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,27 +78,48 @@ struct Open<A> {
     agg: A,
 }
 
-/// The window set's clock, in state.
-#[derive(Debug, Serialize, Deserialize)]
+/// The window set's clocks, in state: one per partition.
+#[derive(Debug, Default, Serialize, Deserialize)]
 struct Clock {
-    /// The latest event time seen, per partition.
-    watermarks: std::collections::BTreeMap<i32, i64>,
-    /// The earliest time (end + lateness) at which an open window closes: nothing to scan
-    /// for before the watermark reaches it.
+    #[serde(default)]
+    partitions: BTreeMap<i32, PartitionClock>,
+    /// How SDKs before per-partition closing kept the clock: a watermark per partition, the
+    /// rest shared. Read from older state once, then moved into `partitions`.
+    #[serde(default, skip_serializing)]
+    watermarks: BTreeMap<i32, i64>,
+    #[serde(default, skip_serializing)]
+    next_close: Option<i64>,
+}
+
+/// One partition's clock.
+#[derive(Debug, Serialize, Deserialize)]
+struct PartitionClock {
+    /// The latest event time seen.
+    watermark: i64,
+    /// The earliest time (end + lateness) at which one of the partition's open windows
+    /// closes: nothing to scan for before its watermark reaches it (`i64::MAX`: none open).
     next_close: i64,
-    /// Whether events arrived since the last tick.
+    /// Whether the partition's events arrived since the last tick.
     active: bool,
-    /// Host time of the first tick that found the stream quiet.
+    /// Host time of the first tick that found the partition quiet.
     quiet_since: Option<i64>,
 }
 
-impl Default for Clock {
-    fn default() -> Self {
-        Clock {
-            watermarks: Default::default(),
-            next_close: i64::MAX,
-            active: false,
-            quiet_since: None,
+impl Clock {
+    /// Moves a clock of an older SDK into per-partition clocks (each partition then scans
+    /// once, which sets its own `next_close`).
+    fn upgrade(&mut self) {
+        let next_close = self.next_close.take().unwrap_or(i64::MIN);
+        for (partition, watermark) in std::mem::take(&mut self.watermarks) {
+            self.partitions.insert(
+                partition,
+                PartitionClock {
+                    watermark,
+                    next_close,
+                    active: true,
+                    quiet_since: None,
+                },
+            );
         }
     }
 }
@@ -195,11 +218,17 @@ where
         mut update: impl FnMut(&mut A),
     ) -> Added {
         let clock: &mut Clock = state.json_mut(self.clock_key().as_str());
-        let watermark = clock.watermarks.entry(partition).or_insert(t);
-        *watermark = (*watermark).max(t);
-        let watermark = *watermark;
-        clock.active = true;
-        clock.quiet_since = None;
+        clock.upgrade();
+        let own = clock.partitions.entry(partition).or_insert(PartitionClock {
+            watermark: t,
+            next_close: i64::MAX,
+            active: true,
+            quiet_since: None,
+        });
+        own.watermark = own.watermark.max(t);
+        own.active = true;
+        own.quiet_since = None;
+        let watermark = own.watermark;
         let lateness = self.lateness_ms;
         let open_spans: Vec<(i64, i64)> = self
             .spans(t)
@@ -268,22 +297,41 @@ where
             }
         }
         let clock: &mut Clock = state.json_mut(self.clock_key().as_str());
-        clock.next_close = clock.next_close.min(earliest.saturating_add(lateness));
+        if let Some(own) = clock.partitions.get_mut(&partition) {
+            own.next_close = own.next_close.min(earliest.saturating_add(lateness));
+        }
         Added::Counted
     }
 
-    /// The windows whose end plus the lateness the latest event time has passed, closed and
-    /// deleted from state, in order of end then key. Call it after each batch
-    /// (`on_batch_end`).
+    /// The windows whose end plus the lateness their partition's event time has passed,
+    /// closed and deleted from state, in order of end then key. Call it after each batch
+    /// (`on_batch_end`). Only the partitions with a window due are read.
     pub fn close_due(&self, state: &mut State) -> Vec<Closed<A>> {
-        if state.get_json::<Clock>(self.clock_key().as_str()).is_none() {
+        let Some(mut clock) = state.get_json::<Clock>(self.clock_key().as_str()) else {
+            return Vec::new();
+        };
+        clock.upgrade();
+        let due: Vec<i32> = clock
+            .partitions
+            .iter()
+            .filter(|(_, c)| c.next_close <= c.watermark)
+            .map(|(p, _)| *p)
+            .collect();
+        if due.is_empty() {
             return Vec::new();
         }
-        self.close_until(state, false)
+        let mut closed = Vec::new();
+        for partition in due {
+            self.close_partition(state, &mut clock, partition, false, &mut closed);
+        }
+        state.set_json(self.clock_key().as_str(), &clock);
+        sort(&mut closed);
+        closed
     }
 
-    /// On a tick at host time `now_ms`: if no event arrived for [`Self::close_when_idle`],
-    /// closes every open window. Call it from `on_tick`.
+    /// On a tick at host time `now_ms`: closes every open window of each partition from
+    /// which no event arrived for [`Self::close_when_idle`] of host time, also while other
+    /// partitions flow. Call it from `on_tick`.
     pub fn tick(&self, state: &mut State, now_ms: i64) -> Vec<Closed<A>> {
         if self.idle_ms <= 0 {
             return Vec::new();
@@ -291,59 +339,51 @@ where
         let Some(mut clock) = state.get_json::<Clock>(self.clock_key().as_str()) else {
             return Vec::new();
         };
-        if clock.active {
-            clock.active = false;
-            clock.quiet_since = None;
-        } else if clock.quiet_since.is_none() {
-            clock.quiet_since = Some(now_ms);
+        clock.upgrade();
+        let mut quiet = Vec::new();
+        for (partition, c) in clock.partitions.iter_mut() {
+            if c.active {
+                c.active = false;
+                c.quiet_since = None;
+            } else if c.quiet_since.is_none() {
+                c.quiet_since = Some(now_ms);
+            }
+            let quiet_for = c.quiet_since.map_or(0, |since| now_ms - since);
+            if c.quiet_since.is_some() && quiet_for >= self.idle_ms && c.next_close != i64::MAX {
+                quiet.push(*partition);
+            }
         }
-        let quiet_for = clock.quiet_since.map_or(0, |since| now_ms - since);
-        let closed = if clock.quiet_since.is_some() && quiet_for >= self.idle_ms {
-            // Quiet long enough: every open window has its final figures.
-            state.set_json(self.clock_key().as_str(), &clock);
-            self.close_until(state, true)
-        } else {
-            Vec::new()
-        };
-        let mut current: Clock = state
-            .get_json(self.clock_key().as_str())
-            .unwrap_or_default();
-        current.active = clock.active;
-        current.quiet_since = clock.quiet_since;
-        state.set_json(self.clock_key().as_str(), &current);
+        let mut closed = Vec::new();
+        for partition in quiet {
+            // Quiet long enough: its open windows have their final figures.
+            self.close_partition(state, &mut clock, partition, true, &mut closed);
+        }
+        state.set_json(self.clock_key().as_str(), &clock);
+        sort(&mut closed);
         closed
     }
 
-    /// Closes every window whose end + lateness its partition's event time has reached (or
-    /// every window, if `all`).
-    fn close_until(&self, state: &mut State, all: bool) -> Vec<Closed<A>> {
-        let mut clock: Clock = state
-            .get_json(self.clock_key().as_str())
-            .unwrap_or_default();
-        let latest = clock.watermarks.values().copied().max().unwrap_or(i64::MIN);
-        if !all && clock.next_close > latest {
-            return Vec::new();
-        }
-        let prefix = self.prefix();
-        let mut closed = Vec::new();
+    /// Closes every window of `partition` whose end + lateness the partition's event time
+    /// has reached (or every one, if `all`), into `closed`, and sets when the next is due.
+    fn close_partition(
+        &self,
+        state: &mut State,
+        clock: &mut Clock,
+        partition: i32,
+        all: bool,
+        closed: &mut Vec<Closed<A>>,
+    ) {
+        let Some(own) = clock.partitions.get_mut(&partition) else {
+            return;
+        };
+        let time = if all { i64::MAX } else { own.watermark };
+        let prefix = format!("{}{partition}/", self.prefix());
         let mut next_close = i64::MAX;
         for (state_key, bytes) in state.scan_prefix(&prefix, u32::MAX) {
             let Ok(windows) = serde_json::from_slice::<Vec<Open<A>>>(&bytes) else {
                 continue;
             };
-            let Some((partition, key)) = state_key[prefix.len()..].split_once('/') else {
-                continue;
-            };
-            let time = if all {
-                i64::MAX
-            } else {
-                partition
-                    .parse::<i32>()
-                    .ok()
-                    .and_then(|p| clock.watermarks.get(&p).copied())
-                    .unwrap_or(i64::MIN)
-            };
-            let (partition, key) = (partition.parse::<i32>().unwrap_or(-1), key.to_string());
+            let key = &state_key[prefix.len()..];
             let (done, open): (Vec<Open<A>>, Vec<Open<A>>) = windows
                 .into_iter()
                 .partition(|w| w.end.saturating_add(self.lateness_ms) <= time);
@@ -356,7 +396,7 @@ where
             for w in done {
                 closed.push(Closed {
                     partition,
-                    key: key.clone(),
+                    key: key.to_string(),
                     start: w.start,
                     end: w.end,
                     agg: w.agg,
@@ -368,11 +408,13 @@ where
                 state.set_json(state_key.as_str(), &open);
             }
         }
-        clock.next_close = next_close;
-        state.set_json(self.clock_key().as_str(), &clock);
-        closed.sort_by(|a, b| (a.end, &a.key, a.partition).cmp(&(b.end, &b.key, b.partition)));
-        closed
+        own.next_close = next_close;
     }
+}
+
+/// Closed windows in order of end, then key, then partition.
+fn sort<A>(closed: &mut [Closed<A>]) {
+    closed.sort_by(|a, b| (a.end, &a.key, a.partition).cmp(&(b.end, &b.key, b.partition)));
 }
 
 /// Deduplication by id: whether `id` is seen for the first time within `ttl_ms` of event
@@ -552,6 +594,82 @@ mod tests {
         h.advance(10_000);
         h.advance(10_000);
         assert_eq!(closed(&h, "t").len(), 1);
+    }
+
+    /// Runs one batch of `(user, event time in s)` on `partition`.
+    fn batch_on(h: &mut Harness<Counts>, partition: i32, events: &[(&str, i64)]) {
+        let payloads: Vec<Vec<u8>> = events
+            .iter()
+            .map(|(u, _)| format!(r#"{{"user_id":"{u}","event_type":"click"}}"#).into_bytes())
+            .collect();
+        let mut batch: Vec<Event> = payloads.iter().map(|p| h.event(p)).collect();
+        for (e, (_, t)) in batch.iter_mut().zip(events) {
+            e.partition = partition;
+            e.timestamp_ms = Some(t * 1000);
+        }
+        h.run(&batch);
+    }
+
+    /// A partition that stopped closes its windows on ticks while another keeps flowing
+    /// (issue 27: before, one partition's events kept the whole stream "active", and the
+    /// quiet partition's windows stayed open for as long as the other flowed).
+    #[test]
+    fn a_quiet_partition_closes_its_windows_on_ticks_while_another_flows() {
+        let mut h = Harness::<Counts>::new("{}").unwrap();
+        batch_on(&mut h, 1, &[("b", 100), ("b", 101)]);
+        h.set_time(5_000_000);
+        let mut t = 100;
+        for _ in 0..6 {
+            // Partition 0 flows, slowly: none of its own windows is due yet.
+            t += 1;
+            batch_on(&mut h, 0, &[("a", t)]);
+            h.advance(10_000);
+        }
+        assert_eq!(
+            closed(&h, "t"),
+            [w("b", 100, 110, 2)],
+            "partition 1 has been quiet for 50 s"
+        );
+        // Partition 0's window is still open: it is not quiet.
+        assert!(h.recorded().state.contains_key("__eddy.win.t/0/a"));
+    }
+
+    /// A batch reads only the windows of the partitions with one due (issue 27: before, a
+    /// window of any partition due by the latest event time of all made every batch read
+    /// every window: a partition behind the others made every batch a full scan).
+    #[test]
+    fn a_batch_reads_only_the_windows_of_partitions_with_one_due() {
+        let mut h = Harness::<Counts>::new("{}").unwrap();
+        // Partition 1 is behind, at 5 s, with [0, 10) open; partition 0 is at 100 s.
+        batch_on(&mut h, 1, &[("b", 5)]);
+        batch_on(&mut h, 0, &[("a", 100)]);
+        h.clear_scans();
+        for t in 101..105 {
+            batch_on(&mut h, 0, &[("a", t)]);
+        }
+        assert_eq!(h.recorded().scans, Vec::<String>::new(), "nothing was due");
+        // Partition 0's [100, 110) is due at 115 s: only its windows are read.
+        batch_on(&mut h, 0, &[("a", 116)]);
+        let scanned = h.recorded().scans.clone();
+        assert!(
+            !scanned.is_empty() && scanned.iter().all(|p| p.ends_with("/0/")),
+            "{scanned:?}"
+        );
+        assert_eq!(closed(&h, "t"), [w("a", 100, 110, 5)]);
+    }
+
+    /// State written by an SDK before per-partition clocks (one shared `next_close` and
+    /// quiet flag) goes on where it was.
+    #[test]
+    fn a_clock_of_an_older_sdk_is_taken_over() {
+        let mut h = Harness::<Counts>::new("{}").unwrap();
+        batch(&mut h, &[("a", 1)]);
+        let old =
+            br#"{"watermarks":{"0":1000},"next_close":15000,"active":true,"quiet_since":null}"#;
+        h.put_state("__eddy.win.t.clock", old);
+        h.restart("{}").unwrap();
+        batch(&mut h, &[("a", 16)]);
+        assert_eq!(closed(&h, "t"), [w("a", 0, 10, 1)]);
     }
 
     #[test]

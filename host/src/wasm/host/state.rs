@@ -1,4 +1,5 @@
-//! `eddy:plugin/state`: the plugin's own key/value state, nobody else's.
+//! `eddy:plugin/state`: the plugin's own key/value state, nobody else's, and the keys the
+//! host deleted from it itself (`[plugin.expire]`), which an instance must drop from its cache.
 //!
 //! A write past `limits.state_mib` traps (`kind="state_quota"`): the events of the call are
 //! dead-lettered with a reason naming the limit, whatever the plugin does with the error (the
@@ -51,5 +52,9 @@ impl state::Host for HostState {
 
     fn scan_prefix(&mut self, prefix: String, limit: u32) -> Vec<(String, Vec<u8>)> {
         self.state.scan_prefix(&prefix, limit as usize)
+    }
+
+    fn take_expired(&mut self) -> Option<Vec<String>> {
+        self.state.take_expired_keys()
     }
 }
