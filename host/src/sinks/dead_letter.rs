@@ -143,9 +143,9 @@ impl DeadLetters {
             .map(|r| serde_json::to_vec(r).expect("a row is JSON"))
             .collect();
         let slices: Vec<&[u8]> = json.iter().map(Vec::as_slice).collect();
-        let refused = table.write(&slices).await.map_err(|m| DeadLetterError {
+        let refused = table.write(&slices).await.map_err(|e| DeadLetterError {
             topic: format!("{} (and its dead-letter table)", self.topic),
-            message: m,
+            message: e.to_string(),
         })?;
         for u in refused {
             tracing::error!(

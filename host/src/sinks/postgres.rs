@@ -15,12 +15,17 @@
 //! batch (`DISTINCT ON`, by position), so a key updated several times in a batch is one row
 //! change and the latest value wins.
 //!
-//! Errors: a statement refused for what is in a row (SQLSTATE class 22, data exception, or
-//! 23, integrity constraint violation, or 42703, a field naming no column) is retried on
-//! halves of the records until the refused rows are alone: those are [`Undeliverable`] (the
-//! worker dead-letters them with the database's message) and the rest are written. Anything
-//! else (the database down or restarting, a timeout, a missing table, a full pool) is
-//! [`SinkError`]: the worker retries the whole delivery with backoff, holding the offsets.
+//! Errors are classed by SQLSTATE ([`refusal`]): a statement refused for what its rows hold
+//! (class 22, data exception: a bad time, an invalid byte sequence, a NUL; 23, integrity
+//! constraint; 27, 44, P0, 54: a trigger or a check; 42, except what names the table itself:
+//! a field naming no column, a generated column) is retried on halves of the records until
+//! the refused rows are alone, each statement bounded by [`STATEMENT_TIMEOUT`] of its own
+//! (a statement refused while prepared is refused for its columns: a run whose rows all
+//! name the same is refused whole, without halving). Those rows are [`Undeliverable`] (the
+//! worker dead-letters them with the database's message), as is a record that is not UTF-8
+//! or not a JSON object, and the rest are written. Anything else (the database down or
+//! restarting, a timeout, a missing table, no right to it, a full pool) is a [`WriteError`]:
+//! the worker retries the whole delivery with backoff, holding the offsets.
 //! Rows already written are written again by a retry, which `insert_if_absent` and `upsert`
 //! absorb (see the README's PostgreSQL section for why that makes them exactly once).
 
@@ -38,6 +43,9 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 /// How long to wait for a connection: a free one from the pool, or a new one.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long one statement may take (the wait for a connection is bounded the same way).
+pub const STATEMENT_TIMEOUT: Duration = DELIVERY_TIMEOUT;
 
 /// The pools of every `[postgres.NAME]`, made at start (connections are opened on first use,
 /// so a database that is down does not stop the host: its outputs wait for it).
@@ -137,12 +145,42 @@ fn tls(name: &str, db: &PostgresConfig) -> anyhow::Result<MakeRustlsConnect> {
     Ok(MakeRustlsConnect::new(config))
 }
 
-/// Whether PostgreSQL refused a statement for what is in a row: retrying it cannot help.
-fn refused_for_good(e: &tokio_postgres::Error) -> bool {
-    e.code().is_some_and(|c| {
-        let c = c.code();
-        c.starts_with("22") || c.starts_with("23") || c == "42703"
-    })
+/// What PostgreSQL's refusal of a statement says about it, by SQLSTATE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Refused for what its rows hold (their values or their fields): the same rows would
+    /// be refused again, however often they are sent.
+    Rows,
+    /// Refused for the state of the database or of the connection (down, restarting, busy,
+    /// a missing table, no right to it): sending the same rows later may succeed.
+    ForNow,
+}
+
+/// Classifies a SQLSTATE by its class (its first two characters), and within class 42 by
+/// whether it names the table (for now: a migration or a `GRANT` may come) or the fields.
+fn refusal(code: &str) -> Refusal {
+    match code.get(..2).unwrap_or("") {
+        // Data exception (22021 invalid byte sequence, 22P05 a NUL, 22007 a bad time, 22001
+        // too long, …), integrity constraint (23502 NOT NULL, 23514 CHECK, …), a trigger's
+        // or a view's check (27, 44), a trigger raising (P0).
+        "22" | "23" | "27" | "44" | "P0" => Refusal::Rows,
+        // Program limit exceeded by a row: an index row too big (54000), too many columns.
+        "54" => Refusal::Rows,
+        // Syntax error or access rule violation: about the fields (42703 no such column,
+        // 428C9 a generated column, 42804 a type, 42601 a name no identifier can be, …)
+        // except those about the table itself.
+        "42" => match code {
+            "42P01" | "42501" | "42704" | "42883" => Refusal::ForNow,
+            _ => Refusal::Rows,
+        },
+        _ => Refusal::ForNow,
+    }
+}
+
+/// [`refusal`] of a client error: one without a SQLSTATE (a closed connection, a timeout
+/// of the socket) is for now.
+fn refusal_of(e: &tokio_postgres::Error) -> Refusal {
+    e.code().map_or(Refusal::ForNow, |c| refusal(c.code()))
 }
 
 /// The database's own words for `e`: message, detail and SQLSTATE.
@@ -245,10 +283,23 @@ impl TableWriter {
     /// Writes `payloads` (JSON objects), one statement per run of rows, and returns those
     /// refused for good (index into `payloads`, why). `Err`: nothing can be said for now
     /// (the database is unreachable, say): the caller sends them all again later.
-    pub async fn write(&self, payloads: &[&[u8]]) -> Result<Vec<Undeliverable>, String> {
+    ///
+    /// Each statement has [`STATEMENT_TIMEOUT`] of its own, so a batch whose every row is
+    /// refused (about 2n statements to isolate them) is bounded per statement, not as a
+    /// whole: however large, it ends with its rows refused rather than timed out and begun
+    /// again.
+    pub async fn write(&self, payloads: &[&[u8]]) -> Result<Vec<Undeliverable>, WriteError> {
         let mut refused = Vec::new();
         let mut rows = Vec::with_capacity(payloads.len());
         for (index, json) in payloads.iter().enumerate() {
+            // The statement's parameter is text: a record that is not UTF-8 can never be one.
+            if let Err(e) = std::str::from_utf8(json) {
+                refused.push(Undeliverable {
+                    index,
+                    reason: format!("not UTF-8 text, which a row must be: {e}"),
+                });
+                continue;
+            }
             match serde_json::from_slice::<BTreeMap<String, serde::de::IgnoredAny>>(json) {
                 Ok(fields) => {
                     if let Some(k) = self.target.key.iter().find(|k| !fields.contains_key(*k)) {
@@ -274,69 +325,94 @@ impl TableWriter {
             return Ok(refused);
         }
         let Some(pool) = &self.pool else {
-            return Err(format!(
-                "[postgres.{}] was added after the host started: restart the host to use it",
-                self.database
-            ));
+            return Err(WriteError::NoDatabase(self.database.clone()));
         };
-        let write = async {
-            let client = pool.get().await.map_err(|e| match e {
-                deadpool_postgres::PoolError::Backend(e) => describe(&e),
-                e => e.to_string(),
-            })?;
-            // Runs of rows, in order: a run refused for what is in a row is split in two,
-            // until the refused rows are alone.
-            let mut runs = VecDeque::new();
-            runs.push_back(0..rows.len());
-            while let Some(run) = runs.pop_front() {
-                let part = &rows[run.clone()];
-                let columns: BTreeSet<&str> = part
-                    .iter()
-                    .flat_map(|r| r.columns.iter().map(String::as_str))
-                    .collect();
-                let mut array = Vec::with_capacity(part.iter().map(|r| r.json.len() + 1).sum());
-                array.push(b'[');
-                for (i, r) in part.iter().enumerate() {
-                    if i > 0 {
-                        array.push(b',');
-                    }
-                    array.extend_from_slice(r.json);
-                }
-                array.push(b']');
-                let array =
-                    String::from_utf8(array).map_err(|_| "records are not UTF-8".to_string())?;
-                let result = match client.prepare_cached(&self.statement(&columns)).await {
-                    Ok(s) => client.execute(&s, &[&array]).await,
-                    Err(e) => Err(e),
-                };
-                match result {
-                    Ok(_) => {}
-                    Err(e) if refused_for_good(&e) => {
-                        if part.len() == 1 {
-                            refused.push(Undeliverable {
-                                index: part[0].index,
-                                reason: describe(&e),
-                            });
-                        } else {
-                            let mid = run.start + part.len() / 2;
-                            runs.push_front(mid..run.end);
-                            runs.push_front(run.start..mid);
-                        }
-                    }
-                    Err(e) => return Err(describe(&e)),
-                }
+        let client = match tokio::time::timeout(STATEMENT_TIMEOUT, pool.get()).await {
+            Ok(Ok(client)) => client,
+            Ok(Err(deadpool_postgres::PoolError::Backend(e))) => {
+                return Err(WriteError::Database(describe(&e)));
             }
-            Ok(())
+            Ok(Err(e)) => return Err(WriteError::Database(e.to_string())),
+            Err(_) => return Err(WriteError::TimedOut(STATEMENT_TIMEOUT)),
         };
-        match tokio::time::timeout(DELIVERY_TIMEOUT, write).await {
-            Ok(Ok(())) => {
-                refused.sort_by_key(|u| u.index);
-                Ok(refused)
+        // Runs of rows, in order: a run refused for what is in a row is split in two,
+        // until the refused rows are alone.
+        let mut runs = VecDeque::new();
+        runs.push_back(0..rows.len());
+        while let Some(run) = runs.pop_front() {
+            let part = &rows[run.clone()];
+            let columns: BTreeSet<&str> = part
+                .iter()
+                .flat_map(|r| r.columns.iter().map(String::as_str))
+                .collect();
+            let mut array = String::with_capacity(part.iter().map(|r| r.json.len() + 1).sum());
+            array.push('[');
+            for (i, r) in part.iter().enumerate() {
+                if i > 0 {
+                    array.push(',');
+                }
+                // Checked above.
+                array.push_str(std::str::from_utf8(r.json).unwrap_or_default());
             }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(format!("no answer within {DELIVERY_TIMEOUT:?}")),
+            array.push(']');
+            let statement = self.statement(&columns);
+            let result = tokio::time::timeout(STATEMENT_TIMEOUT, async {
+                let s = client
+                    .prepare_cached(&statement)
+                    .await
+                    .map_err(|e| (Stage::Prepare, e))?;
+                client
+                    .execute(&s, &[&array])
+                    .await
+                    .map_err(|e| (Stage::Execute, e))
+            })
+            .await
+            .map_err(|_| WriteError::TimedOut(STATEMENT_TIMEOUT))?;
+            match result {
+                Ok(_) => {}
+                Err((stage, e)) if refusal_of(&e) == Refusal::Rows => {
+                    // Refused before any row was read: for the columns, which every row
+                    // of the run names if they all name the same.
+                    let same_columns = stage == Stage::Prepare
+                        && part.iter().all(|r| r.columns == part[0].columns);
+                    if part.len() == 1 || same_columns {
+                        let reason = describe(&e);
+                        refused.extend(part.iter().map(|r| Undeliverable {
+                            index: r.index,
+                            reason: reason.clone(),
+                        }));
+                    } else {
+                        let mid = run.start + part.len() / 2;
+                        runs.push_front(mid..run.end);
+                        runs.push_front(run.start..mid);
+                    }
+                }
+                Err((_, e)) => return Err(WriteError::Database(describe(&e))),
+            }
         }
+        refused.sort_by_key(|u| u.index);
+        Ok(refused)
     }
+}
+
+/// Where a statement was refused: preparing it (its columns) or running it (its rows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Prepare,
+    Execute,
+}
+
+/// Why rows could not be written for now (the caller sends them all again later).
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("[postgres.{0}] was added after the host started: restart the host to use it")]
+    NoDatabase(String),
+    /// The database's (or the client's) words.
+    #[error("{0}")]
+    Database(String),
+    /// A statement (or the wait for a connection) took longer than this.
+    #[error("no answer within {0:?}")]
+    TimedOut(Duration),
 }
 
 /// An output's sink: its records as rows of a table.
@@ -365,14 +441,23 @@ impl Sink for Table {
             writer.write(&slices).await
         });
         Ok(Box::pin(async move {
-            let written = write
-                .await
-                .unwrap_or_else(|e| Err(format!("the write failed: {e}")));
-            written.map_err(|message| SinkError::Refused {
-                output,
-                destination,
-                message,
-            })
+            match write.await {
+                Ok(Ok(refused)) => Ok(refused),
+                Ok(Err(WriteError::TimedOut(_))) => Err(SinkError::TimedOut {
+                    output,
+                    destination,
+                }),
+                Ok(Err(e)) => Err(SinkError::Refused {
+                    output,
+                    destination,
+                    message: e.to_string(),
+                }),
+                Err(e) => Err(SinkError::Refused {
+                    output,
+                    destination,
+                    message: format!("the write failed: {e}"),
+                }),
+            }
         }))
     }
 }
@@ -483,5 +568,26 @@ mod tests {
             "{refused:?}"
         );
         assert!(refused[1].reason.contains("no `user_id`"), "{refused:?}");
+        // Not UTF-8: the statement's text parameter could never carry it (this was an error
+        // for the whole batch, retried forever).
+        let refused = w.write(&[b"{\"user_id\":\"\xff\"}"]).await.unwrap();
+        assert_eq!(refused.len(), 1);
+        assert!(refused[0].reason.starts_with("not UTF-8"), "{refused:?}");
+    }
+
+    #[test]
+    fn refusals_are_classed_by_sqlstate_class() {
+        for code in [
+            "22021", "22P05", "22007", "22001", "23502", "23514", "42703", "428C9", "42804",
+            "42601", "42701", "54000", "P0001", "27000", "44000",
+        ] {
+            assert_eq!(refusal(code), Refusal::Rows, "{code}");
+        }
+        for code in [
+            "08006", "57P01", "57014", "53300", "40001", "40P01", "55P03", "42P01", "42501",
+            "XX000", "58030", "3D000", "28P01", "25P02",
+        ] {
+            assert_eq!(refusal(code), Refusal::ForNow, "{code}");
+        }
     }
 }

@@ -3,8 +3,8 @@
 //!
 //! - `events` (→ `user_events`, `insert_if_absent` on `event_id`): one record per event:
 //!   `event_id` (the event's own, else `<topic>:<partition>:<offset>`, which a replay
-//!   reproduces), `user_id`, `event_type`, `timestamp`, `session_id`, `page_url`, `amount`
-//!   and the whole event as `metadata`.
+//!   reproduces), `user_id`, `event_type`, `timestamp` (the event's own, else its Kafka
+//!   record's), `session_id`, `page_url`, `amount` and the whole event as `metadata`.
 //! - `stats` (→ `user_stats`, `upsert` on `user_id`): after each batch, for every user the
 //!   batch touched, the user's absolute figures from state: `total_events`,
 //!   `total_purchases`, `total_spent` (purchases' price × quantity, else cart value),
@@ -85,6 +85,29 @@ pub struct Warehouse {
     touched: BTreeSet<String>,
 }
 
+/// Unix milliseconds as RFC 3339 in UTC (`2024-01-15T10:30:45.123Z`).
+fn rfc3339(ms: i64) -> String {
+    let (days, ms_of_day) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's `civil_from_days`).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let s = ms_of_day / 1000;
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        s / 3600,
+        s / 60 % 60,
+        s % 60,
+        ms_of_day % 1000
+    )
+}
+
 /// `(ms, text)` if it is later than `seen`.
 fn later(seen: &mut Option<(i64, String)>, ms: i64, text: &str) {
     if seen.as_ref().is_none_or(|(t, _)| ms > *t) {
@@ -121,6 +144,17 @@ impl Plugin for Warehouse {
                 &coordinates
             }
         };
+        // `timestamp` is NOT NULL in `user_events`: an event without one (the README's own
+        // example) gets its Kafka record's.
+        let record_time;
+        let timestamp = match (a.timestamp.as_deref(), event.timestamp_ms) {
+            (Some(t), _) => Some(t),
+            (None, Some(ms)) => {
+                record_time = rfc3339(ms);
+                Some(record_time.as_str())
+            }
+            (None, None) => None,
+        };
         if !self.config.events_output.is_empty() {
             // The payload parsed as an activity, so it is one JSON value.
             let Ok(metadata) = serde_json::from_slice::<&RawValue>(event.payload) else {
@@ -130,7 +164,7 @@ impl Plugin for Warehouse {
                 event_id,
                 user_id: &a.user_id,
                 event_type: a.event_type.as_str(),
-                timestamp: a.timestamp.as_deref(),
+                timestamp,
                 session_id: a.session_id.as_deref(),
                 page_url: a.page_url.as_deref(),
                 amount: a.amount(),
@@ -243,5 +277,21 @@ mod tests {
             events[0]["event_id"].as_str().unwrap().contains(':'),
             "{events:?}"
         );
+    }
+
+    #[test]
+    fn an_event_without_a_timestamp_gets_its_records() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_705_314_645_123), "2024-01-15T10:30:45.123Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(rfc3339(-1), "1969-12-31T23:59:59.999Z");
+        let mut h = Harness::<Warehouse>::new("{}").unwrap();
+        let payload =
+            br#"{"event_id":"e-1","user_id":"user-1","event_type":"page_view","page_url":"/"}"#;
+        let mut e = Event::new("events", 0, 7, None, payload);
+        e.timestamp_ms = Some(1_705_314_645_123);
+        assert_eq!(h.run(&[e]), [Verdict::Ok]);
+        let events = h.outputs_json("events");
+        assert_eq!(events[0]["timestamp"], "2024-01-15T10:30:45.123Z");
     }
 }
