@@ -448,6 +448,98 @@ async fn a_batch_whose_every_row_is_refused_is_dead_lettered_within_seconds() {
     );
 }
 
+/// A delivery given up on stops: its upsert, held back by the server (here: a trigger waits
+/// for a lock the test holds, before it touches the row), never lands after a newer write
+/// of the same row. (It ran on in its spawned task and landed later, moving the row back.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_given_up_on_never_lands_after_a_newer_one() {
+    use eddy::config::{PostgresConfig, TableTarget, WriteMode};
+    use eddy::sinks::Sink;
+    use eddy::sinks::postgres::{Databases, Table};
+    init_logs();
+    let pg = Postgres::start();
+    let db = PostgresConfig {
+        url: pg.url(),
+        ca_file: None,
+        pool_size: 4,
+        migrations: Some(root().join("migrations")),
+        migrate_on_start: false,
+    };
+    eddy::sinks::postgres::migrate("main", &db).await.unwrap();
+    pg.query(
+        "CREATE FUNCTION hold_back() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF NEW.total_events = 1 THEN PERFORM pg_advisory_xact_lock(4242); END IF; \
+           RETURN NEW; END $$; \
+         CREATE TRIGGER hold_back BEFORE INSERT ON user_stats \
+           FOR EACH ROW EXECUTE FUNCTION hold_back()",
+    );
+    let (holder, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    holder
+        .batch_execute("SELECT pg_advisory_lock(4242)")
+        .await
+        .unwrap();
+
+    let databases = Databases::new(&[("main".to_string(), db)].into()).unwrap();
+    let table = Table::new(
+        &databases,
+        &TableTarget {
+            postgres: "main".into(),
+            table: "user_stats".into(),
+            mode: WriteMode::Upsert,
+            key: vec!["user_id".into()],
+        },
+    );
+    let record = |n: i64| eddy::wasm::OutputRecord {
+        output: "stats".into(),
+        key: None,
+        payload: format!(
+            r#"{{"user_id":"u1","total_events":{n},"total_purchases":0,"total_spent":0}}"#
+        )
+        .into_bytes(),
+    };
+    let stale = record(1);
+    let delivery = table.send("stats", &[&stale]).unwrap();
+    let waiting = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE application_name = 'eddy' AND wait_event_type = 'Lock'";
+    tokio::task::block_in_place(|| {
+        wait_for(
+            Duration::from_secs(30),
+            "the write to wait for the lock",
+            || pg.count(waiting) == 1,
+        )
+    });
+    // Given up on (as the worker does when another output fails, or time is up).
+    drop(delivery);
+    let newer = record(2);
+    let refused = table.send("stats", &[&newer]).unwrap().await.unwrap();
+    assert!(refused.is_empty(), "{refused:?}");
+    let total = "SELECT total_events FROM user_stats WHERE user_id = 'u1'";
+    assert_eq!(pg.query(total), ["2"]);
+
+    // The lock let go: whatever of the given-up write was left must not land now.
+    holder
+        .batch_execute("SELECT pg_advisory_unlock(4242)")
+        .await
+        .unwrap();
+    let running = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE application_name = 'eddy' AND state <> 'idle'";
+    tokio::task::block_in_place(|| {
+        wait_for(
+            Duration::from_secs(30),
+            "no statement of the writer's left running",
+            || pg.count(running) == 0,
+        )
+    });
+    assert_eq!(
+        pg.query(total),
+        ["2"],
+        "the write given up on landed after the newer one"
+    );
+}
+
 /// Waits until `user_events` has at least `n` rows.
 async fn wait_for_rows(pg: &Postgres, n: i64) {
     tokio::task::block_in_place(|| {

@@ -28,6 +28,11 @@
 //! the worker retries the whole delivery with backoff, holding the offsets.
 //! Rows already written are written again by a retry, which `insert_if_absent` and `upsert`
 //! absorb (see the README's PostgreSQL section for why that makes them exactly once).
+//!
+//! A write given up on stops: each statement runs in a transaction of its own, committed
+//! only once it has answered, and a write that times out or whose delivery is dropped
+//! closes its connection mid-transaction (no commit) and cancels the statement (see
+//! `Held`), so a stale statement never lands after a newer one and rows only move forward.
 
 use super::{DELIVERY_TIMEOUT, Delivery, Sink, SinkError, Undeliverable};
 use crate::config::{PostgresConfig, TableTarget, WriteMode};
@@ -51,14 +56,14 @@ pub const STATEMENT_TIMEOUT: Duration = DELIVERY_TIMEOUT;
 /// so a database that is down does not stop the host: its outputs wait for it).
 #[derive(Clone, Default)]
 pub struct Databases {
-    pools: Arc<BTreeMap<String, Pool>>,
+    pools: Arc<BTreeMap<String, (Pool, Cancel)>>,
 }
 
 impl Databases {
     pub fn new(config: &BTreeMap<String, PostgresConfig>) -> anyhow::Result<Databases> {
         let mut pools = BTreeMap::new();
         for (name, db) in config {
-            pools.insert(name.clone(), pool(name, db)?);
+            pools.insert(name.clone(), connect(name, db)?);
         }
         Ok(Databases {
             pools: Arc::new(pools),
@@ -66,12 +71,38 @@ impl Databases {
     }
 
     pub fn get(&self, name: &str) -> Option<&Pool> {
-        self.pools.get(name)
+        self.pools.get(name).map(|(pool, _)| pool)
+    }
+}
+
+/// How to ask the server to cancel a statement: over a connection of the same kind as the
+/// pool's (with TLS where the pool has it).
+#[derive(Clone)]
+enum Cancel {
+    Plain,
+    Tls(MakeRustlsConnect),
+}
+
+impl Cancel {
+    async fn cancel(&self, token: &tokio_postgres::CancelToken) {
+        let result = match self {
+            Cancel::Plain => token.cancel_query(NoTls).await,
+            Cancel::Tls(tls) => token.cancel_query(tls.clone()).await,
+        };
+        if let Err(e) = result {
+            // The connection is closed meanwhile, which ends the transaction as well.
+            tracing::debug!("cannot cancel a statement given up on: {}", describe(&e));
+        }
     }
 }
 
 /// A pool of at most `pool_size` connections to `db`.
 pub fn pool(name: &str, db: &PostgresConfig) -> anyhow::Result<Pool> {
+    connect(name, db).map(|(pool, _)| pool)
+}
+
+/// [`pool`], and how to cancel a statement on its connections.
+fn connect(name: &str, db: &PostgresConfig) -> anyhow::Result<(Pool, Cancel)> {
     let mut pg: tokio_postgres::Config = db.url.parse().map_err(|e| {
         anyhow::anyhow!("[postgres.{name}] url is not a libpq connection string: {e}")
     })?;
@@ -84,24 +115,31 @@ pub fn pool(name: &str, db: &PostgresConfig) -> anyhow::Result<Pool> {
     let manager_config = ManagerConfig {
         recycling_method: RecyclingMethod::Fast,
     };
-    let manager = match pg.get_ssl_mode() {
+    let (manager, cancel) = match pg.get_ssl_mode() {
         // TLS only where it is required, and then verified: `prefer` with a verifying
         // connector would refuse a server whose certificate it cannot verify (libpq's
         // `prefer` encrypts without verifying, which protects against nothing active).
         SslMode::Require => {
             let tls = tls(name, db)?;
-            Manager::from_config(pg, tls, manager_config)
+            (
+                Manager::from_config(pg, tls.clone(), manager_config),
+                Cancel::Tls(tls),
+            )
         }
-        _ => Manager::from_config(pg, NoTls, manager_config),
+        _ => (
+            Manager::from_config(pg, NoTls, manager_config),
+            Cancel::Plain,
+        ),
     };
-    Pool::builder(manager)
+    let pool = Pool::builder(manager)
         .max_size(db.pool_size)
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(CONNECT_TIMEOUT))
         .create_timeout(Some(CONNECT_TIMEOUT))
         .recycle_timeout(Some(CONNECT_TIMEOUT))
         .build()
-        .map_err(|e| anyhow::anyhow!("[postgres.{name}]: {e}"))
+        .map_err(|e| anyhow::anyhow!("[postgres.{name}]: {e}"))?;
+    Ok((pool, cancel))
 }
 
 /// The TLS connector for `sslmode=require`: rustls (ring), the server's certificate verified
@@ -228,7 +266,7 @@ struct Row<'a> {
 #[derive(Clone)]
 pub struct TableWriter {
     database: String,
-    pool: Option<Pool>,
+    pool: Option<(Pool, Cancel)>,
     target: TableTarget,
 }
 
@@ -236,7 +274,7 @@ impl TableWriter {
     pub fn new(databases: &Databases, target: &TableTarget) -> TableWriter {
         TableWriter {
             database: target.postgres.clone(),
-            pool: databases.get(&target.postgres).cloned(),
+            pool: databases.pools.get(&target.postgres).cloned(),
             target: target.clone(),
         }
     }
@@ -324,11 +362,15 @@ impl TableWriter {
         if rows.is_empty() {
             return Ok(refused);
         }
-        let Some(pool) = &self.pool else {
+        let Some((pool, cancel)) = &self.pool else {
             return Err(WriteError::NoDatabase(self.database.clone()));
         };
-        let client = match tokio::time::timeout(STATEMENT_TIMEOUT, pool.get()).await {
-            Ok(Ok(client)) => client,
+        let mut client = match tokio::time::timeout(STATEMENT_TIMEOUT, pool.get()).await {
+            Ok(Ok(client)) => Held {
+                client: Some(client),
+                cancel: cancel.clone(),
+                open: false,
+            },
             Ok(Err(deadpool_postgres::PoolError::Backend(e))) => {
                 return Err(WriteError::Database(describe(&e)));
             }
@@ -356,20 +398,9 @@ impl TableWriter {
             }
             array.push(']');
             let statement = self.statement(&columns);
-            let result = tokio::time::timeout(STATEMENT_TIMEOUT, async {
-                let s = client
-                    .prepare_cached(&statement)
-                    .await
-                    .map_err(|e| (Stage::Prepare, e))?;
-                client
-                    .execute(&s, &[&array])
-                    .await
-                    .map_err(|e| (Stage::Execute, e))
-            })
-            .await
-            .map_err(|_| WriteError::TimedOut(STATEMENT_TIMEOUT))?;
+            let result = client.run(&statement, &array).await?;
             match result {
-                Ok(_) => {}
+                Ok(()) => {}
                 Err((stage, e)) if refusal_of(&e) == Refusal::Rows => {
                     // Refused before any row was read: for the columns, which every row
                     // of the run names if they all name the same.
@@ -395,11 +426,85 @@ impl TableWriter {
     }
 }
 
-/// Where a statement was refused: preparing it (its columns) or running it (its rows).
+/// Where a statement was refused: preparing it (its columns) or running it (its rows, or
+/// the transaction around it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
     Prepare,
-    Execute,
+    Run,
+}
+
+/// A pooled connection while a write uses it. Each statement runs in a transaction of its
+/// own, committed only once the statement has answered: a write given up on (timed out, or
+/// its future dropped because the delivery was) never commits the statement in flight. The
+/// connection is then taken out of the pool and closed, which ends the transaction on the
+/// server without a commit, and the statement is cancelled so that it lets go of its locks
+/// at once. (Given up on while the commit itself is on its way, the commit may land; its
+/// rows are locked from the statement's end until then, so a later write to them waits for
+/// it and lands after it.) Rows therefore only move forward.
+struct Held {
+    client: Option<deadpool_postgres::Object>,
+    cancel: Cancel,
+    /// A transaction is open on the connection.
+    open: bool,
+}
+
+impl Held {
+    /// Runs `statement` with `array` in a transaction of its own, within
+    /// [`STATEMENT_TIMEOUT`]. `Ok(Err)`: PostgreSQL refused it (rolled back); `Err`: no
+    /// answer in time (the transaction is ended without a commit when `self` is dropped).
+    async fn run(
+        &mut self,
+        statement: &str,
+        array: &str,
+    ) -> Result<Result<(), (Stage, tokio_postgres::Error)>, WriteError> {
+        let client = self.client.as_mut().expect("held until dropped");
+        self.open = true;
+        let outcome = tokio::time::timeout(STATEMENT_TIMEOUT, async {
+            let tx = client.transaction().await.map_err(|e| (Stage::Run, e))?;
+            let s = match tx.prepare_cached(statement).await {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = tx.rollback().await;
+                    return Err((Stage::Prepare, e));
+                }
+            };
+            if let Err(e) = tx.execute(&s, &[&array]).await {
+                let _ = tx.rollback().await;
+                return Err((Stage::Run, e));
+            }
+            tx.commit().await.map_err(|e| (Stage::Run, e))
+        })
+        .await;
+        match outcome {
+            Ok(result) => {
+                self.open = false;
+                Ok(result)
+            }
+            Err(_) => Err(WriteError::TimedOut(STATEMENT_TIMEOUT)),
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if !self.open {
+            return;
+        }
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        tracing::warn!(
+            "a PostgreSQL write was given up on mid-statement: its transaction is ended without a commit and the statement cancelled"
+        );
+        let token = client.cancel_token();
+        // Not back to the pool: closed, which rolls the transaction back on the server.
+        drop(deadpool_postgres::Object::take(client));
+        let cancel = self.cancel.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { cancel.cancel(&token).await });
+        }
+    }
 }
 
 /// Why rows could not be written for now (the caller sends them all again later).
@@ -436,10 +541,11 @@ impl Sink for Table {
         let destination = writer.destination();
         // Started now, not when awaited: the worker sends every output of a batch before it
         // waits for any, so outputs to tables write at once, each on its own connection.
-        let write = tokio::spawn(async move {
+        // Stopped if the delivery is dropped (the worker gave up on it): see [`Held`].
+        let write = AbortOnDrop(tokio::spawn(async move {
             let slices: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
             writer.write(&slices).await
-        });
+        }));
         Ok(Box::pin(async move {
             match write.await {
                 Ok(Ok(refused)) => Ok(refused),
@@ -459,6 +565,25 @@ impl Sink for Table {
                 }),
             }
         }))
+    }
+}
+
+/// A spawned task, aborted when its handle is dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
