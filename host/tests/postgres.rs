@@ -540,6 +540,65 @@ async fn a_write_given_up_on_never_lands_after_a_newer_one() {
     );
 }
 
+/// While the dead-letter table is missing, deliveries fail and are retried; each retry used
+/// to write the batch's dead letters to the topic again. Now each dead letter is in the
+/// topic once and in the table once, however many retries the outage took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_table_that_is_down_duplicates_no_dead_letter() {
+    init_logs();
+    let pg = Postgres::start();
+    let broker = broker(PARTITIONS);
+    let bootstrap = broker.bootstrap_servers().to_string();
+    // Dead letters of both kinds: events that are no events, and a row the database refuses.
+    let mut records: Vec<(Option<Vec<u8>>, Vec<u8>)> = (0..20)
+        .map(|i| {
+            (
+                Some(format!("k{i}").into_bytes()),
+                format!("{{not json {i}").into_bytes(),
+            )
+        })
+        .collect();
+    records.push((
+        Some(b"user-bad".to_vec()),
+        br#"{"event_id":"bad-time","user_id":"user-bad","event_type":"click","timestamp":"yesterday at noon"}"#.to_vec(),
+    ));
+    produce(&bootstrap, TOPIC, &records);
+    let text = plugins(&pg, true).replace(
+        r#"table = "dead_letter_queue""#,
+        r#"table = "dead_letters_later""#,
+    );
+    let host = Host::start(common::config(&config_text(&bootstrap, PARTITIONS, &text)))
+        .await
+        .expect("host starts");
+    let m = host.metrics().plugin("warehouse");
+    wait_async(
+        Duration::from_secs(90),
+        "three failed deliveries (the table is missing)",
+        move || m.output_failures.load(Relaxed) >= 3,
+    )
+    .await;
+    let failures = host
+        .metrics()
+        .plugin("warehouse")
+        .output_failures
+        .load(Relaxed);
+    pg.query("CREATE TABLE dead_letters_later (LIKE dead_letter_queue INCLUDING ALL)");
+    settle(&bootstrap, &host, 21).await;
+    host.stop().await.unwrap();
+
+    let letters = read_topic(&bootstrap, "warehouse-dlq", 10_000);
+    assert_eq!(
+        letters.len(),
+        21,
+        "each dead letter once in the topic, after {failures} failed deliveries"
+    );
+    assert_eq!(pg.count("SELECT count(*) FROM dead_letters_later"), 21);
+    assert_eq!(
+        pg.count("SELECT count(*) FROM dead_letters_later WHERE error_type = 'output'"),
+        1
+    );
+}
+
 /// Waits until `user_events` has at least `n` rows.
 async fn wait_for_rows(pg: &Postgres, n: i64) {
     tokio::task::block_in_place(|| {

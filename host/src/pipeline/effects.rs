@@ -10,7 +10,7 @@ use crate::event::Event;
 use crate::kafka::Offsets;
 use crate::kafka::consumer::{Callbacks, store_offsets};
 use crate::retry::{Policy, sleep_unless_stopping};
-use crate::sinks::{DeadLetter, Written};
+use crate::sinks::{DeadLetter, Progress, Written};
 use crate::state::Durability;
 use crate::wasm::OutputRecord;
 use rdkafka::consumer::StreamConsumer;
@@ -33,17 +33,22 @@ impl Worker {
         // output records refused for good, which go to the dead-letter topic too).
         let mut outputs_delivered = outputs.is_empty();
         let mut refused = Vec::new();
+        // What of the dead letters is through: a retry writes only the rest.
+        let (mut letters_done, mut refused_done) = (Progress::default(), Progress::default());
         loop {
             let result: anyhow::Result<Written> = async {
                 if !outputs_delivered {
                     refused = self.outputs.deliver(outputs).await?;
                     outputs_delivered = true;
                 }
-                let mut written = self.outputs.dead_letter(events, letters, version).await?;
+                let mut written = self
+                    .outputs
+                    .dead_letter(events, letters, version, &mut letters_done)
+                    .await?;
                 if !refused.is_empty() {
                     let more = self
                         .outputs
-                        .dead_letter_outputs(outputs, &refused, version)
+                        .dead_letter_outputs(outputs, &refused, version, &mut refused_done)
                         .await?;
                     written.without_payload += more.without_payload;
                     written.lost += more.lost;

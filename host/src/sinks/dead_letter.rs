@@ -6,6 +6,10 @@
 //! over the producer's `message.max.bytes`) is written again without its payload and original
 //! headers, with `eddy.payload.dropped` saying why; one refused even so is logged and
 //! counted as lost ([`Written`]). Never a wedge.
+//!
+//! With a dead-letter table, a dead letter goes to the topic, then to the table; a retry
+//! after the table failed writes only the table ([`Progress`]): one letter in the topic and
+//! one row, however long the table is down.
 
 use super::postgres::TableWriter;
 use super::{DELIVERY_TIMEOUT, Unacknowledged, Undeliverable, acknowledged, send_one};
@@ -48,6 +52,19 @@ struct Letter<'a> {
     original: Vec<(&'a str, Option<&'a [u8]>)>,
     /// The `eddy.*` headers.
     eddy: Vec<(&'static str, String)>,
+}
+
+/// How far one batch's dead letters got, kept by the caller across its retries of the
+/// batch's delivery: a retry writes only what is not written yet, so each dead letter
+/// reaches the topic once and the table once, however long the table (or its database) is
+/// down. (A batch dropped because the host stops is consumed again at the next start, and
+/// its dead letters written again: at least once, as for outputs.)
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// In the topic, and what that came to.
+    topic: Option<Written>,
+    /// In the table too (or there is none).
+    table: bool,
 }
 
 /// An event to dead-letter, with why.
@@ -166,11 +183,13 @@ impl DeadLetters {
 
     /// Writes the `letters` (indexes into `events`) to the topic, and waits until the
     /// broker has them all.
+    /// `progress`: what earlier tries of the same letters got through (see [`Progress`]).
     pub async fn send(
         &self,
         events: &[Event],
         letters: &[DeadLetter],
         version: &str,
+        progress: &mut Progress,
     ) -> Result<Written, DeadLetterError> {
         let letters_in = letters;
         let letters: Vec<Letter<'_>> = letters
@@ -197,8 +216,11 @@ impl DeadLetters {
                 }
             })
             .collect();
-        let written = self.write(&letters).await?;
-        if self.table.is_some() {
+        let written = match progress.topic {
+            Some(written) => written,
+            None => *progress.topic.insert(self.write(&letters).await?),
+        };
+        if self.table.is_some() && !progress.table {
             let rows: Vec<DeadLetterRow<'_>> = letters_in
                 .iter()
                 .map(|letter| {
@@ -226,16 +248,18 @@ impl DeadLetters {
                 .collect();
             self.write_rows(&rows).await?;
         }
+        progress.table = true;
         Ok(written)
     }
 
     /// Writes output `records` their destination refused for good (`refused`: indexes into
-    /// `records`, with why) to the topic.
+    /// `records`, with why) to the topic (`progress` as for [`DeadLetters::send`]).
     pub async fn send_outputs(
         &self,
         records: &[OutputRecord],
         refused: &[Undeliverable],
         version: &str,
+        progress: &mut Progress,
     ) -> Result<Written, DeadLetterError> {
         let letters: Vec<Letter<'_>> = refused
             .iter()
@@ -257,8 +281,11 @@ impl DeadLetters {
                 }
             })
             .collect();
-        let written = self.write(&letters).await?;
-        if self.table.is_some() {
+        let written = match progress.topic {
+            Some(written) => written,
+            None => *progress.topic.insert(self.write(&letters).await?),
+        };
+        if self.table.is_some() && !progress.table {
             let reasons: Vec<String> = refused
                 .iter()
                 .map(|u| {
@@ -302,6 +329,7 @@ impl DeadLetters {
                 .collect();
             self.write_rows(&rows).await?;
         }
+        progress.table = true;
         Ok(written)
     }
 

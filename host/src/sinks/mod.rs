@@ -15,7 +15,7 @@ pub mod postgres;
 pub mod stdout;
 pub mod topic;
 
-pub use dead_letter::{DeadLetter, DeadLetters, Written, headers};
+pub use dead_letter::{DeadLetter, DeadLetters, Progress, Written, headers};
 pub use postgres::Databases;
 
 use crate::config::{OutputTarget, PluginConfig};
@@ -242,25 +242,31 @@ impl Outputs {
         Ok(refused)
     }
 
-    /// Writes output records their destination refused for good to the dead-letter topic.
+    /// Writes output records their destination refused for good to the dead-letter topic
+    /// (`progress`: what earlier tries of them got through, see [`Progress`]).
     pub async fn dead_letter_outputs(
         &self,
         records: &[OutputRecord],
         refused: &[Undeliverable],
         version: &str,
+        progress: &mut Progress,
     ) -> Result<dead_letter::Written, dead_letter::DeadLetterError> {
         self.dead_letters
-            .send_outputs(records, refused, version)
+            .send_outputs(records, refused, version, progress)
             .await
     }
 
-    /// Writes dead-lettered events to the plugin's dead-letter topic (see [`DeadLetters`]).
+    /// Writes dead-lettered events to the plugin's dead-letter topic (see [`DeadLetters`];
+    /// `progress` as for [`Outputs::dead_letter_outputs`]).
     pub async fn dead_letter(
         &self,
         events: &[Event],
         letters: &[DeadLetter],
         version: &str,
+        progress: &mut Progress,
     ) -> Result<dead_letter::Written, dead_letter::DeadLetterError> {
-        self.dead_letters.send(events, letters, version).await
+        self.dead_letters
+            .send(events, letters, version, progress)
+            .await
     }
 }
