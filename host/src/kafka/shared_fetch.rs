@@ -13,7 +13,9 @@
 //! until it has caught up, then attaches. The window is bounded (`kafka.shared_fetch_mib`):
 //! when it is full, fetching waits for the slowest reader. A reader that takes nothing for
 //! [`SharedFetch::stall`] while the window is full (a plugin paused by its breaker, say) is
-//! detached: its plugin fetches for itself again from where it is, and rejoins later.
+//! detached: its plugin fetches for itself again from where it is, and rejoins later. So is,
+//! at once, a reader that holds the full window with events the others have taken already
+//! (a plugin slower than the others): one slow plugin never sets the others' pace.
 
 use crate::event::Event;
 use crate::kafka::consumer::to_event;
@@ -334,6 +336,53 @@ impl Window {
         }
         (names, commands)
     }
+
+    /// Detaches the readers that set everyone's pace: while the window is full, a reader
+    /// that still has to take at least half of the window's events that another reader has
+    /// taken already (a plugin slower than the others, which still takes events, so it never
+    /// stalls) fetches for itself from where it is, and the others go on at their own pace.
+    /// Readers at about the same place (each a batch or so apart) are never detached: none
+    /// of them holds half the window. Returns their names and the commands.
+    fn detach_laggards(&mut self) -> (Vec<String>, Vec<Command>) {
+        let total: usize = self.logs.values().map(|l| l.events.len()).sum();
+        if total == 0 || self.readers.len() < 2 {
+            return (Vec::new(), Vec::new());
+        }
+        let mut furthest: BTreeMap<i32, i64> = BTreeMap::new();
+        for r in self.readers.values() {
+            for (p, c) in &r.cursors {
+                let f = furthest.entry(*p).or_insert(*c);
+                *f = (*f).max(*c);
+            }
+        }
+        let behind = |r: &ReaderState| -> usize {
+            r.cursors
+                .iter()
+                .filter_map(|(p, c)| {
+                    let log = self.logs.get(p)?;
+                    let from = log.events.partition_point(|e| e.offset < *c);
+                    let to = log.events.partition_point(|e| e.offset < furthest[p]);
+                    Some(to.saturating_sub(from))
+                })
+                .sum()
+        };
+        let laggards: Vec<u64> = self
+            .readers
+            .iter()
+            .filter(|(_, r)| behind(r) * 2 >= total)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut names = Vec::new();
+        let mut commands = Vec::new();
+        for id in laggards {
+            let state = self.readers.get_mut(&id).expect("listed");
+            names.push(state.name.clone());
+            let partitions: Vec<i32> = state.cursors.keys().copied().collect();
+            state.lost.extend(&partitions);
+            commands.extend(self.detach(id, Some(&partitions)));
+        }
+        (names, commands)
+    }
 }
 
 /// The fetch consumer's statistics: log end offsets per partition.
@@ -438,7 +487,17 @@ impl SharedFetch {
         let mut fetched = Vec::with_capacity(APPEND_CHUNK);
         let mut errors = crate::retry::Policy::CONSUME.backoff();
         loop {
-            let full = self.lock().is_full(self.budget, Instant::now());
+            let mut full = self.lock().is_full(self.budget, Instant::now());
+            if full {
+                let (names, commands) = self.lock().detach_laggards();
+                if !names.is_empty() {
+                    for name in names {
+                        info!(plugin = %name, "plugin slower than the others held the shared fetch window full: it fetches for itself until it catches up");
+                    }
+                    self.send(commands);
+                    full = self.lock().is_full(self.budget, Instant::now());
+                }
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
@@ -702,6 +761,44 @@ mod tests {
         let taken = w.take(stuck, &mut Vec::new(), 100, usize::MAX);
         assert_eq!(taken.lost, vec![0]);
         assert_eq!(taken.events, 0);
+    }
+
+    /// A reader that still takes events, but slower than the others, is detached once the
+    /// window is full with what only it still needs (issue 27: before, only a reader that
+    /// took nothing for `stall` was, so a slow one set everyone's pace); readers a batch
+    /// apart are not.
+    #[test]
+    fn a_reader_slower_than_the_others_is_detached_when_it_holds_the_window() {
+        let mut w = Window::default();
+        let (fast, close, slow) = (
+            w.add_reader("fast", None),
+            w.add_reader("close", None),
+            w.add_reader("slow", None),
+        );
+        for r in [fast, close, slow] {
+            w.attach(r, 0, 0);
+        }
+        w.append((0..10).map(|o| event(0, o)).collect());
+        let mut got = Vec::new();
+        w.take(fast, &mut got, 4, usize::MAX);
+        w.take(close, &mut got, 3, usize::MAX);
+        w.take(slow, &mut got, 1, usize::MAX);
+        // `slow` is 3 events behind `fast` of the 9 held: nobody holds half of the window.
+        assert_eq!(w.detach_laggards().0, Vec::<String>::new());
+        w.take(fast, &mut got, 4, usize::MAX);
+        w.take(close, &mut got, 4, usize::MAX);
+        // Now `slow` has 7 of the 9 to take that `fast` took: it goes.
+        let (names, commands) = w.detach_laggards();
+        assert_eq!(names, vec!["slow".to_string()]);
+        assert!(commands.is_empty(), "the others still read partition 0");
+        assert_eq!(
+            w.bytes,
+            3 * (72 + EVENT_OVERHEAD),
+            "held now for `close` only"
+        );
+        assert_eq!(w.take(slow, &mut Vec::new(), 10, usize::MAX).lost, vec![0]);
+        // It cannot attach where the window no longer holds its place: it fetches itself.
+        assert_eq!(w.attach(slow, 0, 1), (false, None));
     }
 
     #[test]

@@ -69,6 +69,8 @@ pub fn plugins_dir() -> &'static Path {
                 "eddy-fixture-old-contract",
                 "-p",
                 "eddy-fixture-echo",
+                "-p",
+                "eddy-fixture-noop",
             ])
             .arg("--target-dir")
             .arg(&target)
