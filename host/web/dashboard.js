@@ -2,7 +2,8 @@
 // - the dashboard plugin's `summary` records: active users, events/s, trending, conversion;
 // - every output whose name contains "alert" (alert/alerts, fraud/alerts): the alert feed;
 // - the host's `status` every second: per plugin events/s, lag, dead letters, breaker, version.
-// Plain JavaScript, no build step. Reconnects by itself when the host goes away.
+// Plain JavaScript, no build step. Reconnects by itself when the host goes away, asking
+// only for the records after the last one it got (`after=`), so each alert shows once.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -17,6 +18,8 @@ let reconnectTimer = null;
 let lastSummaryAt = null;
 let alertCount = 0;
 let missedRecords = 0; // records the host skipped because the page fell behind
+let lastRecordId = ""; // the id of the last record received, to resume after on reconnect
+const shownAlerts = new Set(); // ids of the alerts shown (the latest few thousand)
 const history = new Map(); // plugin -> [[time_ms, events], ...] over the last seconds
 
 function text(el, value) {
@@ -88,7 +91,13 @@ function describeAlert(plugin, a) {
   return `${a.rule || a.kind || plugin}: ${a.user_id || "?"} ${a.event_type || ""}${amount}`;
 }
 
-function showAlert(record) {
+function showAlert(record, id) {
+  // Once each, even if a record came again (it should not: see `after=`).
+  if (id) {
+    if (shownAlerts.has(id)) return;
+    shownAlerts.add(id);
+    if (shownAlerts.size > 5000) shownAlerts.delete(shownAlerts.values().next().value);
+  }
   const ul = $("alerts");
   if (alertCount === 0) ul.replaceChildren();
   alertCount += 1;
@@ -96,6 +105,7 @@ function showAlert(record) {
   const a = record.value !== undefined ? record.value : record.text;
   const severity = (a && (a.severity || (a.score >= 90 ? "high" : "medium"))) || "";
   const li = document.createElement("li");
+  li.dataset.id = id || "";
   const time = document.createElement("span");
   time.className = "time";
   time.textContent = new Date(record.time_ms).toLocaleTimeString([], { hour12: false });
@@ -198,9 +208,10 @@ async function connect() {
     return;
   }
   // Nothing to watch still means status messages.
-  const query = outputs.length
+  let query = outputs.length
     ? outputs.map((o) => "output=" + encodeURIComponent(o)).join("&")
     : "records=off";
+  if (lastRecordId) query += "&after=" + encodeURIComponent(lastRecordId);
   const es = new EventSource("/v1/stream?" + query);
   source = es;
   es.addEventListener("hello", () => {
@@ -215,9 +226,10 @@ async function connect() {
   });
   es.addEventListener("record", (e) => {
     lastMessageAt = Date.now();
+    if (e.lastEventId) lastRecordId = e.lastEventId;
     const record = JSON.parse(e.data);
     if (record.output === "summary" && record.plugin === "dashboard") showSummary(record.value);
-    else showAlert(record);
+    else showAlert(record, e.lastEventId);
   });
   // The page read slower than a burst arrived: the host skipped what it could not hold.
   // The figures are whole in every summary; alerts in the skipped span are not shown.

@@ -2,15 +2,20 @@
 //! [`crate::live`] to browsers and scripts.
 //!
 //! Query: `output=plugin/output` (repeatable; `output=plugin` for all of a plugin's outputs;
-//! none: every output), `records=off` for status messages only, and `status=off` to leave
-//! them out. `GET /v1/outputs` lists the outputs that exist (`["plugin/output",...]`).
+//! none: every output), `records=off` for status messages only, `status=off` to leave them
+//! out, and `after=ID`, the id of the last record a reconnecting client got (over SSE the
+//! `Last-Event-ID` header does the same, as browsers send it): it then gets only newer
+//! ones. `GET /v1/outputs` lists the outputs that exist (`["plugin/output",...]`).
 //! A client gets:
 //! - `hello`, once: `{"outputs":[...],"buffer":N}`, what exists and how far it may fall behind;
-//! - `record`, per committed output record: `{"plugin","output","key","time_ms","value"|"text"}`;
+//! - `record`, per committed output record of the outputs it asked for:
+//!   `{"plugin","output","key","time_ms","value"|"text"}`, with its id (`<run>-<seq>`) as the
+//!   SSE event id, or `"id"` over the WebSocket;
 //! - `status`, every second: the `/healthz` report with `time_ms` (per plugin: events,
 //!   dead letters, lag, breaker, version), from which a page computes rates;
-//! - `missed`: `{"missed":N,"buffer":B}` when it fell more than `B` records behind (a burst
-//!   faster than it reads): `N` records are gone, and records go on from the oldest held;
+//! - `missed`: `{"missed":N,"buffer":B}` when it fell more than `B` records behind on the
+//!   outputs it asked for (a burst faster than it reads): `N` of those records are gone, and
+//!   records go on from the oldest held;
 //! - `closed`, last: `{"reason": ...}` when the host is stopping.
 //!
 //! Over SSE these are the event names; over the WebSocket, text messages
@@ -19,7 +24,7 @@
 //! stream_max_clients`, 503 with `Retry-After`.
 
 use super::Shared;
-use crate::live::{Next, WatchError, Watcher};
+use crate::live::{Next, RecordId, WatchError, Watcher};
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{RawQuery, State};
@@ -68,6 +73,8 @@ struct Ask {
     outputs: Vec<String>,
     records: bool,
     status: bool,
+    /// The last record a reconnecting client got.
+    after: Option<RecordId>,
 }
 
 fn parse_query(query: Option<&str>) -> Result<Ask, String> {
@@ -75,6 +82,7 @@ fn parse_query(query: Option<&str>) -> Result<Ask, String> {
         outputs: Vec::new(),
         records: true,
         status: true,
+        after: None,
     };
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -85,6 +93,7 @@ fn parse_query(query: Option<&str>) -> Result<Ask, String> {
         match key {
             "output" if !value.is_empty() => ask.outputs.push(value),
             "output" => return Err("`output=` names no output".into()),
+            "after" => ask.after = Some(value.parse()?),
             "status" | "records" => {
                 let on = match value.as_str() {
                     "on" | "true" | "1" => true,
@@ -99,7 +108,7 @@ fn parse_query(query: Option<&str>) -> Result<Ask, String> {
             }
             other => {
                 return Err(format!(
-                    "unknown parameter `{other}`; expected `output` (repeatable), `records` or `status`"
+                    "unknown parameter `{other}`; expected `output` (repeatable), `records`, `status` or `after`"
                 ));
             }
         }
@@ -141,14 +150,25 @@ fn start(
     query: Option<&str>,
 ) -> Result<(Watcher, Ask), Refused> {
     shared.access.check_read(headers)?;
-    let ask = parse_query(query).map_err(Refused::Query)?;
-    let watcher = shared.live.watch(ask.outputs.clone())?;
+    let mut ask = parse_query(query).map_err(Refused::Query)?;
+    // What an EventSource sends when it reconnects on its own; the query wins.
+    if ask.after.is_none()
+        && let Some(last) = headers.get("last-event-id")
+    {
+        let last = last.to_str().unwrap_or_default();
+        ask.after = Some(
+            last.parse()
+                .map_err(|e: String| Refused::Query(format!("Last-Event-ID: {e}")))?,
+        );
+    }
+    let watcher = shared.live.watch(ask.outputs.clone(), ask.after)?;
     Ok((watcher, ask))
 }
 
 /// One message for a client, whatever carries it.
 enum Out {
-    Record(String),
+    /// A record: its id and its JSON.
+    Record(RecordId, String),
     Status(String),
     /// It fell behind: how many records it missed.
     Missed(String),
@@ -193,7 +213,7 @@ impl Feed {
         tokio::select! {
             biased;
             next = self.watcher.next(), if self.records => match next {
-                Next::Record(r) => Out::Record(r.json.clone()),
+                Next::Record(r) => Out::Record(self.shared.live.id(&r), r.json.clone()),
                 Next::Missed { missed } => Out::Missed(
                     serde_json::json!({ "missed": missed, "buffer": self.buffer }).to_string()
                 ),
@@ -236,7 +256,10 @@ async fn sse(
     let rest = futures_util::stream::unfold(Some(feed), |feed| async move {
         let mut feed = feed?;
         let event = match feed.next().await {
-            Out::Record(json) => Event::default().event("record").data(json),
+            Out::Record(id, json) => Event::default()
+                .event("record")
+                .id(id.to_string())
+                .data(json),
             Out::Status(json) => Event::default().event("status").data(json),
             Out::Missed(json) => Event::default().event("missed").data(json),
             Out::Closed(reason) => {
@@ -298,7 +321,10 @@ async fn serve_websocket(socket: WebSocket, mut feed: Feed) {
             out = feed.next() => out,
         };
         let message = match out {
-            Out::Record(json) => Message::Text(typed("record", &json).into()),
+            Out::Record(id, json) => {
+                let json = format!(r#"{{"id":"{id}",{}"#, &json[1..]);
+                Message::Text(typed("record", &json).into())
+            }
             Out::Status(json) => Message::Text(typed("status", &json).into()),
             Out::Missed(json) => Message::Text(typed("missed", &json).into()),
             Out::Closed(reason) => {
@@ -329,7 +355,8 @@ mod tests {
             Ask {
                 outputs: vec![],
                 records: true,
-                status: true
+                status: true,
+                after: None,
             }
         );
         let ask = parse_query(Some("output=dashboard%2Fsummary&output=fraud&status=off")).unwrap();
@@ -343,5 +370,13 @@ mod tests {
         assert!(parse_query(Some("output=")).is_err());
         assert!(parse_query(Some("status=maybe")).is_err());
         assert!(!parse_query(Some("records=off")).unwrap().records);
+        assert_eq!(
+            parse_query(Some("after=1700000000000-42")).unwrap().after,
+            Some(RecordId {
+                run: 1_700_000_000_000,
+                seq: 42
+            })
+        );
+        assert!(parse_query(Some("after=42")).is_err());
     }
 }

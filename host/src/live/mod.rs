@@ -2,31 +2,39 @@
 //! `/v1/ws`: see [`crate::http::stream`]) once the batch that produced them is committed to
 //! the disk, so a watcher never sees a record that a crash would take back.
 //!
-//! One broadcast ring of `[http] stream_buffer` records: publishing never waits for a
-//! watcher, and each watcher reads the ring at its own pace, so a slow watcher never slows a
-//! plugin or another watcher. One that falls further behind than the ring holds (a reader
-//! slower than a burst) is told how many records it missed ([`Next::Missed`]) and goes on
-//! from the oldest record the ring still holds: it keeps its connection, because a page that
-//! reconnected would only get the latest records again, and a reader that keeps up after the
-//! burst gets everything again. A watcher that stops reading altogether is not this module's
-//! business: the connection's send timeout closes it ([`crate::http::listener`]). Records are
-//! rendered to JSON once, when published. At most `[http] stream_max_clients` watch at once
-//! (a [`Watcher`] holds one place).
+//! Each watcher has an inbox of at most `[http] stream_buffer` records (and
+//! [`INBOX_MAX_BYTES`]) of the outputs it asked for: publishing never waits for a watcher,
+//! each watcher reads its inbox at its own pace, and a burst on an output it did not ask for
+//! costs it nothing (a page watching a quiet output is never behind because another plugin
+//! emits thousands of records a second). One that falls further behind than its inbox holds
+//! on what it asked for is told how many records it missed ([`Next::Missed`]) and goes on
+//! from the oldest record still held: it keeps its connection. A watcher that stops reading
+//! altogether is not this module's business: the connection's send timeout closes it
+//! ([`crate::http::listener`]). A record is rendered to JSON once, when published, and only
+//! if a watcher wants it or it is among its output's latest. At most `[http]
+//! stream_max_clients` watch at once (a [`Watcher`] holds one place).
 //!
 //! The last [`RECENT_PER_OUTPUT`] records of each output are kept, and a new watcher gets
 //! those of the outputs it asked for first (oldest first), so a page that opens shows the
 //! latest figures and alerts at once rather than after the next tick. A record is either in
-//! that backlog or arrives live, never both (both are taken under one lock).
+//! that backlog or arrives live, never both (both are taken under one lock). Every record has
+//! an id ([`RecordId`]: this run of the host, and its place in the order of publication): a
+//! watcher that reconnects with the last id it got ([`Live::watch`]'s `after`) gets only the
+//! newer ones of the backlog, so a page that reconnects shows each record once.
 
 use crate::metrics::Metrics;
 use crate::wasm::OutputRecord;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 /// How many of each output's latest records a new watcher gets first.
 pub const RECENT_PER_OUTPUT: usize = 20;
+
+/// The most bytes of records one watcher's inbox holds (besides `stream_buffer` records):
+/// past it, the oldest are dropped and counted as missed, as past `stream_buffer`.
+pub const INBOX_MAX_BYTES: usize = 8 << 20;
 
 /// One output record as watchers receive it.
 #[derive(Debug)]
@@ -38,6 +46,34 @@ pub struct LiveRecord {
     /// The record as a JSON object: `{"plugin","output","key","time_ms"}` and its payload as
     /// `"value"` (if it is JSON) or `"text"` (if it is not).
     pub json: String,
+}
+
+/// A record's id as watchers see it: `<run>-<seq>`, this run of the host (its start time in
+/// milliseconds) and the record's place in the order of publication. A watcher hands back
+/// the last one it got to resume after it; one of another run (the host restarted) is
+/// ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordId {
+    pub run: u64,
+    pub seq: u64,
+}
+
+impl std::fmt::Display for RecordId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.run, self.seq)
+    }
+}
+
+impl std::str::FromStr for RecordId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<RecordId, String> {
+        let bad = || format!("`{s}` is not a record id (`<run>-<seq>`, as the records carry)");
+        let (run, seq) = s.split_once('-').ok_or_else(bad)?;
+        Ok(RecordId {
+            run: run.parse().map_err(|_| bad())?,
+            seq: seq.parse().map_err(|_| bad())?,
+        })
+    }
 }
 
 /// Why a watcher could not start watching.
@@ -58,32 +94,87 @@ struct Recent {
     published: u64,
 }
 
+/// The watchers' inboxes, by watcher.
+#[derive(Debug, Default)]
+struct Inboxes {
+    by_id: BTreeMap<u64, Arc<Inbox>>,
+    next_id: u64,
+}
+
+/// One watcher's records not yet taken.
+#[derive(Debug)]
+struct Inbox {
+    filter: Vec<String>,
+    held: Mutex<Held>,
+    arrived: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    records: VecDeque<Arc<LiveRecord>>,
+    bytes: usize,
+    /// Records dropped since the watcher last heard of it.
+    missed: u64,
+    closed: bool,
+}
+
+/// Whether a watcher of `filter` wants `output` (an empty filter wants everything).
+fn wants(filter: &[String], output: &str) -> bool {
+    filter.is_empty()
+        || filter.iter().any(|f| {
+            f == output
+                || output
+                    .split_once('/')
+                    .is_some_and(|(plugin, _)| plugin == f)
+        })
+}
+
 /// The feed: plugins' workers publish, watchers subscribe.
 #[derive(Debug)]
 pub struct Live {
-    sender: broadcast::Sender<Arc<LiveRecord>>,
+    /// This run of the host, in record ids.
+    run: u64,
+    inboxes: Arc<Mutex<Inboxes>>,
     /// Each running plugin's output names (what a watcher may ask for).
     outputs: Mutex<BTreeMap<String, Vec<String>>>,
     recent: Mutex<Recent>,
     places: Arc<Semaphore>,
     max_clients: usize,
-    /// How many records one watcher may fall behind before it is disconnected.
+    /// How many records of what it asked for one watcher may fall behind.
     pub buffer: usize,
-    /// Where clients, records and slow clients are counted.
+    /// Where clients, records and missed records are counted.
     metrics: Arc<Metrics>,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        let inboxes = self.inboxes.lock().expect("inboxes lock");
+        for inbox in inboxes.by_id.values() {
+            inbox.held.lock().expect("inbox lock").closed = true;
+            inbox.arrived.notify_one();
+        }
+    }
 }
 
 impl Live {
     pub fn new(buffer: usize, max_clients: usize, metrics: Arc<Metrics>) -> Live {
-        let (sender, _) = broadcast::channel(buffer.max(1));
         Live {
-            sender,
+            run: crate::clock::now_ms().max(0) as u64,
+            inboxes: Arc::default(),
             outputs: Mutex::default(),
             recent: Mutex::default(),
             places: Arc::new(Semaphore::new(max_clients)),
             max_clients,
             buffer: buffer.max(1),
             metrics,
+        }
+    }
+
+    /// The id watchers see for the record published `seq`-th.
+    pub fn id(&self, record: &LiveRecord) -> RecordId {
+        RecordId {
+            run: self.run,
+            seq: record.seq,
         }
     }
 
@@ -116,24 +207,36 @@ impl Live {
         self.max_clients - self.places.available_permits()
     }
 
-    /// Hands committed records of `plugin` to the watchers, and keeps each output's latest.
-    /// With nobody watching, only those are rendered.
+    /// Hands committed records of `plugin` to the watchers that want them, and keeps each
+    /// output's latest. A record nobody wants is rendered only if it is among its output's
+    /// latest [`RECENT_PER_OUTPUT`] of the batch.
     pub fn publish(&self, plugin: &str, records: &[OutputRecord], time_ms: i64) {
-        let watched = self.sender.receiver_count() > 0;
+        let inboxes = self.inboxes.lock().expect("inboxes lock");
         let mut recent = self.recent.lock().expect("recent lock");
         let Recent { latest, published } = &mut *recent;
-        // Without watchers, a record older than the last RECENT_PER_OUTPUT of its output in
-        // this batch would be rendered only to be dropped.
-        let mut kept: BTreeMap<&str, usize> = BTreeMap::new();
-        let mut skip = vec![false; records.len()];
-        if !watched {
-            for (i, r) in records.iter().enumerate().rev() {
-                let n = kept.entry(r.output.as_str()).or_default();
-                *n += 1;
-                skip[i] = *n > RECENT_PER_OUTPUT;
-            }
+        // Per output of the batch: the inboxes that want it, and how many of its records
+        // are still to come (only the last RECENT_PER_OUTPUT are kept for new watchers).
+        let mut outputs: BTreeMap<&str, (Vec<&Arc<Inbox>>, usize)> = BTreeMap::new();
+        for r in records {
+            outputs
+                .entry(r.output.as_str())
+                .or_insert_with(|| {
+                    let name = format!("{plugin}/{}", r.output);
+                    let wanting = inboxes
+                        .by_id
+                        .values()
+                        .filter(|i| wants(&i.filter, &name))
+                        .collect();
+                    (wanting, 0)
+                })
+                .1 += 1;
         }
-        for (r, _) in records.iter().zip(skip).filter(|(_, skip)| !skip) {
+        for r in records {
+            let (wanting, left) = outputs.get_mut(r.output.as_str()).expect("counted");
+            *left -= 1;
+            if wanting.is_empty() && *left >= RECENT_PER_OUTPUT {
+                continue;
+            }
             *published += 1;
             let record = Arc::new(LiveRecord {
                 seq: *published,
@@ -145,15 +248,36 @@ impl Live {
                 queue.pop_front();
             }
             queue.push_back(record.clone());
-            if watched && self.sender.send(record).is_ok() {
-                self.metrics.stream_records.fetch_add(1, Relaxed);
+            if wanting.is_empty() {
+                continue;
+            }
+            self.metrics.stream_records.fetch_add(1, Relaxed);
+            for inbox in wanting.iter() {
+                let mut held = inbox.held.lock().expect("inbox lock");
+                held.bytes += record.json.len();
+                held.records.push_back(record.clone());
+                while held.records.len() > self.buffer || held.bytes > INBOX_MAX_BYTES {
+                    let Some(old) = held.records.pop_front() else {
+                        break;
+                    };
+                    held.bytes -= old.json.len();
+                    held.missed += 1;
+                }
+                drop(held);
+                inbox.arrived.notify_one();
             }
         }
     }
 
     /// Starts watching `filter` (`plugin/output`, or `plugin` for all its outputs; empty:
-    /// everything). Refused past `stream_max_clients` or for an output that does not exist.
-    pub fn watch(&self, filter: Vec<String>) -> Result<Watcher, WatchError> {
+    /// everything), after the record `after` if given (a reconnecting watcher's last one: the
+    /// backlog then holds only newer records). Refused past `stream_max_clients` or for an
+    /// output that does not exist.
+    pub fn watch(
+        &self,
+        filter: Vec<String>,
+        after: Option<RecordId>,
+    ) -> Result<Watcher, WatchError> {
         let known = self.known_outputs();
         for f in &filter {
             let exists = known
@@ -175,24 +299,34 @@ impl Live {
             .try_acquire_owned()
             .map_err(|_| WatchError::Full(self.max_clients))?;
         self.metrics.stream_clients.fetch_add(1, Relaxed);
-        let recent = self.recent.lock().expect("recent lock");
-        let mut watcher = Watcher {
-            backlog: VecDeque::new(),
-            receiver: self.sender.subscribe(),
+        let after = after.filter(|a| a.run == self.run).map_or(0, |a| a.seq);
+        let inbox = Arc::new(Inbox {
             filter,
-            metrics: self.metrics.clone(),
-            _place: place,
-        };
+            held: Mutex::default(),
+            arrived: Notify::new(),
+        });
+        let mut inboxes = self.inboxes.lock().expect("inboxes lock");
+        let recent = self.recent.lock().expect("recent lock");
+        let id = inboxes.next_id;
+        inboxes.next_id += 1;
+        inboxes.by_id.insert(id, inbox.clone());
         let mut backlog: Vec<Arc<LiveRecord>> = recent
             .latest
             .iter()
-            .filter(|(output, _)| watcher.wants(output))
-            .flat_map(|(_, records)| records.iter().cloned())
+            .filter(|(output, _)| wants(&inbox.filter, output))
+            .flat_map(|(_, records)| records.iter().filter(|r| r.seq > after).cloned())
             .collect();
         drop(recent);
+        drop(inboxes);
         backlog.sort_by_key(|r| r.seq);
-        watcher.backlog = backlog.into();
-        Ok(watcher)
+        Ok(Watcher {
+            backlog: backlog.into(),
+            inbox,
+            id,
+            inboxes: self.inboxes.clone(),
+            metrics: self.metrics.clone(),
+            _place: place,
+        })
     }
 }
 
@@ -200,8 +334,8 @@ impl Live {
 #[derive(Debug)]
 pub enum Next {
     Record(Arc<LiveRecord>),
-    /// It fell behind by more than the ring holds: `missed` records (of every output, not
-    /// only those it asked for) are gone. The next call goes on from the oldest one held.
+    /// It fell behind on what it asked for by more than its inbox holds: `missed` of those
+    /// records are gone. The next call goes on from the oldest one held.
     Missed {
         missed: u64,
     },
@@ -214,45 +348,49 @@ pub enum Next {
 pub struct Watcher {
     /// The latest records from before it started, handed out first.
     backlog: VecDeque<Arc<LiveRecord>>,
-    receiver: broadcast::Receiver<Arc<LiveRecord>>,
-    filter: Vec<String>,
+    inbox: Arc<Inbox>,
+    id: u64,
+    inboxes: Arc<Mutex<Inboxes>>,
     metrics: Arc<Metrics>,
     _place: OwnedSemaphorePermit,
 }
 
 impl Drop for Watcher {
     fn drop(&mut self) {
+        self.inboxes
+            .lock()
+            .expect("inboxes lock")
+            .by_id
+            .remove(&self.id);
         self.metrics.stream_clients.fetch_sub(1, Relaxed);
     }
 }
 
 impl Watcher {
-    /// The next record this watcher asked for.
+    /// The next record this watcher asked for. Cancel-safe: a record is taken only when
+    /// it is returned.
     pub async fn next(&mut self) -> Next {
         if let Some(record) = self.backlog.pop_front() {
             return Next::Record(record);
         }
         loop {
-            match self.receiver.recv().await {
-                Ok(record) if self.wants(&record.output) => return Next::Record(record),
-                Ok(_) => continue,
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
+            {
+                let mut held = self.inbox.held.lock().expect("inbox lock");
+                if held.missed > 0 {
+                    let missed = std::mem::take(&mut held.missed);
                     self.metrics.stream_missed.fetch_add(missed, Relaxed);
                     return Next::Missed { missed };
                 }
-                Err(broadcast::error::RecvError::Closed) => return Next::Closed,
+                if let Some(record) = held.records.pop_front() {
+                    held.bytes -= record.json.len();
+                    return Next::Record(record);
+                }
+                if held.closed {
+                    return Next::Closed;
+                }
             }
+            self.inbox.arrived.notified().await;
         }
-    }
-
-    fn wants(&self, output: &str) -> bool {
-        self.filter.is_empty()
-            || self.filter.iter().any(|f| {
-                f == output
-                    || output
-                        .split_once('/')
-                        .is_some_and(|(plugin, _)| plugin == f)
-            })
     }
 }
 
@@ -312,9 +450,9 @@ mod tests {
         let live = Live::new(4, 2, Default::default());
         live.set_outputs("dashboard", ["summary".to_string(), "text".to_string()]);
         live.set_outputs("alert", ["alerts".to_string()]);
-        let mut summary = live.watch(vec!["dashboard/summary".into()]).unwrap();
-        let mut everything = live.watch(vec![]).unwrap();
-        assert_eq!(live.watch(vec![]).unwrap_err(), WatchError::Full(2));
+        let mut summary = live.watch(vec!["dashboard/summary".into()], None).unwrap();
+        let mut everything = live.watch(vec![], None).unwrap();
+        assert_eq!(live.watch(vec![], None).unwrap_err(), WatchError::Full(2));
         live.publish("alert", &[record("alerts", b"{}")], 1);
         live.publish("dashboard", &[record("summary", b"{}")], 1);
         let Next::Record(r) = summary.next().await else {
@@ -327,7 +465,7 @@ mod tests {
         }
         drop(summary);
         assert_eq!(live.clients(), 1);
-        let mut late = live.watch(vec!["alert".into()]).unwrap();
+        let mut late = live.watch(vec!["alert".into()], None).unwrap();
         live.publish("alert", &[record("alerts", b"{}")], 3);
         assert!(matches!(late.next().await, Next::Record(r) if r.output == "alert/alerts"));
         for _ in 0..10 {
@@ -361,7 +499,7 @@ mod tests {
             .map(|i| record("summary", format!("{{\"n\":{i}}}").as_bytes()))
             .collect();
         live.publish("dashboard", &batch, 2);
-        let mut w = live.watch(vec!["dashboard/summary".into()]).unwrap();
+        let mut w = live.watch(vec!["dashboard/summary".into()], None).unwrap();
         live.publish("dashboard", &[record("summary", br#"{"n":28}"#)], 3);
         let mut seen = Vec::new();
         for _ in 0..(RECENT_PER_OUTPUT + 1) {
@@ -378,17 +516,94 @@ mod tests {
         );
     }
 
+    /// A watcher is behind only on what it asked for (issue 27: before, one ring carried
+    /// every output, and a burst on another output cut off a page watching a quiet one), and
+    /// a burst nobody watches is not rendered beyond what new watchers get.
+    #[tokio::test]
+    async fn a_burst_on_another_output_leaves_a_watcher_of_a_quiet_one_whole() {
+        let live = Live::new(4, 2, Default::default());
+        live.set_outputs("dashboard", ["summary".to_string()]);
+        live.set_outputs("logger", ["log".to_string()]);
+        let mut quiet = live.watch(vec!["dashboard/summary".into()], None).unwrap();
+        let burst: Vec<_> = (0..100).map(|_| record("log", b"x")).collect();
+        live.publish("logger", &burst, 1);
+        live.publish("dashboard", &[record("summary", b"{}")], 2);
+        live.publish("logger", &burst, 3);
+        assert!(matches!(quiet.next().await, Next::Record(r) if r.output == "dashboard/summary"));
+        assert_eq!(live.metrics.stream_missed.load(Relaxed), 0);
+        assert_eq!(
+            live.recent.lock().unwrap().published,
+            2 * RECENT_PER_OUTPUT as u64 + 1,
+            "only the latest of the bursts were rendered"
+        );
+        assert_eq!(live.metrics.stream_records.load(Relaxed), 1);
+    }
+
+    /// A watcher that reconnects with the id of the last record it got gets only newer ones
+    /// from the backlog, then live ones: each record once. An id of another run (the host
+    /// restarted) is ignored.
+    #[tokio::test]
+    async fn a_reconnecting_watcher_gets_each_record_once() {
+        let live = Live::new(64, 2, Default::default());
+        live.set_outputs("alert", ["alerts".to_string()]);
+        let alerts = |from: i64, to: i64| -> Vec<OutputRecord> {
+            (from..to)
+                .map(|i| record("alerts", format!("{{\"n\":{i}}}").as_bytes()))
+                .collect()
+        };
+        live.publish("alert", &alerts(0, 5), 1);
+        let n = |r: &LiveRecord| -> i64 {
+            serde_json::from_str::<serde_json::Value>(&r.json).unwrap()["value"]["n"]
+                .as_i64()
+                .unwrap()
+        };
+        let mut first = live.watch(vec!["alert".into()], None).unwrap();
+        let mut last = None;
+        for expected in 0..5 {
+            let Next::Record(r) = first.next().await else {
+                panic!("a record")
+            };
+            assert_eq!(n(&r), expected);
+            last = Some(live.id(&r));
+        }
+        drop(first);
+        live.publish("alert", &alerts(5, 8), 2);
+        let last = last.unwrap();
+        assert_eq!(last.to_string().parse::<RecordId>(), Ok(last));
+        let mut again = live.watch(vec!["alert".into()], Some(last)).unwrap();
+        live.publish("alert", &alerts(8, 9), 3);
+        for expected in 5..9 {
+            let Next::Record(r) = again.next().await else {
+                panic!("a record")
+            };
+            assert_eq!(n(&r), expected, "the ones it did not have, once");
+        }
+        // An id of another run: the whole backlog.
+        let other = RecordId {
+            run: last.run + 1,
+            seq: 3,
+        };
+        let mut fresh = live.watch(vec!["alert".into()], Some(other)).unwrap();
+        let Next::Record(r) = fresh.next().await else {
+            panic!("a record")
+        };
+        assert_eq!(n(&r), 0);
+        assert!("12".parse::<RecordId>().is_err());
+    }
+
     #[test]
     fn an_unknown_output_is_refused_with_the_known_ones() {
         let live = Live::new(4, 2, Default::default());
         live.set_outputs("dashboard", ["summary".to_string()]);
-        let e = live.watch(vec!["dashbord/summary".into()]).unwrap_err();
+        let e = live
+            .watch(vec!["dashbord/summary".into()], None)
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
             "no output `dashbord/summary`; outputs are: dashboard/summary"
         );
-        assert!(live.watch(vec!["dashboard".into()]).is_ok());
+        assert!(live.watch(vec!["dashboard".into()], None).is_ok());
         live.forget("dashboard");
-        assert!(live.watch(vec!["dashboard".into()]).is_err());
+        assert!(live.watch(vec!["dashboard".into()], None).is_err());
     }
 }
