@@ -20,7 +20,7 @@ CREATE TABLE IF NOT EXISTS user_events (
 CREATE INDEX IF NOT EXISTS user_events_user_time ON user_events (user_id, timestamp);
 CREATE INDEX IF NOT EXISTS user_events_type_time ON user_events (event_type, timestamp);
 
--- Per-user KPIs, absolute figures from the plugin's state (upsert on user_id).
+-- Per-user KPIs (kept from user_events by 002_user_stats_from_events.sql).
 CREATE TABLE IF NOT EXISTS user_stats (
     id               UUID PRIMARY KEY DEFAULT gen_random_uuid(),
     user_id          VARCHAR(100) UNIQUE NOT NULL,

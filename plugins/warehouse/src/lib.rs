@@ -1,58 +1,34 @@
-//! warehouse: seed 004's PostgreSQL tables, kept by the host's PostgreSQL outputs (see the
-//! README's PostgreSQL section and `migrations/001_seed004.sql`).
+//! warehouse: seed 004's `user_events`, kept by the host's PostgreSQL outputs (see the
+//! README's PostgreSQL section and `migrations/`).
 //!
 //! - `events` (→ `user_events`, `insert_if_absent` on `event_id`): one record per event:
 //!   `event_id` (the event's own, else `<topic>:<partition>:<offset>`, which a replay
 //!   reproduces), `user_id`, `event_type`, `timestamp` (the event's own, else its Kafka
 //!   record's), `session_id`, `page_url`, `amount` and the whole event as `metadata`.
-//! - `stats` (→ `user_stats`, `upsert` on `user_id`): after each batch, for every user the
-//!   batch touched, the user's absolute figures from state: `total_events`,
-//!   `total_purchases`, `total_spent` (purchases' price × quantity, else cart value),
-//!   `last_active` and `last_purchase` (the latest event times seen, by event time).
 //!
-//! State: `u:<user_id>` per user (a JSON [`Stats`]). The figures are exact across crashes
-//! (state is committed with the offsets), and so are the rows: a replayed event is inserted
-//! if absent, and a replayed batch upserts the same absolute figures. State is never expired
-//! (an expired user would start again from zero and overwrite the row with smaller figures).
+//! `user_stats` is not the plugin's: the database keeps it from `user_events`
+//! (`migrations/002_user_stats_from_events.sql`), where each event is counted once however
+//! often it is written. Figures kept in the plugin's state were absolute only for the
+//! history that state had seen, so after `eddy replay`, `eddy reset` or a partition moving
+//! to another host they overwrote a row with smaller ones. The plugin keeps no state.
 
-use eddy_sdk::{Context, Event, EventType, Plugin, Verdict};
+use eddy_sdk::{Context, Event, Plugin, Verdict};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use std::collections::BTreeSet;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// The output of the per-event records (`""`: none).
     pub events_output: String,
-    /// The output of the per-user figures (`""`: none).
-    pub stats_output: String,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             events_output: "events".into(),
-            stats_output: "stats".into(),
         }
     }
-}
-
-/// One user's figures, as kept in state.
-#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Stats {
-    #[serde(rename = "e")]
-    pub events: i64,
-    #[serde(rename = "p")]
-    pub purchases: i64,
-    /// Money spent in cents: sums of cents are exact, sums of floats are not.
-    #[serde(rename = "c")]
-    pub cents: i64,
-    /// The latest event time seen: (Unix ms, as the event wrote it).
-    #[serde(rename = "a", default)]
-    pub last_active: Option<(i64, String)>,
-    #[serde(rename = "b", default)]
-    pub last_purchase: Option<(i64, String)>,
 }
 
 /// A `user_events` row.
@@ -68,21 +44,8 @@ struct EventRow<'a> {
     metadata: &'a RawValue,
 }
 
-/// A `user_stats` row.
-#[derive(Serialize)]
-struct StatsRow<'a> {
-    user_id: &'a str,
-    total_events: i64,
-    total_purchases: i64,
-    total_spent: f64,
-    last_active: Option<&'a str>,
-    last_purchase: Option<&'a str>,
-}
-
 pub struct Warehouse {
     config: Config,
-    /// Users whose figures changed in the current batch.
-    touched: BTreeSet<String>,
 }
 
 /// Unix milliseconds as RFC 3339 in UTC (`2024-01-15T10:30:45.123Z`).
@@ -108,27 +71,11 @@ fn rfc3339(ms: i64) -> String {
     )
 }
 
-/// `(ms, text)` if it is later than `seen`.
-fn later(seen: &mut Option<(i64, String)>, ms: i64, text: &str) {
-    if seen.as_ref().is_none_or(|(t, _)| ms > *t) {
-        *seen = Some((ms, text.to_string()));
-    }
-}
-
 impl Plugin for Warehouse {
     type Config = Config;
 
     fn init(config: Config, _ctx: &mut Context) -> Result<Self, String> {
-        Ok(Warehouse {
-            config,
-            touched: BTreeSet::new(),
-        })
-    }
-
-    fn state_keys(&self, event: &Event, keys: &mut Vec<String>) {
-        if let Ok(a) = event.activity() {
-            keys.push(format!("u:{}", a.user_id));
-        }
+        Ok(Warehouse { config })
     }
 
     fn on_event(&mut self, event: &Event, ctx: &mut Context) -> Verdict {
@@ -173,45 +120,7 @@ impl Plugin for Warehouse {
             let key = event_id.as_bytes().to_vec();
             ctx.emit_json(&self.config.events_output, Some(&key), &row);
         }
-        let purchase = a.event_type == EventType::Purchase;
-        let time = a.time_ms().zip(a.timestamp.as_deref());
-        let stats = ctx.state.json_mut::<Stats>(("u:", &*a.user_id));
-        stats.events += 1;
-        if let Some((ms, text)) = time {
-            later(&mut stats.last_active, ms, text);
-        }
-        if purchase {
-            stats.purchases += 1;
-            stats.cents += a.amount().map_or(0, |x| (x * 100.0).round() as i64);
-            if let Some((ms, text)) = time {
-                later(&mut stats.last_purchase, ms, text);
-            }
-        }
-        if !self.touched.contains(&*a.user_id) {
-            self.touched.insert(a.user_id.to_string());
-        }
         Verdict::Ok
-    }
-
-    fn on_batch_end(&mut self, ctx: &mut Context) {
-        let touched = std::mem::take(&mut self.touched);
-        if self.config.stats_output.is_empty() {
-            return;
-        }
-        for user in &touched {
-            let Some(s) = ctx.state.get_json::<Stats>(("u:", user.as_str())) else {
-                continue;
-            };
-            let row = StatsRow {
-                user_id: user,
-                total_events: s.events,
-                total_purchases: s.purchases,
-                total_spent: s.cents as f64 / 100.0,
-                last_active: s.last_active.as_ref().map(|(_, t)| t.as_str()),
-                last_purchase: s.last_purchase.as_ref().map(|(_, t)| t.as_str()),
-            };
-            ctx.emit_json(&self.config.stats_output, Some(user.as_bytes()), &row);
-        }
     }
 }
 
@@ -232,7 +141,7 @@ mod tests {
     }
 
     #[test]
-    fn one_event_row_each_and_absolute_figures_per_touched_user() {
+    fn one_event_row_each_and_no_stats() {
         let mut h = Harness::<Warehouse>::new("{}").unwrap();
         h.run_payloads(&[
             event("e1", "u1", "page_view", "2024-01-15T10:00:00Z", None),
@@ -243,24 +152,14 @@ mod tests {
         assert_eq!(events.len(), 3);
         assert_eq!(events[1]["event_id"], "e2");
         assert_eq!(events[1]["amount"], 20.5);
+        assert_eq!(events[1]["timestamp"], "2024-01-15T10:05:00Z");
         assert_eq!(events[1]["metadata"]["properties"]["quantity"], 2);
-        let stats = h.outputs_json("stats");
-        assert_eq!(stats.len(), 2, "{stats:?}");
-        assert_eq!(stats[0]["user_id"], "u1");
-        assert_eq!(stats[0]["total_events"], 2);
-        assert_eq!(stats[0]["total_purchases"], 1);
-        assert_eq!(stats[0]["total_spent"], 20.5);
-        assert_eq!(stats[0]["last_active"], "2024-01-15T10:05:00Z");
-        assert_eq!(stats[0]["last_purchase"], "2024-01-15T10:05:00Z");
-        assert_eq!(stats[1]["last_purchase"], serde_json::Value::Null);
-
-        // An older event later: counted, but last_active stays.
-        h.clear_outputs();
-        h.run_payloads(&[event("e4", "u1", "click", "2024-01-15T08:00:00Z", None)]);
-        let stats = h.outputs_json("stats");
-        assert_eq!(stats.len(), 1);
-        assert_eq!(stats[0]["total_events"], 3);
-        assert_eq!(stats[0]["last_active"], "2024-01-15T10:05:00Z");
+        // user_stats is the database's (migrations/002): nothing else is emitted.
+        assert!(h.outputs_json("stats").is_empty());
+        assert!(
+            serde_json::from_str::<Config>(r#"{"stats_output":"stats"}"#).is_err(),
+            "a config naming the stats output is refused, not ignored"
+        );
     }
 
     #[test]
