@@ -43,6 +43,17 @@ impl Host {
         let broker = if config.embedded() {
             let broker = EmbeddedBroker::start()?;
             broker.create_topic(&config.kafka.topic, config.kafka.partitions)?;
+            // Plugins' own input topics (another plugin's output, say) exist from the start,
+            // with as many partitions, so their consumers are assigned at once.
+            let inputs: std::collections::BTreeSet<&str> = config
+                .plugins
+                .iter()
+                .filter_map(|p| p.topic.as_deref())
+                .filter(|t| *t != config.kafka.topic)
+                .collect();
+            for topic in inputs {
+                broker.create_topic(topic, config.kafka.partitions)?;
+            }
             info!(
                 bootstrap = broker.bootstrap_servers(),
                 topic = %config.kafka.topic,
@@ -86,9 +97,16 @@ impl Host {
         let engine = wasm::engine()?;
         // What the saved offsets of durable state are checked against.
         let cluster = if config.state.durable {
-            let (client, topic) = (client.clone(), config.kafka.topic.clone());
+            let client = client.clone();
+            let mut topics: Vec<String> = config
+                .plugins
+                .iter()
+                .map(|p| p.input_topic(&config.kafka.topic).to_string())
+                .collect();
+            topics.sort();
+            topics.dedup();
             let mut view =
-                tokio::task::spawn_blocking(move || ClusterView::probe(&client, &topic)).await?;
+                tokio::task::spawn_blocking(move || ClusterView::probe(&client, &topics)).await?;
             if broker.is_some() {
                 view.id = Some(kafka::cluster::embedded_cluster_id());
             }

@@ -201,3 +201,73 @@ alerts = {{ topic = "fraud-alerts" }}
         "flagged {flagged:?}, bursts {burst_users:?}"
     );
 }
+
+/// `[[plugin]] topic`: one plugin's output topic is the next one's input (issue 28). The echo
+/// fixture writes a record per event to `echoed`; a second plugin consumes `echoed` in its
+/// own group and handles each of those records once; its saved offsets are on `echoed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_consumes_another_plugins_output_topic() {
+    init_logs();
+    let broker = broker(2);
+    broker.create_topic("echoed", 2).unwrap();
+    let bootstrap = broker.bootstrap_servers().to_string();
+    let total = 2_000u64;
+    produce_generated(
+        &bootstrap,
+        &generate(total as usize, &generator_options(21, 0)),
+    );
+    let plugins = format!(
+        r#"
+[[plugin]]
+name = "first"
+path = "{echo}"
+[plugin.outputs]
+seen = {{ topic = "echoed" }}
+
+[[plugin]]
+name = "second"
+path = "{counter}"
+topic = "echoed"
+[plugin.config]
+mode = "slow"
+marker = ""
+"#,
+        echo = wasm("eddy_fixture_echo"),
+        counter = wasm("eddy_fixture_misbehave"),
+    );
+    let config = config(&config_text(&bootstrap, 2, &plugins));
+    let host = Host::start(config.clone()).await.expect("host starts");
+    let (first, second) = (
+        host.metrics().plugin("first"),
+        host.metrics().plugin("second"),
+    );
+    let (f, s) = (first.clone(), second.clone());
+    wait_async(
+        Duration::from_secs(120),
+        "the second plugin to handle every record of the first",
+        move || f.events_handled() >= total && s.events_handled() >= total,
+    )
+    .await;
+    host.stop().await.expect("clean stop");
+    assert_eq!(first.events(Outcome::Ok), total);
+    assert_eq!(second.events(Outcome::Ok), total);
+    let path = eddy::state::path_for(&config.state.dir, "second");
+    let snap = eddy::state::store::read_only_snapshot(&path, "second").expect("state file");
+    assert_eq!(
+        snap.state.get("seen").map(|v| v.as_slice()),
+        Some(total.to_string().as_bytes()),
+        "each record of `echoed` counted once"
+    );
+    let on_echoed: i64 = snap
+        .offsets
+        .iter()
+        .filter(|((topic, _), _)| topic == "echoed")
+        .map(|(_, next)| next)
+        .sum();
+    assert_eq!(on_echoed, total as i64, "{:?}", snap.offsets);
+    assert!(
+        snap.offsets.keys().all(|(topic, _)| topic == "echoed"),
+        "{:?}",
+        snap.offsets
+    );
+}

@@ -511,6 +511,32 @@ impl Config {
         }
     }
 
+    /// If records written to `topic` reach `from` again through the plugins that consume it
+    /// (and those that consume their output topics...), the way they go, to say in an error.
+    fn loop_through(&self, from: &PluginConfig, topic: &str) -> Option<String> {
+        let input = |p: &PluginConfig| p.input_topic(&self.kafka.topic).to_string();
+        let mut seen = std::collections::BTreeSet::new();
+        // (a topic reached, the way there)
+        let mut todo = vec![(topic.to_string(), format!("`{topic}`"))];
+        while let Some((t, way)) = todo.pop() {
+            if !seen.insert(t.clone()) {
+                continue;
+            }
+            for p in self.plugins.iter().filter(|p| input(p) == t) {
+                let way = format!("{way} → plugin `{}`", p.name);
+                if p.name == from.name {
+                    return Some(way);
+                }
+                for target in p.outputs.values() {
+                    if let OutputTarget::Topic(next) = target {
+                        todo.push((next.clone(), format!("{way} → `{next}`")));
+                    }
+                }
+            }
+        }
+        None
+    }
+
     fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             path: self.source.clone(),
@@ -785,8 +811,18 @@ impl Config {
                     format!("must be at most {MAX_BREAKER_PAUSE_MS} ms"),
                 ));
             }
+            if let Some(t) = &p.topic
+                && !valid_topic(t)
+            {
+                return Err(self.invalid(
+                    at("topic"),
+                    format!(
+                        "`{t}` is not a Kafka topic name (1-249 of letters, digits, '.', '_', '-')"
+                    ),
+                ));
+            }
             if let Some(t) = &p.dead_letter_topic
-                && (!valid_topic(t) || *t == k.topic)
+                && (!valid_topic(t) || *t == k.topic || *t == p.input_topic(&k.topic))
             {
                 return Err(self.invalid(
                     at("dead_letter_topic"),
@@ -830,6 +866,16 @@ impl Config {
                     return Err(self.invalid(
                         at(&format!("outputs.{name}")),
                         format!("writes to `{t}`, the topic the plugins consume: that would loop"),
+                    ));
+                }
+                if let OutputTarget::Topic(t) = target
+                    && let Some(path) = self.loop_through(p, t)
+                {
+                    return Err(self.invalid(
+                        at(&format!("outputs.{name}")),
+                        format!(
+                            "writes to `{t}`, which leads back to its own input: {path}: that would loop"
+                        ),
                     ));
                 }
             }
@@ -1251,5 +1297,37 @@ path = "a.wasm"
             "{MINIMAL}[plugin.outputs]\nx = {{ topic = \"user-activities\" }}\n"
         ));
         assert!(e.contains("would loop"), "{e}");
+    }
+
+    /// A plugin may consume another's output topic; records that come back to where they
+    /// started are refused, with the way they go.
+    #[test]
+    fn a_pipeline_of_plugins_is_taken_and_a_loop_through_one_refused() {
+        let chain = "[[plugin]]\nname = \"b\"\npath = \"a.wasm\"\ntopic = \"stage-2\"\n";
+        let (_d, ok) = with_wasm(&format!(
+            "{MINIMAL}[plugin.outputs]\nout = {{ topic = \"stage-2\" }}\n{chain}"
+        ));
+        let config = ok.expect("a pipeline");
+        assert_eq!(
+            config.plugins[1].input_topic(&config.kafka.topic),
+            "stage-2"
+        );
+        assert_eq!(
+            config.plugins[0].input_topic(&config.kafka.topic),
+            "user-activities"
+        );
+        let e = error(&format!(
+            "{MINIMAL}topic = \"stage-1\"\n[plugin.outputs]\nout = {{ topic = \"stage-2\" }}\n\
+             {chain}[plugin.outputs]\nback = {{ topic = \"stage-1\" }}\n"
+        ));
+        assert!(
+            e.contains("`stage-2` → plugin `b` → `stage-1` → plugin `a`: that would loop"),
+            "{e}"
+        );
+        let e = error(&format!("{MINIMAL}topic = \"not a topic\"\n"));
+        assert!(
+            e.contains("`plugin[0].topic`") || e.contains("topic"),
+            "{e}"
+        );
     }
 }

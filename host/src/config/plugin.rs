@@ -18,6 +18,10 @@ pub struct PluginConfig {
     /// sees every event with its own offsets.
     #[serde(default)]
     pub group: Option<String>,
+    /// The topic the plugin consumes; `kafka.topic` by default. Another plugin's output
+    /// topic makes a pipeline: one plugin's records are the next one's events.
+    #[serde(default)]
+    pub topic: Option<String>,
     /// Where a group with no committed offset starts: `"earliest"` or `"latest"`.
     #[serde(default)]
     pub start_from: StartFrom,
@@ -302,6 +306,11 @@ fn default_log_lines_per_s() -> u32 {
 }
 
 impl PluginConfig {
+    /// The topic the plugin consumes: its own `topic`, else `default` (`kafka.topic`).
+    pub fn input_topic<'a>(&'a self, default: &'a str) -> &'a str {
+        self.topic.as_deref().unwrap_or(default)
+    }
+
     pub fn group_id(&self) -> String {
         self.group
             .clone()

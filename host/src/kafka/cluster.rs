@@ -31,8 +31,9 @@ pub struct ClusterView {
 }
 
 impl ClusterView {
-    /// Asks the cluster (blocking; a few round trips).
-    pub fn probe(client: &rdkafka::ClientConfig, topic: &str) -> ClusterView {
+    /// Asks the cluster (blocking; a few round trips) for its id and the log ends of
+    /// `topics`.
+    pub fn probe(client: &rdkafka::ClientConfig, topics: &[String]) -> ClusterView {
         use rdkafka::consumer::{BaseConsumer, Consumer};
         let timeout = std::time::Duration::from_secs(5);
         let consumer: BaseConsumer = match client.create() {
@@ -46,7 +47,10 @@ impl ClusterView {
         };
         let id = consumer.client().fetch_cluster_id(timeout);
         let mut log_ends = Offsets::new();
-        if let Ok(md) = consumer.fetch_metadata(Some(topic), timeout) {
+        for topic in topics {
+            let Ok(md) = consumer.fetch_metadata(Some(topic), timeout) else {
+                continue;
+            };
             let partitions: Vec<i32> = md
                 .topics()
                 .iter()

@@ -59,7 +59,14 @@ pub fn replay(
                 .into(),
         ));
     }
-    let offsets = positions(config, from)?;
+    let topic = config
+        .plugins
+        .iter()
+        .find(|p| p.name == plugin)
+        .map_or(config.kafka.topic.as_str(), |p| {
+            p.input_topic(&config.kafka.topic)
+        });
+    let offsets = positions(config, topic, from)?;
     let store = StateStore::open(&path, plugin)?;
     if !keep_state {
         store.clear()?;
@@ -101,13 +108,12 @@ fn commit_group(config: &Config, plugin: &str, offsets: &Offsets) -> Result<(), 
     })
 }
 
-/// The offset of `from` on each partition of the input topic.
-fn positions(config: &Config, from: &From) -> Result<Offsets, OpsError> {
+/// The offset of `from` on each partition of `topic`, the plugin's input.
+fn positions(config: &Config, topic: &str, from: &From) -> Result<Offsets, OpsError> {
     let kafka_error = |e: rdkafka::error::KafkaError| {
         OpsError::Kafka(format!("asking Kafka ({}): {e}", config.kafka.brokers))
     };
     let client = kafka::client_config(&config.kafka, &config.kafka.brokers);
-    let topic = &config.kafka.topic;
     let extents = kafka::admin::extents(&client, topic).map_err(kafka_error)?;
     if extents.is_empty() {
         return Err(OpsError::Kafka(format!(
@@ -131,7 +137,7 @@ fn positions(config: &Config, from: &From) -> Result<Offsets, OpsError> {
                 // No event at or after the time: start at the end.
                 From::Time(_) => at_time.get(&e.partition).copied().unwrap_or(e.high),
             };
-            ((topic.clone(), e.partition), next)
+            ((topic.to_string(), e.partition), next)
         })
         .collect())
 }

@@ -10,8 +10,8 @@
 //! - `.wasm` content or settings changed: compile the new version here, off the event path,
 //!   try its `init` in a scratch sandbox, then hand it to the worker, which switches between
 //!   two batches, keeping the state (see [`crate::wasm::Sandbox::swap`]). If any step
-//!   fails, the old version keeps running. A changed `group` or `start_from` means a new
-//!   consumer group: the plugin is removed and added back, with fresh state;
+//!   fails, the old version keeps running. A changed `group`, `start_from` or `topic` means
+//!   a new consumer group: the plugin is removed and added back, with fresh state;
 //! - unchanged: nothing, not even a recompile.
 //!
 //! A version that failed, or trapped on probation and was rolled back, is not tried again
@@ -150,9 +150,15 @@ impl Supervisor {
             .set_outputs(&plugin.name, plugin.outputs.keys().cloned());
         let (control, control_rx) = mpsc::channel(1);
         let program = sandbox.program().clone();
+        let topic = plugin.input_topic(&self.config.kafka.topic).to_string();
+        // The shared fetch reads `kafka.topic`: a plugin on another topic fetches for itself.
+        let shared_fetch = self
+            .shared_fetch
+            .clone()
+            .filter(|_| topic == self.config.kafka.topic);
         let worker = Worker::new(
             plugin.clone(),
-            self.config.kafka.topic.clone(),
+            topic,
             self.client.clone(),
             sandbox,
             Outputs::new(&plugin, self.producer.clone(), self.databases.clone()),
@@ -161,7 +167,7 @@ impl Supervisor {
             control_rx,
         )
         .sharing_the_group(self.config.state.shared_group)
-        .sharing_the_fetch(self.shared_fetch.clone())
+        .sharing_the_fetch(shared_fetch)
         .watched_by(self.live.clone())
         .syncing_every(Duration::from_millis(self.config.state.commit_interval_ms));
         let name = plugin.name.clone();
@@ -262,9 +268,10 @@ impl Supervisor {
                     .map(|()| report.added.push(name.clone())),
                 Some(r)
                     if r.plugin.group_id() != plugin.group_id()
-                        || r.plugin.start_from != plugin.start_from =>
+                        || r.plugin.start_from != plugin.start_from
+                        || r.plugin.topic != plugin.topic =>
                 {
-                    info!(plugin = %name, "consumer group settings changed: restarting it with fresh state");
+                    info!(plugin = %name, "consumer group settings (group, start_from, topic) changed: restarting it with fresh state");
                     self.remove(&name).await;
                     self.add(plugin)
                         .await
@@ -302,10 +309,11 @@ impl Supervisor {
             plugin.clone(),
             self.config.state.clone(),
         );
-        let (client, topic) = (self.client.clone(), self.config.kafka.topic.clone());
+        let client = self.client.clone();
+        let topic = plugin.input_topic(&self.config.kafka.topic).to_string();
         let embedded = self.embedded_cluster.clone();
         let loaded = tokio::task::spawn_blocking(move || {
-            let mut cluster = ClusterView::probe(&client, &topic);
+            let mut cluster = ClusterView::probe(&client, &[topic]);
             if embedded.is_some() {
                 cluster.id = embedded;
             }

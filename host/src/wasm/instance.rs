@@ -113,6 +113,7 @@ fn empty_plugin() -> crate::config::PluginConfig {
         name: String::new(),
         path: Default::default(),
         group: None,
+        topic: None,
         start_from: Default::default(),
         max_batch: 1,
         batch_linger_ms: 0,
