@@ -910,6 +910,92 @@ fn sigkill_at_random_moments_under_load_leaves_the_tables_exact() {
     assert_tables_exact(&pg, &produced, &payloads);
 }
 
+/// Three `eddy` processes sharing warehouse's consumer group (`[state] shared_group`) into
+/// one PostgreSQL, one of them killed with SIGKILL and started again while events flow
+/// (issue 27, item 2: before, 39 of 1,221 users' `user_stats` rows came out wrong, each
+/// host upserting the figures of its own state). `user_stats` is kept by the database from
+/// `user_events` now, whichever host writes a user's events: both tables come out exact.
+#[test]
+fn three_hosts_sharing_the_group_and_a_sigkill_leave_the_tables_exact() {
+    use common::host_process::{free_port, runs_consuming, start, stop, write_config};
+    let pg = Postgres::start();
+    let broker = broker(PARTITIONS);
+    let bootstrap = broker.bootstrap_servers().to_string();
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    for (i, (dir, port)) in dirs.iter().zip(&ports).enumerate() {
+        // One host applies the migrations; the others start once it has.
+        let plugins = format!("[state]\nshared_group = true\n{}", plugins(&pg, i == 0));
+        write_config(dir.path(), &bootstrap, *port, &plugins);
+    }
+    let mut hosts = vec![start(dirs[0].path())];
+    wait_for(Duration::from_secs(60), "the first host to consume", || {
+        runs_consuming(dirs[0].path()) > 0
+    });
+    hosts.push(start(dirs[1].path()));
+    hosts.push(start(dirs[2].path()));
+
+    let stop_producing = Arc::new(AtomicBool::new(false));
+    let producing_since = std::time::Instant::now();
+    // 300 users: each has events before, during and after the moves.
+    let generator = eddy::generator::GeneratorOptions {
+        users: 300,
+        ..generator_options(53, 500)
+    };
+    let producer = produce_until(bootstrap.clone(), generator, 400, stop_producing.clone());
+    let assignments = |i: usize| {
+        std::fs::read_to_string(dirs[i].path().join("host.log"))
+            .unwrap_or_default()
+            .matches("partitions assigned")
+            .count()
+    };
+    // The second host, once it has partitions and handled their events for a while, is
+    // killed and started again.
+    wait_for(
+        Duration::from_secs(60),
+        "the second host to get partitions",
+        || assignments(1) > 0,
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let before = (assignments(0), assignments(2));
+    let mut killed = hosts.remove(1);
+    killed.kill().unwrap(); // SIGKILL
+    killed.wait().unwrap();
+    // Its partitions go to the others once its session timed out (3 s), and their events
+    // are handled there for a while; then it comes back.
+    wait_for(
+        Duration::from_secs(60),
+        "the others to take the killed host's partitions",
+        || assignments(0) > before.0 || assignments(2) > before.1,
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    hosts.insert(1, start(dirs[1].path()));
+    wait_for(
+        Duration::from_secs(60),
+        "the second host to consume again",
+        || runs_consuming(dirs[1].path()) > 1,
+    );
+    // Events flow for at least 15 s in all (~6,000), and for 2 s after it is back.
+    let until = (producing_since + Duration::from_secs(15))
+        .max(std::time::Instant::now() + Duration::from_secs(2));
+    std::thread::sleep(until.saturating_duration_since(std::time::Instant::now()));
+    stop_producing.store(true, Relaxed);
+    let produced = producer.join().unwrap();
+    wait_committed(
+        &bootstrap,
+        &["eddy-warehouse"],
+        PARTITIONS,
+        produced.len() as i64,
+        Duration::from_secs(120),
+    );
+    for host in hosts {
+        stop(host);
+    }
+    let payloads: Vec<Vec<u8>> = produced.iter().map(|g| g.payload.clone()).collect();
+    assert!(produced.len() > 2000, "{} events", produced.len());
+    assert_tables_exact(&pg, &produced, &payloads);
+}
+
 /// The warehouse plugin end to end in the host (a benchmark, not a test: `--ignored
 /// --nocapture`): events/s from the first event handled to the last committed, with its
 /// outputs going to PostgreSQL, against the same with its outputs discarded.
