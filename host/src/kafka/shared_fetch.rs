@@ -325,16 +325,7 @@ impl Window {
             })
             .map(|(id, _)| *id)
             .collect();
-        let mut names = Vec::new();
-        let mut commands = Vec::new();
-        for id in stalled {
-            let state = self.readers.get_mut(&id).expect("listed");
-            names.push(state.name.clone());
-            let partitions: Vec<i32> = state.cursors.keys().copied().collect();
-            state.lost.extend(&partitions);
-            commands.extend(self.detach(id, Some(&partitions)));
-        }
-        (names, commands)
+        self.let_go(stalled)
     }
 
     /// Detaches the readers that set everyone's pace: while the window is full, a reader
@@ -372,9 +363,15 @@ impl Window {
             .filter(|(_, r)| behind(r) * 2 >= total)
             .map(|(id, _)| *id)
             .collect();
+        self.let_go(laggards)
+    }
+
+    /// Detaches `readers` from every partition they read, telling each what it lost (its
+    /// plugin fetches those itself from where it is). Returns their names and the commands.
+    fn let_go(&mut self, readers: Vec<u64>) -> (Vec<String>, Vec<Command>) {
         let mut names = Vec::new();
         let mut commands = Vec::new();
-        for id in laggards {
+        for id in readers {
             let state = self.readers.get_mut(&id).expect("listed");
             names.push(state.name.clone());
             let partitions: Vec<i32> = state.cursors.keys().copied().collect();

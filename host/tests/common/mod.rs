@@ -117,44 +117,44 @@ pub fn generate(n: usize, opts: &GeneratorOptions) -> Vec<Generated> {
 
 /// Produces records (key, payload) and waits until all are delivered.
 pub fn produce(bootstrap: &str, topic: &str, records: &[(Option<Vec<u8>>, Vec<u8>)]) {
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("linger.ms", "5")
-        .create()
-        .expect("producer");
-    for (key, payload) in records {
-        let mut r = BaseRecord::<Vec<u8>, Vec<u8>>::to(topic).payload(payload);
-        if let Some(k) = key {
-            r = r.key(k);
-        }
-        let mut r = r;
-        loop {
-            match producer.send(r) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    r = back;
-                    producer.poll(Duration::from_millis(10));
-                }
-            }
-        }
-        producer.poll(Duration::ZERO);
-    }
-    producer.flush(Duration::from_secs(30)).expect("flush");
+    let records = records
+        .iter()
+        .map(|(key, payload)| (key.as_deref(), payload.as_slice(), None));
+    produce_with_times(bootstrap, topic, records);
 }
 
 /// Produces generated events with their event time as Kafka timestamp (as `eddy produce
 /// --event-timestamps` does), and waits until all are delivered.
 pub fn produce_timestamped(bootstrap: &str, events: &[Generated]) {
+    let records = events.iter().map(|g| {
+        (
+            Some(g.key.as_bytes()),
+            g.payload.as_slice(),
+            Some(g.time_ms),
+        )
+    });
+    produce_with_times(bootstrap, TOPIC, records);
+}
+
+/// Produces (key, payload, Kafka timestamp) records and waits until all are delivered.
+fn produce_with_times<'a>(
+    bootstrap: &str,
+    topic: &str,
+    records: impl Iterator<Item = (Option<&'a [u8]>, &'a [u8], Option<i64>)>,
+) {
     let producer: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("linger.ms", "5")
         .create()
         .expect("producer");
-    for g in events {
-        let mut r = BaseRecord::<[u8], Vec<u8>>::to(TOPIC)
-            .key(g.key.as_bytes())
-            .payload(&g.payload)
-            .timestamp(g.time_ms);
+    for (key, payload, time_ms) in records {
+        let mut r = BaseRecord::<[u8], [u8]>::to(topic).payload(payload);
+        if let Some(k) = key {
+            r = r.key(k);
+        }
+        if let Some(t) = time_ms {
+            r = r.timestamp(t);
+        }
         loop {
             match producer.send(r) {
                 Ok(()) => break,
