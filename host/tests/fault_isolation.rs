@@ -109,7 +109,7 @@ async fn plugins_that_panic_loop_eat_memory_or_retry_forever_hurt_nothing_else()
             "still failing after 3 attempts: the marked event never succeeds",
         ),
     ] {
-        let dlq = read_topic(&bootstrap, &format!("{name}-dlq"), POISON_KEYS.len());
+        let dlq = read_exactly(&bootstrap, &format!("{name}-dlq"), POISON_KEYS.len());
         assert_eq!(dlq.len(), POISON_KEYS.len(), "{name}-dlq");
         let keys: BTreeSet<String> = dlq
             .iter()
@@ -271,7 +271,7 @@ marker = "{marker}"
         committed_total(&bootstrap, "eddy-broken", PARTITIONS),
         total as i64
     );
-    let dlq = read_topic(&bootstrap, "broken-dlq", dead as usize);
+    let dlq = read_exactly(&bootstrap, "broken-dlq", dead as usize);
     assert_eq!(dlq.len() as u64, dead, "what was counted is in the topic");
 }
 
@@ -320,7 +320,7 @@ async fn a_dead_letter_that_cannot_be_written_holds_the_offset_back_until_it_can
         committed_total(&bootstrap, "eddy-panics", PARTITIONS),
         total as i64
     );
-    let dlq = read_topic(&bootstrap, "panics-dlq", POISON_KEYS.len());
+    let dlq = read_exactly(&bootstrap, "panics-dlq", POISON_KEYS.len());
     let keys: BTreeSet<String> = dlq
         .iter()
         .map(|m| String::from_utf8(m.key().unwrap().to_vec()).unwrap())

@@ -180,6 +180,24 @@ pub fn produce_generated(bootstrap: &str, events: &[Generated]) {
 /// Reads every record of `topic` (all partitions, from the start) until `expected` records
 /// were read or nothing new arrived for two seconds.
 pub fn read_topic(bootstrap: &str, topic: &str, expected: usize) -> Vec<OwnedMessage> {
+    read_topic_for(bootstrap, topic, expected, Duration::from_secs(2))
+}
+
+/// [`read_topic`] for a count that must be there: reads until `expected` records were read
+/// or 60 s went by, however long a partition takes to answer on a loaded machine (two
+/// seconds without a record is not "nothing more" then).
+pub fn read_exactly(bootstrap: &str, topic: &str, expected: usize) -> Vec<OwnedMessage> {
+    read_topic_for(bootstrap, topic, expected, Duration::from_secs(60))
+}
+
+/// Reads `topic` from the start until `expected` records were read or nothing new arrived
+/// for `idle`.
+fn read_topic_for(
+    bootstrap: &str,
+    topic: &str,
+    expected: usize,
+    idle: Duration,
+) -> Vec<OwnedMessage> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "eddy-test-reader")
@@ -210,7 +228,7 @@ pub fn read_topic(bootstrap: &str, topic: &str, expected: usize) -> Vec<OwnedMes
     consumer.assign(&tpl).expect("assign");
     let mut out = Vec::new();
     let mut idle_since = Instant::now();
-    while out.len() < expected && idle_since.elapsed() < Duration::from_secs(2) {
+    while out.len() < expected && idle_since.elapsed() < idle {
         match consumer.poll(Duration::from_millis(100)) {
             Some(Ok(m)) => {
                 out.push(m.detach());
