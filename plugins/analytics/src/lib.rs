@@ -9,6 +9,14 @@
 //! `country:<code>`, `snapshot_at` (the `total` of the last snapshot), and `top:users`,
 //! `top:pages`, `top:products`: the largest of those counters, kept as they grow, so that a
 //! snapshot reads three keys instead of scanning every user.
+//!
+//! Partials (issue 28, two-stage totals): with `partials` set to an output name, every batch
+//! that counted events ends with one [`Partial`] on that output, keyed by its source:
+//! `{"source":"user-activities/3","offset":1234,"figures":{"total":100,"malformed":1,
+//! "users":40,"type:click":40,…,"revenue_total":12.5}}`. Its figures are absolute (this
+//! instance's counters, not a delta), so a reducer that keeps the latest partial of each
+//! source (the `eddy-reducer` plugin) sums them exactly, however often one is delivered.
+//! `partial_offset` keeps how far they reach in each partition.
 
 use eddy_sdk::{Activity, Context, Event, EventType, Plugin, Verdict};
 use serde::{Deserialize, Serialize};
@@ -26,6 +34,8 @@ pub struct Config {
     pub revenue_hours: usize,
     /// The output snapshots go to.
     pub output: String,
+    /// The output partials go to (see the module's documentation); none: no partials.
+    pub partials: Option<String>,
 }
 
 impl Default for Config {
@@ -35,6 +45,7 @@ impl Default for Config {
             top_n: 5,
             revenue_hours: 24,
             output: "snapshots".into(),
+            partials: None,
         }
     }
 }
@@ -124,10 +135,39 @@ pub struct Snapshot {
     pub revenue_by_hour: Vec<(String, f64)>,
 }
 
+/// The partial record: this instance's absolute figures, for a reducer to sum over sources.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct Partial {
+    /// `<topic>/<partition>` of the events the figures count, or `<topic>/*` when they count
+    /// events of more than one partition (one instance handling the whole topic).
+    pub source: String,
+    /// One past the last offset the figures count. For a `<topic>/*` source, the sum of that
+    /// over the partitions counted: it grows with every batch all the same, so a later
+    /// partial of a source always has a larger offset.
+    pub offset: i64,
+    /// `total`, `malformed`, `users`, `revenue_total` and every `type:<event_type>`.
+    pub figures: BTreeMap<String, serde_json::Value>,
+}
+
+/// `partial_offset`: how far the figures reach in each partition.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Reach {
+    /// Per partition, one past the last offset counted.
+    next: BTreeMap<i32, i64>,
+    /// Events were counted before partials were turned on, of partitions not recorded in
+    /// `next`: the figures may count any partition, so their source is `<topic>/*`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    earlier: bool,
+}
+
 pub struct Analytics {
     config: Config,
     /// `total` before the current batch, to see whether the batch crossed a snapshot mark.
     total_at_batch_start: Option<i64>,
+    /// With `partials`: the topic of the current batch's events, and per partition one past
+    /// the last offset it handled.
+    batch_topic: Option<String>,
+    batch_reach: Vec<(i32, i64)>,
 }
 
 fn product_of<'a>(a: &'a Activity) -> Option<&'a str> {
@@ -147,9 +187,20 @@ impl Plugin for Analytics {
         if config.output.is_empty() {
             return Err("output must name an output".into());
         }
+        match config.partials.as_deref() {
+            Some("") => return Err("partials must name an output (leave it out for none)".into()),
+            Some(p) if p == config.output => {
+                return Err(format!(
+                    "partials must be another output than snapshots' (`{p}`)"
+                ));
+            }
+            _ => {}
+        }
         Ok(Analytics {
             config,
             total_at_batch_start: None,
+            batch_topic: None,
+            batch_reach: Vec::new(),
         })
     }
 
@@ -157,6 +208,9 @@ impl Plugin for Analytics {
         if keys.is_empty() {
             keys.extend(["total", "malformed", "users", "revenue_total"].map(String::from));
             keys.extend(TOPS.map(|(_, list)| list.to_string()));
+            if self.config.partials.is_some() {
+                keys.push("partial_offset".into());
+            }
         }
         let Ok(a) = event.activity() else { return };
         keys.push(format!("type:{}", a.event_type));
@@ -186,6 +240,9 @@ impl Plugin for Analytics {
             let total = s.get_json("total").unwrap_or(0);
             self.total_at_batch_start = Some(total);
             self.check_top_lists(s, total);
+        }
+        if self.config.partials.is_some() {
+            self.reached(event);
         }
         s.incr("total", 1);
         let a = match event.activity() {
@@ -243,6 +300,14 @@ impl Plugin for Analytics {
         if after / every > before / every {
             self.emit_snapshot(ctx, after);
         }
+        let topic = self.batch_topic.take();
+        let reach = std::mem::take(&mut self.batch_reach);
+        if let (Some(output), Some(topic)) = (&self.config.partials, topic)
+            && after != before
+        {
+            let partial = partial(&mut ctx.state, &topic, &reach, before);
+            ctx.emit_json(output, Some(partial.source.as_bytes()), &partial);
+        }
     }
 
     fn on_tick(&mut self, _now_ms: i64, ctx: &mut Context) {
@@ -255,6 +320,22 @@ impl Plugin for Analytics {
 }
 
 impl Analytics {
+    /// Notes that the batch reached `event` (for the partial).
+    fn reached(&mut self, event: &Event) {
+        if self.batch_topic.is_none() {
+            self.batch_topic = Some(event.topic.to_string());
+        }
+        let next = event.offset.saturating_add(1);
+        match self
+            .batch_reach
+            .iter_mut()
+            .find(|(p, _)| *p == event.partition)
+        {
+            Some((_, n)) => *n = (*n).max(next),
+            None => self.batch_reach.push((event.partition, next)),
+        }
+    }
+
     /// Makes sure each top list exists and keeps at least `top_n` entries, rebuilding it
     /// from its counters if not. Called once per batch, before its first event counts, with
     /// the events counted so far (none: nothing to scan).
@@ -281,6 +362,43 @@ impl Analytics {
         let snapshot = snapshot(&mut ctx.state, self.config.top_n, self.config.revenue_hours);
         ctx.state.set_json("snapshot_at", &total);
         ctx.emit_json(&self.config.output, None, &snapshot);
+    }
+}
+
+/// Records how far the batch reached (`reach`, per partition) in `partial_offset`, and builds
+/// the partial of the figures in state. `before`: `total` before the batch (events counted
+/// while partials were off, if `partial_offset` is new).
+fn partial(s: &mut eddy_sdk::State, topic: &str, reach: &[(i32, i64)], before: i64) -> Partial {
+    let mut covered: Reach = s.get_json("partial_offset").unwrap_or(Reach {
+        next: BTreeMap::new(),
+        earlier: before > 0,
+    });
+    for &(p, next) in reach {
+        let n = covered.next.entry(p).or_insert(next);
+        *n = (*n).max(next);
+    }
+    s.set_json("partial_offset", &covered);
+    let (source, offset) = match covered.next.first_key_value() {
+        Some((p, next)) if covered.next.len() == 1 && !covered.earlier => {
+            (format!("{topic}/{p}"), *next)
+        }
+        _ => (format!("{topic}/*"), covered.next.values().sum()),
+    };
+    let mut figures = BTreeMap::new();
+    for key in ["total", "malformed", "users"] {
+        figures.insert(key.to_string(), s.get_json::<i64>(key).unwrap_or(0).into());
+    }
+    let revenue = cents(s.get_json("revenue_total").unwrap_or(0.0));
+    figures.insert("revenue_total".into(), revenue.into());
+    for (key, value) in s.scan_prefix("type:", u32::MAX) {
+        if let Ok(n) = serde_json::from_slice::<i64>(&value) {
+            figures.insert(key, n.into());
+        }
+    }
+    Partial {
+        source,
+        offset,
+        figures,
     }
 }
 
@@ -495,6 +613,126 @@ mod tests {
         assert_eq!(snap.top_users, full_scan(&h, "user:", 5));
         assert_eq!(snap.top_pages.len(), 5);
         assert_eq!(snap.top_pages, full_scan(&h, "page:", 5));
+    }
+
+    /// A batch of `payloads` on `partition` of user-activities, from `offset` on.
+    fn on_partition(
+        h: &mut Harness<Analytics>,
+        partition: i32,
+        offset: i64,
+        payloads: &[Vec<u8>],
+    ) -> Vec<Verdict> {
+        let events: Vec<Event> = payloads
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Event::new("user-activities", partition, offset + i as i64, None, p))
+            .collect();
+        h.run(&events)
+    }
+
+    fn partials(h: &Harness<Analytics>) -> Vec<(Vec<u8>, Partial)> {
+        h.recorded()
+            .outputs
+            .iter()
+            .filter(|r| r.output == "partials")
+            .map(|r| {
+                let key = r.key.clone().expect("partials are keyed by their source");
+                (key, serde_json::from_slice(&r.payload).unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_batch_that_counts_ends_with_an_absolute_partial_of_its_partition() {
+        let config = r#"{"snapshot_every": 1000, "partials": "partials"}"#;
+        let mut h = Harness::<Analytics>::new(config).unwrap();
+        let purchase = ev(
+            "b",
+            "purchase",
+            r#","properties":{"product_name":"Laptop","price":10.25}"#,
+        );
+        let first = [ev("a", "click", ""), purchase.clone(), b"nope".to_vec()];
+        on_partition(&mut h, 3, 100, &first);
+        let got = partials(&h);
+        assert_eq!(got.len(), 1, "one partial per batch");
+        let (key, p) = &got[0];
+        assert_eq!(key, b"user-activities/3");
+        assert_eq!(p.source, "user-activities/3");
+        assert_eq!(p.offset, 103, "one past the last event's offset");
+        let expected = serde_json::json!({
+            "total": 3, "malformed": 1, "users": 2,
+            "type:click": 1, "type:purchase": 1, "revenue_total": 10.25,
+        });
+        assert_eq!(serde_json::to_value(&p.figures).unwrap(), expected);
+        assert_eq!(h.outputs_json("snapshots").len(), 0);
+
+        // Absolute, not a delta; the offset outlives the instance.
+        h.restart(config).unwrap();
+        on_partition(&mut h, 3, 103, &[purchase]);
+        let (_, p) = partials(&h).pop().unwrap();
+        assert_eq!(p.source, "user-activities/3");
+        assert_eq!(p.offset, 104);
+        assert_eq!(p.figures["total"], 4);
+        assert_eq!(p.figures["type:purchase"], 2);
+        assert_eq!(p.figures["revenue_total"], 20.5);
+        assert_eq!(
+            h.state_json::<serde_json::Value>("partial_offset").unwrap()["next"]["3"],
+            104
+        );
+
+        // The partial costs a few host calls per batch (a scan of `type:`, and the write-back
+        // it flushes), not one per event.
+        let batch: Vec<Vec<u8>> = (0..200)
+            .map(|i| ev(&format!("u{}", i % 7), "click", ""))
+            .collect();
+        on_partition(&mut h, 3, 104, &batch);
+        let calls = h.recorded().host_calls;
+        on_partition(&mut h, 3, 304, &batch);
+        let calls = h.recorded().host_calls - calls;
+        assert!(calls <= 5, "{calls} host calls for 200 events");
+        let (_, p) = partials(&h).pop().unwrap();
+        assert_eq!(
+            (p.offset, &p.figures["total"]),
+            (504, &serde_json::json!(404))
+        );
+
+        // A batch with no events says nothing new (a tick neither).
+        h.run(&[]);
+        h.tick(1);
+        assert_eq!(partials(&h).len(), 4);
+
+        // Events of another partition too: the instance counts the whole topic, and says so.
+        on_partition(&mut h, 0, 7, &[ev("c", "click", "")]);
+        let (key, p) = partials(&h).pop().unwrap();
+        assert_eq!(key, b"user-activities/*");
+        assert_eq!(p.source, "user-activities/*");
+        assert_eq!(
+            p.offset,
+            504 + 8,
+            "the sum over the partitions, still growing"
+        );
+        assert_eq!(p.figures["total"], 405);
+        on_partition(&mut h, 3, 504, &[ev("c", "click", "")]);
+        let (_, p) = partials(&h).pop().unwrap();
+        assert_eq!((p.source.as_str(), p.offset), ("user-activities/*", 513));
+    }
+
+    #[test]
+    fn partials_turned_on_over_counted_events_do_not_name_one_partition() {
+        let mut h = Harness::<Analytics>::new("{}").unwrap();
+        on_partition(&mut h, 1, 0, &[ev("a", "click", "")]);
+        assert!(partials(&h).is_empty(), "off by default");
+        h.restart(r#"{"partials": "partials"}"#).unwrap();
+        on_partition(&mut h, 2, 0, &[ev("a", "click", "")]);
+        let (_, p) = partials(&h).pop().unwrap();
+        assert_eq!((p.source.as_str(), p.offset), ("user-activities/*", 1));
+        assert_eq!(p.figures["total"], 2);
+    }
+
+    #[test]
+    fn partials_need_an_output_of_their_own() {
+        assert!(Harness::<Analytics>::new(r#"{"partials": ""}"#).is_err());
+        assert!(Harness::<Analytics>::new(r#"{"partials": "snapshots"}"#).is_err());
     }
 
     #[test]
