@@ -4,7 +4,7 @@ WORKDIR /src
 RUN rustup target add wasm32-wasip2
 COPY . .
 RUN cargo build --profile plugin --target wasm32-wasip2 \
-        -p eddy-logger -p eddy-analytics -p eddy-alert -p eddy-fraud -p eddy-dashboard -p eddy-behaviour -p eddy-warehouse \
+        -p eddy-logger -p eddy-analytics -p eddy-alert -p eddy-fraud -p eddy-dashboard -p eddy-behaviour -p eddy-warehouse -p eddy-reducer \
  && cargo build --release -p eddy
 
 FROM debian:bookworm-slim

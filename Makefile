@@ -3,7 +3,7 @@
 #   make test   build everything and run every test
 # Both install the wasm32-wasip2 Rust target first if it is missing.
 
-PLUGINS := eddy-logger eddy-analytics eddy-alert eddy-fraud eddy-dashboard eddy-behaviour eddy-warehouse eddy-fixture-misbehave eddy-fixture-wrong-world eddy-fixture-old-contract eddy-fixture-noop eddy-fixture-echo
+PLUGINS := eddy-logger eddy-analytics eddy-alert eddy-fraud eddy-dashboard eddy-behaviour eddy-warehouse eddy-reducer eddy-fixture-misbehave eddy-fixture-wrong-world eddy-fixture-old-contract eddy-fixture-noop eddy-fixture-echo
 CARGO ?= cargo
 
 .PHONY: run test test-loaded tansu promtool browser postgres plugins target check lint bench-reload bench-state bench-throughput bench-dispatch bench-plugins bench-memory bench-peer bench-isolation bench-postgres soak fuzz

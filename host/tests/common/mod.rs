@@ -59,6 +59,8 @@ pub fn plugins_dir() -> &'static Path {
                 "eddy-behaviour",
                 "-p",
                 "eddy-warehouse",
+                "-p",
+                "eddy-reducer",
             ])
             .args([
                 "-p",
