@@ -199,19 +199,31 @@ fn run_ceiling(bootstrap: &str, total: u64) -> anyhow::Result<f64> {
     Ok(rate)
 }
 
+/// `changelog`: with partition-scoped state and its changelog (`[state] shared_group`, on
+/// one host), in groups of their own (`round` + 100).
 fn run_eddy(
     runtime: &tokio::runtime::Runtime,
-    bootstrap: &str,
+    broker: &eddy::kafka::EmbeddedBroker,
+    partitions: i32,
     round: usize,
     total: u64,
+    changelog: bool,
 ) -> anyhow::Result<f64> {
+    let bootstrap = broker.bootstrap_servers();
     let work = tempfile::tempdir()?;
+    let round = if changelog { round + 100 } else { round };
     let plugins = common::shipped_plugins(round, false, false)?;
+    if changelog {
+        // The embedded broker cannot create topics on request.
+        for name in ["logger", "analytics", "alert", "fraud"] {
+            broker.create_topic(&format!("eddy-{name}-{round}-changelog"), partitions)?;
+        }
+    }
     let config_path = work.path().join("plugins.toml");
     std::fs::write(
         &config_path,
         format!(
-            "{kafka}\n[http]\naddress = \"127.0.0.1:0\"\n[reload]\nwatch = false\n[state]\ndurable = {durable}\n{interval}\n{plugins}",
+            "{kafka}\n[http]\naddress = \"127.0.0.1:0\"\n[reload]\nwatch = false\n[state]\ndurable = {durable}\nshared_group = {changelog}\n{interval}\n{plugins}",
             durable = std::env::var("EDDY_BENCH_STATE").as_deref() != Ok("memory"),
             interval = std::env::var("EDDY_BENCH_COMMIT_INTERVAL_MS")
                 .map(|ms| format!("commit_interval_ms = {ms}\n"))
@@ -248,7 +260,7 @@ fn main() -> anyhow::Result<()> {
     common::init_logs();
     let total = common::events_to_run(1_000_000);
     let runtime = tokio::runtime::Runtime::new()?;
-    let (_broker, bootstrap, _) = common::seeded_broker(total)?;
+    let (broker, bootstrap, partitions) = common::seeded_broker(total)?;
 
     // `EDDY_BENCH_ONLY=eddy` (or `native`) runs one side alone, once, without the ceiling:
     // for profiling.
@@ -258,7 +270,7 @@ fn main() -> anyhow::Result<()> {
         None => run_ceiling(&bootstrap, total)?,
     };
     eprintln!("  ceiling (four consumers that do nothing): {ceiling:.0} events/s");
-    let (mut native, mut eddy) = (Vec::new(), Vec::new());
+    let (mut native, mut eddy, mut changelog) = (Vec::new(), Vec::new(), Vec::new());
     // Best of three, alternating: these machines are shared, and a round can run 20%
     // slower than the next for no reason of its own.
     let rounds = if only.is_some() { 1 } else { 3 };
@@ -268,8 +280,17 @@ fn main() -> anyhow::Result<()> {
             eprintln!("  native, round {round}: {:.0} events/s", native[round]);
         }
         if only.as_deref() != Some("native") {
-            eddy.push(run_eddy(&runtime, &bootstrap, round, total)?);
+            eddy.push(run_eddy(
+                &runtime, &broker, partitions, round, total, false,
+            )?);
             eprintln!("  eddy,   round {round}: {:.0} events/s", eddy[round]);
+        }
+        if only.is_none() {
+            changelog.push(run_eddy(&runtime, &broker, partitions, round, total, true)?);
+            eprintln!(
+                "  eddy with changelog, round {round}: {:.0} events/s",
+                changelog[round]
+            );
         }
     }
     let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
@@ -279,5 +300,12 @@ fn main() -> anyhow::Result<()> {
     println!("  native baseline   {n:>10.0} events/s per plugin   (runs: {native:.0?})");
     println!("  eddy (sandboxed)  {e:>10.0} events/s per plugin   (runs: {eddy:.0?})");
     println!("  eddy / native     {:>10.2}x", e / n);
+    if !changelog.is_empty() {
+        let c = best(&changelog);
+        println!(
+            "  eddy, partition-scoped state with changelog ([state] shared_group, one host) {c:>10.0} events/s per plugin   (runs: {changelog:.0?})"
+        );
+        println!("  changelog on / off {:>10.2}x", c / e);
+    }
     Ok(())
 }

@@ -114,6 +114,28 @@ impl Host {
         } else {
             ClusterView::default()
         };
+        if supervisor::partition_scoped(&config.state) {
+            // Each plugin's changelog, with as many partitions as its input.
+            for plugin in &config.plugins {
+                let changelog = crate::state::changelog::topic_for(&plugin.group_id());
+                let input = plugin.input_topic(&config.kafka.topic);
+                match &broker {
+                    Some(b) => b.create_topic(&changelog, config.kafka.partitions)?,
+                    None => {
+                        let partitions =
+                            cluster.log_ends.keys().filter(|(t, _)| t == input).count() as i32;
+                        anyhow::ensure!(
+                            partitions > 0,
+                            "plugin `{}`: cannot learn how many partitions topic `{input}` has, for its changelog `{changelog}`",
+                            plugin.name
+                        );
+                        crate::state::changelog::ensure_topic(&client, &changelog, partitions)
+                            .await
+                            .map_err(|e| anyhow::anyhow!("plugin `{}`: {e:#}", plugin.name))?;
+                    }
+                }
+            }
+        }
         let sandboxes = supervisor::load_all(&engine, &config, &cluster).await?;
         // Pools open their connections on first use: a database that is down holds up its
         // outputs (retried, offsets held back), not the start.

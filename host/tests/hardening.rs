@@ -835,6 +835,16 @@ async fn slow_rebalance_beside_a_fast_plugin(shared_group: bool) {
     }
     broker.set_group_coordinator("eddy-fast", 1).unwrap();
     broker.set_group_coordinator("eddy-slow", 2).unwrap();
+    if shared_group {
+        // Partition-scoped state's changelogs (the mock broker cannot create topics on
+        // request), on the broker that answers at once.
+        for changelog in ["eddy-fast-changelog", "eddy-slow-changelog"] {
+            broker.create_topic(changelog, PARTITIONS).unwrap();
+            for p in 0..PARTITIONS {
+                broker.set_partition_leader(changelog, p, 1).unwrap();
+            }
+        }
+    }
     let bootstrap = broker.bootstrap_servers().to_string();
     let stop = Arc::new(AtomicBool::new(false));
     let (producing, acked) = produce_steadily(bootstrap.clone(), stop.clone());

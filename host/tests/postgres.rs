@@ -920,6 +920,11 @@ fn three_hosts_sharing_the_group_and_a_sigkill_leave_the_tables_exact() {
     use common::host_process::{free_port, runs_consuming, start, stop, write_config};
     let pg = Postgres::start();
     let broker = broker(PARTITIONS);
+    // warehouse's changelog (partition-scoped state): the mock broker cannot create topics
+    // on request.
+    broker
+        .create_topic("eddy-warehouse-changelog", PARTITIONS)
+        .unwrap();
     let bootstrap = broker.bootstrap_servers().to_string();
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();

@@ -346,13 +346,22 @@ pub struct StateConfig {
     #[serde(default = "default_state_dir")]
     pub dir: PathBuf,
     /// Several hosts share the plugins' consumer groups (scale-out: each host gets some of
-    /// the partitions). Each host's state then covers only the events it handled, and a
-    /// partition it is assigned starts after whatever the group already handled (the later of
-    /// the offset saved with this host's state and the group's committed offset), so no
-    /// event is counted by two hosts. A host without a state file joins where the group is,
-    /// rather than recomputing from `start_from` as a single host does.
+    /// the partitions). With durable state, a plugin's state is then kept per input
+    /// partition (one sandbox instance and one file, `<dir>/<plugin>/p<N>.redb`, per
+    /// partition the host holds), every commit goes first to the plugin's changelog topic
+    /// (`<group>-changelog`, compacted, created by the host), and a host given a partition
+    /// replays that partition's changelog from where its file is before handling its
+    /// events: the state follows its partition from host to host, exactly. A partition
+    /// starts after whatever the group already handled (the later of the offset its state
+    /// reflects and the group's committed offset), so no event is counted by two hosts.
     #[serde(default)]
     pub shared_group: bool,
+    /// With `shared_group`: a partition's file left behind when the partition went to
+    /// another host is reused if it comes back within this many seconds (only the
+    /// changelog records written since are replayed); an older one is dropped and the
+    /// partition restored whole from the changelog.
+    #[serde(default = "default_keep_revoked_s")]
+    pub keep_revoked_s: u64,
     /// Each batch's state and offsets are committed together at once, and the commits of
     /// this interval reach the disk (fsync) together: a crash loses at most this much handled
     /// work, which is handled again from the offsets on disk, so counts stay exact. 0 syncs every batch.
@@ -365,6 +374,10 @@ pub struct StateConfig {
 
 fn default_commit_interval_ms() -> u64 {
     100
+}
+
+fn default_keep_revoked_s() -> u64 {
+    600
 }
 
 impl StateConfig {
@@ -382,6 +395,7 @@ impl Default for StateConfig {
             commit_interval_ms: default_commit_interval_ms(),
             dir: default_state_dir(),
             shared_group: false,
+            keep_revoked_s: default_keep_revoked_s(),
         }
     }
 }

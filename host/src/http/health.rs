@@ -84,6 +84,8 @@ pub fn health(metrics: &Metrics) -> Health {
                 "shared_fetch_partitions": m.shared_partitions.load(Relaxed),
                 "state": { "bytes": bytes, "limit_bytes": limit, "full": full },
                 "delivering": delivering,
+                "assigned_partitions": m.assigned_partitions.load(Relaxed),
+                "restoring_partitions": m.restoring_now(),
             });
             if let Some(e) = m.delivery_error.lock().expect("metrics lock").as_ref() {
                 v["delivery_error"] = serde_json::Value::String(e.clone());

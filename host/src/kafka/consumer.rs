@@ -52,6 +52,10 @@ pub struct Callbacks {
     pub shared_fetch: Option<Arc<super::shared_fetch::SharedFetch>>,
     /// Revocations put off while a batch is in flight.
     pub held: std::sync::Mutex<HeldRevocations>,
+    /// Partitions revoked since the worker last asked ([`Callbacks::take_revoked`]): with
+    /// partition-scoped state, their instances close (another host may change their state
+    /// before they come back).
+    pub revoked: std::sync::Mutex<BTreeSet<i32>>,
 }
 
 /// Revocations the worker holds while a batch is in flight (with `[state] shared_group`).
@@ -136,6 +140,11 @@ impl Callbacks {
     /// still store its offsets, which go with the partitions.
     pub fn hold_revocations(&self) {
         self.held.lock().expect("held lock").holding = true;
+    }
+
+    /// The partitions revoked since the last call.
+    pub fn take_revoked(&self) -> BTreeSet<i32> {
+        std::mem::take(&mut *self.revoked.lock().expect("revoked lock"))
     }
 
     /// Publishes how many partitions the consumer holds (`eddy_assigned_partitions`).
@@ -253,8 +262,10 @@ impl ConsumerContext for Callbacks {
                 info!(plugin = %self.plugin, partitions = %partitions(tpl), "partitions revoked");
                 {
                     let mut assigned = self.assigned.lock().expect("assigned lock");
+                    let mut revoked = self.revoked.lock().expect("revoked lock");
                     for e in tpl.elements().iter().filter(|e| e.topic() == self.topic) {
                         assigned.remove(&e.partition());
+                        revoked.insert(e.partition());
                     }
                     self.publish_assigned(&assigned);
                 }

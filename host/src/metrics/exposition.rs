@@ -259,6 +259,24 @@ fn families(metrics: &Metrics) -> Vec<MetricFamily> {
         "Partitions of the topic the plugin's consumer group gave it (0 while the group rebalances).",
         |m| m.assigned_partitions.load(Relaxed) as f64,
     ));
+    out.push(per_plugin_counter(
+        plugins,
+        "eddy_state_restore_records_total",
+        "Changelog records replayed into partitions' state (partition-scoped state, [state] shared_group).",
+        |m| &m.state_restore_records,
+    ));
+    out.push(per_plugin_gauge(
+        plugins,
+        "eddy_state_restoring_partitions",
+        "Partitions whose state is being restored from the changelog now; their events wait.",
+        |m| m.restoring_now().len() as f64,
+    ));
+    out.push(per_plugin_gauge(
+        plugins,
+        "eddy_state_partitions",
+        "Partitions with their own instance and state file on this host (partition-scoped state).",
+        |m| m.state_lanes.load(Relaxed) as f64,
+    ));
     out.push(per_plugin_gauge(
         plugins,
         "eddy_plugin_up",

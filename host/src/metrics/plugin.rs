@@ -66,6 +66,12 @@ pub struct PluginMetrics {
     /// Partitions of the topic the plugin's consumer holds: none from the moment its group
     /// takes them away in a rebalance until it hands them out again.
     pub assigned_partitions: AtomicI64,
+    /// With partition-scoped state (`[state] shared_group`): changelog records replayed into
+    /// partitions' state, the partitions restoring now, and the partitions with an open
+    /// lane (an instance and a state file) on this host.
+    pub state_restore_records: AtomicU64,
+    pub(crate) restoring_partitions: Mutex<std::collections::BTreeSet<i32>>,
+    pub state_lanes: AtomicI64,
     /// Whether the plugin's consumer has a connection to a Kafka broker: 1 yes, 2 no (all
     /// brokers down: it reconnects meanwhile), 0 not known yet. From librdkafka's
     /// statistics, once a second.
@@ -92,6 +98,22 @@ pub struct PluginMetrics {
 }
 
 impl PluginMetrics {
+    /// Marks partition `p` as restoring its state from the changelog, or done.
+    pub fn restoring(&self, p: i32, now: bool) {
+        let mut r = self.restoring_partitions.lock().expect("metrics lock");
+        if now {
+            r.insert(p);
+        } else {
+            r.remove(&p);
+        }
+    }
+
+    /// The partitions restoring their state now.
+    pub fn restoring_now(&self) -> Vec<i32> {
+        let r = self.restoring_partitions.lock().expect("metrics lock");
+        r.iter().copied().collect()
+    }
+
     pub fn count(&self, outcome: Outcome, n: u64) {
         self.events[outcome as usize].fetch_add(n, Relaxed);
     }

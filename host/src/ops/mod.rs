@@ -6,7 +6,7 @@ mod replay;
 mod show;
 
 pub use replay::{From, replay};
-pub use show::{Show, describe, get, reset};
+pub use show::{Show, describe, get, partitions, reset};
 
 use crate::config::Config;
 use crate::state::StoreError;
@@ -26,6 +26,14 @@ pub enum OpsError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Kafka(String),
+    #[error(
+        "key `{key}` is in partitions {partitions} (partition-scoped state: each partition has its own); `eddy state {plugin}` shows each"
+    )]
+    InSeveralPartitions {
+        key: String,
+        partitions: String,
+        plugin: String,
+    },
     #[error(
         "`{position}` is not `earliest`, `latest`, an offset or an RFC 3339 time like 2024-01-15T10:00:00Z ({reason})"
     )]

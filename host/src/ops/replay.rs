@@ -52,6 +52,14 @@ pub fn replay(
     keep_state: bool,
 ) -> Result<String, OpsError> {
     let path = state_file(config, plugin)?;
+    if crate::supervisor::partition_scoped(&config.state) {
+        return Err(OpsError::Kafka(
+            "`eddy replay` does not work on partition-scoped state ([state] shared_group) yet: \
+             its state is also in the changelog topic, which a replay would have to rewind. \
+             `eddy reset` on every host, then start them with `start_from`, recomputes it"
+                .into(),
+        ));
+    }
     if config.embedded() {
         return Err(OpsError::Kafka(
             "the embedded broker keeps nothing after the host exits: there is nothing to replay. \

@@ -100,8 +100,7 @@ impl Worker {
     /// Sets the state gauges from the committed state and counts the keys that expired.
     fn count_state(&mut self) {
         let expired = self.sandbox().take_expired_keys();
-        let state = self.sandbox().state();
-        let (keys, bytes, expiring) = (state.len(), state.bytes(), state.expiring_keys());
+        let (keys, bytes, expiring) = self.state_figures();
         let m = &self.metrics;
         let limit = m.state_limit_bytes.load(Relaxed);
         let was_full = crate::http::health::state_full(m.state_bytes.load(Relaxed), limit);

@@ -32,6 +32,7 @@ use super::breaker::{Breaker, BreakerState};
 use super::control::Control;
 use super::fill::{Filled, fill};
 use super::isolation::{Disposition, Ran, run_events};
+use super::lanes::{LaneOpener, LaneRun, Lanes};
 use super::source::{Batch, Source};
 use crate::config::PluginConfig;
 use crate::event::Event;
@@ -105,6 +106,8 @@ pub struct Worker {
     pub(super) live: Option<Arc<Live>>,
     /// Records of commits not on the disk yet: they go to the live feed once they are.
     pub(super) live_held: Vec<OutputRecord>,
+    /// Partition-scoped state: an instance and a state file per partition (see `lanes.rs`).
+    pub(super) lanes: Option<Lanes>,
 }
 
 impl Worker {
@@ -153,7 +156,15 @@ impl Worker {
             shared_fetch: None,
             live: None,
             live_held: Vec::new(),
+            lanes: None,
         }
+    }
+
+    /// Partition-scoped state (`[state] shared_group` with durable state): the sandbox
+    /// given to [`Worker::new`] becomes the template of one instance per partition.
+    pub fn partition_scoped(mut self, opener: Option<LaneOpener>) -> Worker {
+        self.lanes = opener.map(Lanes::new);
+        self
     }
 
     /// `[state] shared_group`: other hosts share this plugin's consumer group.
@@ -205,6 +216,7 @@ impl Worker {
             rebalances: Default::default(),
             shared_fetch,
             held: Default::default(),
+            revoked: Default::default(),
         };
         let consumer = consumer::subscribe(&self.client, &self.plugin, &self.topic, callbacks)?;
         Ok(Source::new(consumer, reader, &self.topic))
@@ -253,7 +265,23 @@ impl Worker {
                     None => break,
                 },
                 _ = async { tick.as_mut().expect("guarded").tick().await }, if tick.is_some() => {
-                    self.tick(&source.consumer).await;
+                    if self.partitioned() {
+                        // A lane's tick commits to its partition's changelog: its partition
+                        // must not go to another host meanwhile.
+                        source.consumer.context().hold_revocations();
+                        let revoked = source.consumer.context().take_revoked();
+                        self.close_revoked_lanes(revoked);
+                        for p in self.lane_partitions() {
+                            if !self.enter_lane(p).await {
+                                break;
+                            }
+                            self.tick(&source.consumer).await;
+                            self.leave_lane();
+                        }
+                        release_revocations(&source.consumer);
+                    } else {
+                        self.tick(&source.consumer).await;
+                    }
                     continue;
                 }
                 _ = tokio::time::sleep_until(sync_at.unwrap_or_else(tokio::time::Instant::now)), if sync_at.is_some() => {
@@ -294,6 +322,10 @@ impl Worker {
                 // starts at the offset committed on revoke: they are its to handle now.
                 let assigned = self.assigned.lock().expect("assigned lock");
                 events.retain(|e| assigned.contains(&e.partition));
+            }
+            if self.partitioned() {
+                let revoked = source.consumer.context().take_revoked();
+                self.close_revoked_lanes(revoked);
             }
             match control {
                 // The events already taken go to the new version.
@@ -393,6 +425,9 @@ impl Worker {
                 sandbox.swap(program, &target)
             })
             .await;
+        if result.is_ok() && self.partitioned() {
+            self.swap_lanes(&plugin).await;
+        }
         match result {
             Ok(()) => {
                 self.outputs = Outputs::new(
@@ -430,10 +465,68 @@ impl Worker {
         }
     }
 
+    /// Swaps every open lane to the template's new version and config. A lane that refuses
+    /// is closed (its state is committed): it reopens on the new version with its
+    /// partition's next events.
+    async fn swap_lanes(&mut self, plugin: &PluginConfig) {
+        let program = self.sandbox().program().clone();
+        for p in self.lane_partitions() {
+            if !self.enter_lane(p).await {
+                return;
+            }
+            let (program, target) = (program.clone(), plugin.clone());
+            let (_, result) = self
+                .in_sandbox(Vec::new(), move |sandbox, _, _, _| {
+                    sandbox.swap(program, &target)
+                })
+                .await;
+            match result {
+                Ok(()) => self.leave_lane(),
+                Err(e) => {
+                    warn!(
+                        partition = p,
+                        "the partition's instance refused the change ({e}); it restarts on it from its committed state"
+                    );
+                    self.drop_lane();
+                }
+            }
+        }
+    }
+
     /// Runs, delivers and commits one batch (or, if the breaker opens part-way, the events
     /// decided before it did). Returns the offsets that are on the disk now, for the caller
-    /// to store in the consumer.
+    /// to store in the consumer. With partition-scoped state, each partition's events run
+    /// on its own instance, one partition after the other.
     async fn handle_batch(&mut self, events: Vec<Event>) -> (Handled, Offsets) {
+        if !self.partitioned() {
+            return self.handle_part(events).await;
+        }
+        let mut synced = Offsets::new();
+        let mut parts = Self::split_by_partition(events).into_iter();
+        while let Some((p, events)) = parts.next() {
+            if !self.enter_lane(p).await {
+                return (Handled::Stopping, synced);
+            }
+            let (handled, part_synced) = match self.skip_reflected(p, events) {
+                LaneRun::Done(offsets) => (Handled::All, offsets),
+                LaneRun::Run(events) => self.handle_part(events).await,
+            };
+            self.leave_lane();
+            synced.extend(part_synced);
+            match handled {
+                Handled::All => {}
+                Handled::Stopping => return (Handled::Stopping, synced),
+                Handled::Tripped { mut held, pause } => {
+                    held.extend(parts.flat_map(|(_, events)| events));
+                    return (Handled::Tripped { held, pause }, synced);
+                }
+            }
+        }
+        (Handled::All, synced)
+    }
+
+    /// [`Worker::handle_batch`] on the sandbox in the slot.
+    async fn handle_part(&mut self, events: Vec<Event>) -> (Handled, Offsets) {
         let started = Instant::now();
         let mut breaker = std::mem::replace(&mut self.breaker, Breaker::new(Default::default()));
         let shutdown = self.shutdown.clone();

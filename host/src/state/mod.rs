@@ -4,6 +4,7 @@
 //! `[state] commit_interval_ms` ([`Durability`]). Keys under a `[plugin.expire]` prefix
 //! carry an expiry time, kept next to them in the store and enforced at commit.
 
+pub mod changelog;
 pub mod overlay;
 pub mod store;
 

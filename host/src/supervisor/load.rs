@@ -16,6 +16,23 @@ pub enum StartError {
     Load(#[from] crate::wasm::LoadError),
     #[error(transparent)]
     State(#[from] crate::state::StoreError),
+    #[error(
+        "state file {path} holds the whole plugin's state, from before `[state] shared_group`. With \
+         shared_group each partition has its own state (in {dir}/), and the partitions' share cannot \
+         be told apart in that file. Run `eddy reset {plugin}` (the plugin recomputes its state from \
+         `start_from`), or set shared_group = false to keep running on it"
+    )]
+    PluginWideState {
+        path: std::path::PathBuf,
+        dir: std::path::PathBuf,
+        plugin: String,
+    },
+}
+
+/// Whether `plugin`'s state is kept per partition: `[state] shared_group` with durable
+/// state (see `pipeline::lanes`).
+pub fn partition_scoped(state: &crate::config::StateConfig) -> bool {
+    state.durable && state.shared_group
 }
 
 /// Opens `plugin`'s state as `[state]` says (checking saved offsets against `cluster`) and
@@ -27,7 +44,22 @@ pub fn load_plugin(
     cluster: &ClusterView,
 ) -> Result<Sandbox, StartError> {
     let cap = plugin.limits.state_mib << 20;
-    let plugin_state = if state.durable {
+    let plugin_state = if partition_scoped(state) {
+        let path = crate::state::path_for(&state.dir, &plugin.name);
+        if path.exists() {
+            let store = crate::state::StateStore::open(&path, &plugin.name)?;
+            let snapshot = store.load()?;
+            if !snapshot.state.is_empty() || !snapshot.offsets.is_empty() {
+                return Err(StartError::PluginWideState {
+                    dir: crate::state::changelog::dir_for(&state.dir, &plugin.name),
+                    path,
+                    plugin: plugin.name.clone(),
+                });
+            }
+        }
+        // The template of the partitions' instances: it never handles events.
+        PluginState::in_memory(cap)
+    } else if state.durable {
         let path = crate::state::path_for(&state.dir, &plugin.name);
         if state.shared_group && !path.exists() {
             tracing::info!(

@@ -24,7 +24,7 @@
 mod load;
 mod watch;
 
-pub use load::{StartError, load_all, load_errors, load_plugin};
+pub use load::{StartError, load_all, load_errors, load_plugin, partition_scoped};
 
 use crate::config::{Config, PluginConfig};
 use crate::kafka::ClusterView;
@@ -169,7 +169,8 @@ impl Supervisor {
         .sharing_the_group(self.config.state.shared_group)
         .sharing_the_fetch(shared_fetch)
         .watched_by(self.live.clone())
-        .syncing_every(Duration::from_millis(self.config.state.commit_interval_ms));
+        .syncing_every(Duration::from_millis(self.config.state.commit_interval_ms))
+        .partition_scoped(self.lane_opener());
         let name = plugin.name.clone();
         let task = tokio::spawn(async move {
             if let Err(e) = worker.run().await {
@@ -187,6 +188,27 @@ impl Supervisor {
                 task,
             },
         );
+    }
+
+    /// What a plugin's partition-scoped state needs, if state is partition-scoped.
+    fn lane_opener(&self) -> Option<crate::pipeline::LaneOpener> {
+        let state = &self.config.state;
+        if !load::partition_scoped(state) {
+            return None;
+        }
+        // The restore reader is assigned its partition: it never joins its group (librdkafka
+        // wants one named to assign) nor commits.
+        let mut client = self.client.clone();
+        client.remove("group.instance.id");
+        client.set("group.id", "eddy-changelog-restore");
+        client.set("enable.auto.commit", "false");
+        client.set("enable.auto.offset.store", "false");
+        Some(crate::pipeline::LaneOpener {
+            state_dir: state.dir.clone(),
+            client,
+            producer: self.producer.clone(),
+            keep_revoked: Duration::from_secs(state.keep_revoked_s),
+        })
     }
 
     /// Stops a worker: it finishes its batch, commits and leaves its group.

@@ -245,6 +245,11 @@ fn read_topic_for(
 
 /// The offsets `group` has committed on the input topic, summed over partitions.
 pub fn committed_total(bootstrap: &str, group: &str, partitions: i32) -> i64 {
+    committed_total_on(bootstrap, TOPIC, group, partitions)
+}
+
+/// The offsets `group` has committed on `topic`, summed over partitions.
+pub fn committed_total_on(bootstrap: &str, topic: &str, group: &str, partitions: i32) -> i64 {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", group)
@@ -252,7 +257,7 @@ pub fn committed_total(bootstrap: &str, group: &str, partitions: i32) -> i64 {
         .expect("consumer");
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
-        tpl.add_partition(TOPIC, p);
+        tpl.add_partition(topic, p);
     }
     let total = {
         let committed = consumer

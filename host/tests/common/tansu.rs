@@ -101,11 +101,17 @@ impl Tansu {
 
     /// Creates the input topic with `partitions` partitions.
     pub fn create_topic(&self, partitions: i32) {
+        self.create_named_topic(TOPIC, partitions);
+    }
+
+    /// Creates topic `name` with `partitions` partitions.
+    #[allow(dead_code)]
+    pub fn create_named_topic(&self, name: &str, partitions: i32) {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", self.bootstrap())
             .create()
             .expect("admin client");
-        let topic = NewTopic::new(TOPIC, partitions, TopicReplication::Fixed(1));
+        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
