@@ -6,7 +6,7 @@
 PLUGINS := eddy-logger eddy-analytics eddy-alert eddy-fraud eddy-dashboard eddy-behaviour eddy-warehouse eddy-reducer eddy-fixture-misbehave eddy-fixture-wrong-world eddy-fixture-old-contract eddy-fixture-noop eddy-fixture-echo
 CARGO ?= cargo
 
-.PHONY: run test test-loaded tansu promtool browser postgres plugins target check lint bench-reload bench-state bench-throughput bench-dispatch bench-plugins bench-memory bench-peer bench-isolation bench-postgres soak fuzz
+.PHONY: run test test-loaded tansu promtool browser postgres plugins target check lint bench-reload bench-state bench-throughput bench-dispatch bench-plugins bench-memory bench-peer bench-isolation bench-postgres bench-scale-out soak fuzz
 
 run: plugins
 	$(CARGO) run --release -p eddy -- run --config plugins.toml
@@ -115,6 +115,11 @@ bench-isolation: plugins
 # plugin end to end against its outputs discarded (a real PostgreSQL 15 in a temp dir).
 bench-postgres: plugins postgres
 	$(CARGO) test -p eddy --test postgres -- --ignored --nocapture benchmark_
+
+# Scaling out: changelog records/s restored by a new host, and the time from a
+# host's SIGKILL to its partitions handled elsewhere (session timeout + restore).
+bench-scale-out: plugins postgres
+	$(CARGO) test -p eddy --test scale_out benchmark_restore_and_failover -- --ignored --nocapture
 
 # Resident memory of the host with the four plugins, and per additional plugin.
 bench-memory: plugins

@@ -45,14 +45,17 @@ impl Host {
             broker.create_topic(&config.kafka.topic, config.kafka.partitions)?;
             // Plugins' own input topics (another plugin's output, say) exist from the start,
             // with as many partitions, so their consumers are assigned at once.
-            let inputs: std::collections::BTreeSet<&str> = config
+            let inputs: std::collections::BTreeMap<&str, i32> = config
                 .plugins
                 .iter()
-                .filter_map(|p| p.topic.as_deref())
-                .filter(|t| *t != config.kafka.topic)
+                .filter_map(|p| {
+                    let partitions = p.topic_partitions.unwrap_or(config.kafka.partitions);
+                    p.topic.as_deref().map(|t| (t, partitions))
+                })
+                .filter(|(t, _)| *t != config.kafka.topic)
                 .collect();
-            for topic in inputs {
-                broker.create_topic(topic, config.kafka.partitions)?;
+            for (topic, partitions) in &inputs {
+                broker.create_topic(topic, *partitions)?;
             }
             info!(
                 bootstrap = broker.bootstrap_servers(),
@@ -120,7 +123,15 @@ impl Host {
                 let changelog = crate::state::changelog::topic_for(&plugin.group_id());
                 let input = plugin.input_topic(&config.kafka.topic);
                 match &broker {
-                    Some(b) => b.create_topic(&changelog, config.kafka.partitions)?,
+                    Some(b) => {
+                        let partitions = match &plugin.topic {
+                            Some(t) if *t != config.kafka.topic => {
+                                plugin.topic_partitions.unwrap_or(config.kafka.partitions)
+                            }
+                            _ => config.kafka.partitions,
+                        };
+                        b.create_topic(&changelog, partitions)?
+                    }
                     None => {
                         let partitions =
                             cluster.log_ends.keys().filter(|(t, _)| t == input).count() as i32;

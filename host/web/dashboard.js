@@ -130,6 +130,16 @@ function eventsPerSecond(plugin, time, events) {
   return t0 === time ? null : ((events - e0) * 1000) / (time - t0);
 }
 
+// Partitions the plugin holds on this host, and those restoring their state from the
+// changelog (hosts sharing a group: a partition that moves here restores first).
+function partitionsOf(p) {
+  if (p.assigned_partitions === undefined) return "–";
+  const restoring = p.restoring_partitions || [];
+  return restoring.length
+    ? `${p.assigned_partitions} (restoring ${restoring.join(", ")})`
+    : String(p.assigned_partitions);
+}
+
 function showStatus(st) {
   text($("host-status"), `host ${st.status} · Kafka ${st.kafka}`);
   const body = $("plugins");
@@ -144,6 +154,7 @@ function showStatus(st) {
       [rate === null ? "–" : rate.toFixed(1), "num rate"],
       [number(p.events), "num events"],
       [p.consumer_lag < 0 ? "–" : number(p.consumer_lag), "num lag"],
+      [partitionsOf(p), "num partitions"],
       [number(p.dead_letters), "num dead-letters"],
       [p.breaker, "breaker"],
       [p.up ? (p.state.full ? "state full" : "up") : "down", "up"],

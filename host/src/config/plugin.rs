@@ -22,6 +22,10 @@ pub struct PluginConfig {
     /// topic makes a pipeline: one plugin's records are the next one's events.
     #[serde(default)]
     pub topic: Option<String>,
+    /// With the embedded broker, which creates `topic` at start: its partition count
+    /// (`kafka.partitions` by default). 1 for a topic of partials that one reducer sums.
+    #[serde(default)]
+    pub topic_partitions: Option<i32>,
     /// Where a group with no committed offset starts: `"earliest"` or `"latest"`.
     #[serde(default)]
     pub start_from: StartFrom,

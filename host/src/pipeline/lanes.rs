@@ -93,6 +93,7 @@ impl LaneOpener {
             &changelog_topic,
             &source,
             self.keep_revoked,
+            &std::sync::atomic::AtomicBool::new(false),
             &mut |done, total| {
                 info!(
                     partition,

@@ -98,6 +98,8 @@ pub enum ChangelogError {
         end: i64,
         stalled: Duration,
     },
+    #[error("changelog {topic} partition {partition}: the restore was called off")]
+    Cancelled { topic: String, partition: i32 },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -295,13 +297,15 @@ pub struct Restored {
 /// Brings `store` (the file of `source`'s partition) up to the end of changelog `topic`'s
 /// partition of the same number. Blocking. `keep_for`: a file last committed longer ago is
 /// dropped and the partition restored whole. `progress` is called every few seconds with
-/// the records applied so far and the total to apply.
+/// the records applied so far and the total to apply. Setting `cancel` stops it (what was
+/// read is applied).
 pub fn restore(
     client: &ClientConfig,
     store: &StateStore,
     topic: &str,
     source: &(String, i32),
     keep_for: Duration,
+    cancel: &std::sync::atomic::AtomicBool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Restored, ChangelogError> {
     let started = Instant::now();
@@ -422,6 +426,13 @@ pub fn restore(
             }
             None => {}
         }
+        if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+            apply(&mut chunk, next, source_next)?;
+            return Err(ChangelogError::Cancelled {
+                topic: topic.to_string(),
+                partition,
+            });
+        }
         if last_progress.elapsed() >= Duration::from_secs(2) {
             last_progress = Instant::now();
             progress((next - from) as u64, total);
@@ -496,4 +507,112 @@ async fn partition_count(client: &ClientConfig, topic: &str) -> anyhow::Result<O
             .filter(|n| *n > 0))
     })
     .await?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kafka::EmbeddedBroker;
+    use std::sync::atomic::AtomicBool;
+
+    fn client(broker: &EmbeddedBroker) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", broker.bootstrap_servers())
+            .set("group.id", "restore-test");
+        c
+    }
+
+    /// Commits through a changelog store, then restores another file from the changelog:
+    /// the same state, expiries and source offset; a file ahead of the changelog (a
+    /// re-created topic) is dropped and restored whole.
+    #[test]
+    fn a_restored_file_holds_what_was_committed_through_the_changelog() {
+        let broker = EmbeddedBroker::start().unwrap();
+        broker.create_topic("g-changelog", 2).unwrap();
+        let producer: FutureProducer = client(&broker).create().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let source = ("input".to_string(), 1);
+        let written = StateStore::open(&dir.path().join("a.redb"), "p").unwrap();
+        let store =
+            ChangelogStore::new(written, producer, "g-changelog".into(), source.clone()).unwrap();
+        let offsets = |n: i64| -> Offsets { [(source.clone(), n)].into_iter().collect() };
+        store
+            .commit(
+                &mut [("a", Some(&b"1"[..])), ("b", Some(&b"2"[..]))].into_iter(),
+                &mut [("b", Some(9_000))].into_iter(),
+                &offsets(10),
+                &[],
+            )
+            .unwrap();
+        // A tick's write: no offsets, the records carry the state's so far.
+        store
+            .commit(
+                &mut [("a", None), ("c", Some(&b"3"[..]))].into_iter(),
+                &mut std::iter::empty(),
+                &Offsets::new(),
+                &[],
+            )
+            .unwrap();
+        store
+            .commit(
+                &mut [("c", Some(&b"4"[..]))].into_iter(),
+                &mut std::iter::empty(),
+                &offsets(25),
+                &[],
+            )
+            .unwrap();
+        let committed = store.load().unwrap();
+        assert_eq!(committed.meta[META_CHANGELOG_NEXT], "5");
+
+        let restored_file = StateStore::open(&dir.path().join("b.redb"), "p").unwrap();
+        let keep = Duration::from_secs(600);
+        let done = restore(
+            &client(&broker),
+            &restored_file,
+            "g-changelog",
+            &source,
+            keep,
+            &AtomicBool::new(false),
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert_eq!((done.records, done.from, done.to), (5, 0, 5));
+        assert_eq!(done.source_next, Some(25));
+        let snap = restored_file.load().unwrap();
+        assert_eq!(snap.state, committed.state);
+        assert_eq!(snap.expires, committed.expires);
+        assert_eq!(snap.offsets, committed.offsets);
+        // Again: nothing new to replay.
+        let again = restore(
+            &client(&broker),
+            &restored_file,
+            "g-changelog",
+            &source,
+            keep,
+            &AtomicBool::new(false),
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(again.records, 0);
+        assert!(again.wiped.is_none());
+
+        // The other partition's changelog is empty: a file claiming more is dropped.
+        let other = ("input".to_string(), 0);
+        let wiped = restore(
+            &client(&broker),
+            &restored_file,
+            "g-changelog",
+            &other,
+            keep,
+            &AtomicBool::new(false),
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert!(
+            wiped
+                .wiped
+                .is_some_and(|why| why.contains("past the changelog's end"))
+        );
+        assert_eq!(restored_file.load().unwrap().state.len(), 0);
+    }
 }

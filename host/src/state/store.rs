@@ -244,7 +244,14 @@ pub fn read_only_snapshot(path: &Path, plugin: &str) -> Result<Snapshot, StoreEr
             ))),
         });
     }
-    let db = redb::ReadOnlyDatabase::open(path).map_err(|e| classify(path, plugin, e.into()))?;
+    let db = match redb::ReadOnlyDatabase::open(path) {
+        Ok(db) => db,
+        // Not closed cleanly (the host was killed): opening it for writing repairs it first,
+        // as the host itself does at its next start (the host is stopped, or this fails
+        // with `Locked`).
+        Err(redb::DatabaseError::RepairAborted) => return StateStore::open(path, plugin)?.load(),
+        Err(e) => return Err(classify(path, plugin, e.into())),
+    };
     read_snapshot(&db).map_err(|e| classify(path, plugin, e))
 }
 

@@ -114,6 +114,7 @@ fn empty_plugin() -> crate::config::PluginConfig {
         path: Default::default(),
         group: None,
         topic: None,
+        topic_partitions: None,
         start_from: Default::default(),
         max_batch: 1,
         batch_linger_ms: 0,
