@@ -218,6 +218,18 @@ impl Host {
         let producer: FutureProducer = producer_client
             .create()
             .map_err(|e| anyhow::anyhow!("cannot create the output producer: {e}"))?;
+        // Partition-scoped state's changelogs: idempotent, so that a retried request can
+        // neither reorder a partition's records (an older value of a key landing after a
+        // newer one, which a restore would keep) nor repeat them.
+        let changelog_producer: Option<FutureProducer> =
+            supervisor::partition_scoped(&config.state)
+                .then(|| {
+                    let mut c = producer_client.clone();
+                    c.set("enable.idempotence", "true");
+                    c.create()
+                        .map_err(|e| anyhow::anyhow!("cannot create the changelog producer: {e}"))
+                })
+                .transpose()?;
         let shared_fetch = (config.kafka.shared_fetch_mib > 0 && !config.state.shared_group)
             .then(|| {
                 kafka::shared_fetch::SharedFetch::start(
@@ -236,6 +248,7 @@ impl Host {
             cluster.id.clone().filter(|_| broker.is_some()),
             consumer_client,
             producer,
+            changelog_producer,
             databases,
             metrics.clone(),
             shutdown_rx.clone(),

@@ -80,6 +80,8 @@ pub struct Supervisor {
     config: Config,
     client: ClientConfig,
     producer: FutureProducer,
+    /// With partition-scoped state: the (idempotent) producer of the changelogs.
+    changelog_producer: Option<FutureProducer>,
     /// The pools of `[postgres.NAME]`, made at start.
     databases: crate::sinks::Databases,
     metrics: Arc<Metrics>,
@@ -115,6 +117,7 @@ impl Supervisor {
         embedded_cluster: Option<String>,
         client: ClientConfig,
         producer: FutureProducer,
+        changelog_producer: Option<FutureProducer>,
         databases: crate::sinks::Databases,
         metrics: Arc<Metrics>,
         shutdown: tokio::sync::watch::Receiver<bool>,
@@ -127,6 +130,7 @@ impl Supervisor {
             config,
             client,
             producer,
+            changelog_producer,
             databases,
             metrics,
             shutdown,
@@ -193,6 +197,7 @@ impl Supervisor {
     /// What a plugin's partition-scoped state needs, if state is partition-scoped.
     fn lane_opener(&self) -> Option<crate::pipeline::LaneOpener> {
         let state = &self.config.state;
+        let producer = self.changelog_producer.clone()?;
         if !load::partition_scoped(state) {
             return None;
         }
@@ -206,7 +211,7 @@ impl Supervisor {
         Some(crate::pipeline::LaneOpener {
             state_dir: state.dir.clone(),
             client,
-            producer: self.producer.clone(),
+            producer,
             keep_revoked: Duration::from_secs(state.keep_revoked_s),
         })
     }
