@@ -335,9 +335,9 @@ fn benchmark_restore_and_failover() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(100_000);
     // The embedded broker (tansu's fetches cost more the more a topic holds: a restore there
-    // measures tansu). It keeps at most 5 MiB or 100,000 records per partition: 12
-    // partitions hold the events and their changelog.
-    const PARTITIONS: i32 = 12;
+    // measures tansu). It keeps at most 5 MiB or 100,000 batches per partition: 24
+    // partitions hold the events and their whole changelog (checked below).
+    const PARTITIONS: i32 = 24;
     let broker = broker(PARTITIONS);
     broker
         .create_topic("eddy-analytics-changelog", PARTITIONS)
@@ -375,9 +375,11 @@ fn benchmark_restore_and_failover() {
     );
     stop(host_a);
 
-    // 1. Restore everything on a new host.
+    // 1. Restore everything on a new host: a partition's lane opens (restoring it) with its
+    // first events, so a few more come to every partition.
     let started = Instant::now();
     let host_b = start(b.path());
+    produce_generated(&bootstrap, &generate(2000, &generator_options(9, 0)));
     let health = |port: u16| -> Option<serde_json::Value> {
         metrics(port).and_then(|h| {
             h.split_once("\r\n\r\n")
@@ -410,6 +412,18 @@ fn benchmark_restore_and_failover() {
     let lines = restored(b.path());
     let records: f64 = lines.iter().map(|l| field(l, "records")).sum();
     let took_s: f64 = lines.iter().map(|l| field(l, "took_ms")).sum::<f64>() / 1000.0;
+    let extents = eddy::kafka::admin::extents(
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &bootstrap),
+        "eddy-analytics-changelog",
+    )
+    .unwrap();
+    let (low, high): (i64, i64) = extents
+        .iter()
+        .fold((0, 0), |(l, h), e| (l + e.low, h + e.high));
+    println!("changelog: {high} records written, the first {low} dropped by the broker");
+    // The whole changelog was there to restore.
+    assert_eq!(low, 0, "the broker dropped changelog records");
+
     println!(
         "restore: {records:.0} changelog records ({n} events, 100,000 users, analytics) in {took_s:.1} s of restoring: {:.0} records/s; {:.1} s from the new host's start to every partition restored",
         records / took_s.max(1e-3),
