@@ -15,7 +15,9 @@
 //!   (where partitions start, lag, connectivity), the topic's shared fetch, and what the
 //!   host knows of the cluster.
 //! - [`state`]: a plugin's state: the overlay the sandbox writes through, and the durable
-//!   store (one redb file per plugin) behind a trait, committed with the offsets.
+//!   store (one redb file per plugin) behind a trait, committed with the offsets; with
+//!   `[state] shared_group`, a file per partition written through the plugin's changelog
+//!   topic and restored from it (`changelog.rs`).
 //! - [`wasm`]: engines, compiled programs and their cache, the sandbox lifecycle
 //!   (traps, swaps, probation), and the host side of each WIT interface in `wasm/host/`.
 //! - [`sinks`]: where outputs go, one [`sinks::Sink`] per kind (stdout, Kafka topic,
@@ -24,7 +26,8 @@
 //! - [`live`]: the live feed: committed output records fanned out to watchers, a lagging
 //!   watcher told what it missed rather than waited for.
 //! - [`pipeline`]: one plugin's worker: take events (its consumer or the shared fetch), fill
-//!   a batch, run it (isolating failing events), deliver, commit, store offsets; its breaker.
+//!   a batch, run it (isolating failing events), deliver, commit, store offsets; its breaker;
+//!   with partition-scoped state, an instance per partition (`lanes.rs`).
 //! - [`supervisor`]: the running set of plugins: loading, hot reload, file watching.
 //! - [`http`]: the HTTP server (axum routes, hyper connections bounded and timed in
 //!   `server.rs`, who may read what in `guard.rs`): `/metrics`, `/healthz`, the live stream

@@ -319,6 +319,12 @@ pub fn restore(
     let (low, high) = consumer
         .fetch_watermarks(topic, partition, Duration::from_secs(10))
         .map_err(kafka)?;
+    // What a record's source offset may claim: not past the source partition's end (a
+    // record claiming more, damaged or written by someone else, would make the partition
+    // skip every event to come).
+    let (_, source_end) = consumer
+        .fetch_watermarks(&source.0, partition, Duration::from_secs(10))
+        .map_err(kafka)?;
     let snapshot = store.load()?;
     let saved_next: Option<i64> = snapshot
         .meta
@@ -402,11 +408,21 @@ pub fn restore(
                     for h in hs.iter() {
                         let value = h.value.and_then(|v| std::str::from_utf8(v).ok());
                         match h.key {
-                            HEADER_SOURCE_OFFSET => {
-                                if let Some(s) = value.and_then(|v| v.parse::<i64>().ok()) {
+                            HEADER_SOURCE_OFFSET => match value.and_then(|v| v.parse::<i64>().ok())
+                            {
+                                Some(s) if (0..=source_end).contains(&s) => {
                                     source_next = Some(source_next.unwrap_or(s).max(s));
                                 }
-                            }
+                                Some(s) => tracing::warn!(
+                                    topic,
+                                    partition,
+                                    offset = m.offset(),
+                                    claimed = s,
+                                    source_end,
+                                    "changelog record claims a source offset outside the source partition: its claim is ignored"
+                                ),
+                                None => {}
+                            },
                             HEADER_EXPIRES => expires = value.and_then(|v| v.parse().ok()),
                             _ => {}
                         }
@@ -529,7 +545,22 @@ mod tests {
     fn a_restored_file_holds_what_was_committed_through_the_changelog() {
         let broker = EmbeddedBroker::start().unwrap();
         broker.create_topic("g-changelog", 2).unwrap();
+        broker.create_topic("input", 2).unwrap();
         let producer: FutureProducer = client(&broker).create().unwrap();
+        // The source partition holds 30 events: what a changelog record may claim.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for _ in 0..30 {
+            let record = FutureRecord::<str, str>::to("input")
+                .partition(1)
+                .payload("e")
+                .key("k");
+            runtime
+                .block_on(producer.send(record, Duration::from_secs(5)))
+                .unwrap();
+        }
         let dir = tempfile::tempdir().unwrap();
         let source = ("input".to_string(), 1);
         let written = StateStore::open(&dir.path().join("a.redb"), "p").unwrap();
@@ -595,6 +626,33 @@ mod tests {
         .unwrap();
         assert_eq!(again.records, 0);
         assert!(again.wiped.is_none());
+
+        // A record claiming a source offset past the source partition's end (damaged, or
+        // not ours) moves nothing: the partition would skip every event to come.
+        let hostile = FutureRecord::<str, [u8]>::to("g-changelog")
+            .partition(1)
+            .key("d")
+            .payload(&b"9"[..])
+            .headers(OwnedHeaders::new().insert(Header {
+                key: HEADER_SOURCE_OFFSET,
+                value: Some("9223372036854775807"),
+            }));
+        let producer: FutureProducer = client(&broker).create().unwrap();
+        runtime
+            .block_on(producer.send(hostile, Duration::from_secs(5)))
+            .unwrap();
+        let after = restore(
+            &client(&broker),
+            &restored_file,
+            "g-changelog",
+            &source,
+            keep,
+            &AtomicBool::new(false),
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(after.records, 1);
+        assert_eq!(after.source_next, Some(25), "the claim was ignored");
 
         // The other partition's changelog is empty: a file claiming more is dropped.
         let other = ("input".to_string(), 0);
