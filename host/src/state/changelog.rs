@@ -597,16 +597,19 @@ mod tests {
 
         let restored_file = StateStore::open(&dir.path().join("b.redb"), "p").unwrap();
         let keep = Duration::from_secs(600);
-        let done = restore(
-            &client(&broker),
-            &restored_file,
-            "g-changelog",
-            &source,
-            keep,
-            &AtomicBool::new(false),
-            &mut |_, _| {},
-        )
-        .unwrap();
+        let restore_from = |source: &(String, i32)| {
+            restore(
+                &client(&broker),
+                &restored_file,
+                "g-changelog",
+                source,
+                keep,
+                &AtomicBool::new(false),
+                &mut |_, _| {},
+            )
+            .unwrap()
+        };
+        let done = restore_from(&source);
         assert_eq!((done.records, done.from, done.to), (5, 0, 5));
         assert_eq!(done.source_next, Some(25));
         let snap = restored_file.load().unwrap();
@@ -614,16 +617,7 @@ mod tests {
         assert_eq!(snap.expires, committed.expires);
         assert_eq!(snap.offsets, committed.offsets);
         // Again: nothing new to replay.
-        let again = restore(
-            &client(&broker),
-            &restored_file,
-            "g-changelog",
-            &source,
-            keep,
-            &AtomicBool::new(false),
-            &mut |_, _| {},
-        )
-        .unwrap();
+        let again = restore_from(&source);
         assert_eq!(again.records, 0);
         assert!(again.wiped.is_none());
 
@@ -641,31 +635,13 @@ mod tests {
         runtime
             .block_on(producer.send(hostile, Duration::from_secs(5)))
             .unwrap();
-        let after = restore(
-            &client(&broker),
-            &restored_file,
-            "g-changelog",
-            &source,
-            keep,
-            &AtomicBool::new(false),
-            &mut |_, _| {},
-        )
-        .unwrap();
+        let after = restore_from(&source);
         assert_eq!(after.records, 1);
         assert_eq!(after.source_next, Some(25), "the claim was ignored");
 
         // The other partition's changelog is empty: a file claiming more is dropped.
         let other = ("input".to_string(), 0);
-        let wiped = restore(
-            &client(&broker),
-            &restored_file,
-            "g-changelog",
-            &other,
-            keep,
-            &AtomicBool::new(false),
-            &mut |_, _| {},
-        )
-        .unwrap();
+        let wiped = restore_from(&other);
         assert!(
             wiped
                 .wiped
